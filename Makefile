@@ -1,0 +1,36 @@
+# adapt: the two commands of the README.
+#   make demo   set up .venv, then run the embedded sunglasses demo (train, sample, evaluate)
+#   make test   set up .venv with test extras, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+PIP := $(BIN)/python -m pip -q --disable-pip-version-check
+
+.PHONY: demo test test-slow setup setup-test clean
+
+# A torch already importable by $(PYTHON) (e.g. a user's CUDA build) is reused through
+# --system-site-packages; otherwise the pinned CPU build is installed into the venv.
+$(BIN)/python:
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "using the torch already installed for $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else $(PYTHON) -m venv $(VENV); fi
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	@$(BIN)/python -c "import torch" 2>/dev/null || { echo "installing $(TORCH_PIN) (CPU)"; $(PIP) install "$(TORCH_PIN)"; }
+	@$(PIP) install -e ".[test]"
+	@touch $@
+
+setup setup-test: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	@PATH="$(CURDIR)/$(BIN):$$PATH" bash recipes/demo.sh
+
+test: $(VENV)/.installed
+	@$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.installed
+	@$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf runs/demo

@@ -1,0 +1,120 @@
+"""Latent and prompt-embedding caches, and the latent statistics check.
+
+The VAE encoder is deterministic up to the posterior sample, so caching the posterior's mean and
+std and sampling z = mean + std·n each step is exactly what re-encoding every step would give
+(the reference trainers do the latter). A horizontal flip is cached as a second set of latents,
+so flip augmentation stays exact. Prompt embeddings are computed once per unique caption.
+
+Cache files are safetensors keyed by a hash of (model, data fingerprint, transform settings),
+written to a temporary file and renamed, so an interrupted write never leaves a bad cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("adapt.cache")
+
+
+class LatentError(ValueError):
+    """Latents are NaN/inf or otherwise unusable; the message says what to change."""
+
+
+def cache_key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def load_or_compute(path: Path | None, compute) -> dict[str, torch.Tensor]:
+    """Read `path` if it exists, else run `compute()` and write it atomically. `path=None` disables caching."""
+    if path is not None and path.is_file():
+        return load_file(str(path))
+    tensors = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{torch.randint(0, 1 << 30, ()).item()}")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(path)
+    return tensors
+
+
+@torch.no_grad()
+def encode_posteriors(vae, pixels: torch.Tensor, batch_size: int = 16, flip: bool = False) -> dict[str, torch.Tensor]:
+    """VAE posterior mean and std of pixels (N, 3, H, W) in [-1, 1] -> each (N, C, H/f, W/f), fp32.
+
+    Raises LatentError naming the images whose latents are NaN/inf (an fp16 VAE overflow, typically).
+    """
+    dev, dtype = vae.device, vae.dtype
+    means, stds = [], []
+    for i in range(0, len(pixels), batch_size):
+        x = pixels[i:i + batch_size]
+        if flip:
+            x = x.flip(-1)
+        d = vae.encode(x.to(dev, dtype)).latent_dist
+        means.append(d.mean.float().cpu())
+        stds.append(d.std.float().cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    bad = (~torch.isfinite(mean)).flatten(1).any(1) | (~torch.isfinite(std)).flatten(1).any(1)
+    if bad.any():
+        idx = bad.nonzero().flatten().tolist()
+        raise LatentError(
+            f"VAE produced NaN/inf latents for {len(idx)} of {len(pixels)} images (indices {idx[:10]}) with VAE dtype {dtype}. "
+            "fp16 VAEs of SD1.x/SDXL overflow: run the VAE in fp32 (model.dtype=float32) or use an fp16-fixed VAE "
+            "(model.vae=madebyollin/sdxl-vae-fp16-fix for SDXL).")
+    return {"mean": mean, "std": std}
+
+
+def scaled(z: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
+    """(z − shift)·scale: the unit-variance latent the UNet was trained on (LDM, Rombach et al. 2022, sec. 3)."""
+    return (z - shift_factor) * scaling_factor
+
+
+def sample_latents(post: dict, idx: torch.Tensor, scaling_factor: float, shift_factor: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled posterior samples for rows `idx`: (B, C, h, w)."""
+    mean, std = post["mean"][idx], post["std"][idx]
+    z = mean + std * torch.randn(mean.shape, generator=generator)
+    return scaled(z, scaling_factor, shift_factor)
+
+
+@torch.no_grad()
+def latent_stats(post: dict, scaling_factor: float, shift_factor: float = 0.0, seed: int = 0) -> dict:
+    """Per-channel mean/std of scaled posterior samples, and the overall std (should be ≈ 1)."""
+    g = torch.Generator().manual_seed(seed)
+    z = sample_latents(post, torch.arange(len(post["mean"])), scaling_factor, shift_factor, g)
+    return {"channel_mean": z.mean(dim=(0, 2, 3)).tolist(), "channel_std": z.std(dim=(0, 2, 3)).tolist(),
+            "overall_std": float(z.std()), "overall_mean": float(z.mean()), "num_images": len(z)}
+
+
+def check_stats(stats: dict, low: float = 0.8, high: float = 1.25) -> str | None:
+    """A warning when Var[z0] is far from 1: the forward process keeps unit variance only if Var[z0] = 1."""
+    s = stats["overall_std"]
+    if not low <= s <= high:
+        return (f"scaled latent std on this data is {s:.3f}, outside [{low}, {high}]: the forward process "
+                f"Var[z_t] = ᾱ_t·Var[z0] + 1 − ᾱ_t is then not unit-variance, so the noise level at a given t "
+                f"differs from what the base was trained for. Check the VAE's scaling_factor for this domain.")
+    return None
+
+
+@torch.no_grad()
+def encode_prompts(pipe, captions: list[str], device="cpu") -> dict[str, torch.Tensor]:
+    """Embeddings of each unique caption: {'emb': (U, L, D), 'pooled': (U, P) for SDXL, 'index': (N,)}."""
+    uniq = sorted(set(captions))
+    index = torch.tensor([uniq.index(c) for c in captions])
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        emb, _, pooled, _ = pipe.encode_prompt(uniq, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return {"emb": emb.float().cpu(), "pooled": pooled.float().cpu(), "index": index}
+    emb, _ = pipe.encode_prompt(uniq, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return {"emb": emb.float().cpu(), "index": index}
+
+
+def count_truncated(tokenizer, captions: list[str]) -> list[int]:
+    """Indices of captions longer than the tokenizer's limit (they are truncated, as in every SD trainer)."""
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(captions, truncation=False).input_ids]
+    return [i for i, n in enumerate(lengths) if n > limit]

@@ -1,0 +1,181 @@
+"""The `adapt` command: sample, inspect, data build (and the commands other modules register).
+
+    adapt sample --base tiny-faces --adapter runs/demo/adapter --image face.png [--strength 0.6]
+    adapt inspect runs/demo/adapter
+    adapt data build synth_sunglasses --out data/sg --n 32 --split train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="txt2img, or img2img with --image, with optional adapters")
+    p.add_argument("--base", default="tiny-faces", help="embedded name, diffusers folder, hub id or .safetensors file")
+    p.add_argument("--adapter", action="append", default=[], help="adapter folder or .safetensors (repeatable)")
+    p.add_argument("--scale", action="append", type=float, default=[], help="scale per adapter (default 1.0)")
+    p.add_argument("--prompt", default="", help="prompt; '{caption}' expands to each image's caption from the "
+                   "metadata.jsonl beside it, e.g. '{caption} wearing sunglasses'")
+    p.add_argument("--image", action="append", default=[], help="source image for img2img (repeatable)")
+    p.add_argument("--strength", type=float, default=None, help="img2img strength; default: the adapter's trained strength")
+    p.add_argument("--steps", type=int, default=None, help="inference steps; default: the adapter's, else 50")
+    p.add_argument("--scheduler", default=None, help="ddim|ddpm|euler|pndm|dpm; default: the adapter's, else ddim")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1, help="txt2img images")
+    p.add_argument("--fuse", action="store_true", help="fuse adapters into the UNet weights (faster; scale fixed at fuse time)")
+    p.add_argument("--out", default="runs/samples", help="output folder")
+    p.add_argument("--grid", default=None, help="img2img: also write a grid PNG of input | base | adapter rows")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(a) -> int:
+    import torch
+    from adapt import lora, model, sample
+    if a.grid and a.fuse:
+        raise SystemExit("error: --grid renders the base with the adapter at scale 0; it cannot be combined with --fuse")
+    if a.scale and len(a.scale) != len(a.adapter):
+        raise SystemExit(f"error: {len(a.scale)} --scale values for {len(a.adapter)} adapters; give one per adapter")
+    pipe, facts = model.load_base(a.base)
+    stored = lora.facts(a.adapter[0]) if a.adapter else {}
+    names = [lora.load_into(pipe, ad, 1.0, adapter_name=f"a{i}") for i, ad in enumerate(a.adapter)]
+    scales = a.scale or [1.0] * len(names)
+    if names:
+        pipe.set_adapters(names, scales)
+        if a.fuse:
+            pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=names)
+    steps = a.steps or stored.get("inference_steps") or 50
+    sched = a.scheduler or stored.get("scheduler") or "ddim"
+    out = Path(a.out)
+    t0 = time.time()
+    if a.image:
+        strength = a.strength
+        if strength is None:
+            if not stored.get("strength"):
+                raise SystemExit("error: --strength is required (no adapter with a stored strength was given)")
+            strength = stored["strength"]
+            print(f"using strength {strength} stored in adapter {a.adapter[0]} (trained for it); pass --strength to override")
+        images = [sample.to_pil(p, facts.sample_size) for p in a.image]
+        prompts = [a.prompt.format(caption=_caption_of(p)) for p in a.image]
+        imgs = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched)
+        paths = sample.save_images(imgs, out, "img2img")
+        if a.grid and names:
+            pipe.set_adapters(names, [0.0] * len(names))
+            base = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched)
+            sample.grid([list(r) for r in zip(images, base, imgs)]).save(a.grid)
+            print(f"wrote grid {a.grid} (rows: input | base | adapter at strength {strength})")
+    else:
+        imgs = sample.txt2img(pipe, a.prompt, a.num_images, steps, a.guidance, a.seed, sched)
+        paths = sample.save_images(imgs, out, "txt2img")
+    dt = time.time() - t0
+    print(f"wrote {len(paths)} image(s) to {out} ({dt / len(paths):.2f} s/image): {', '.join(p.name for p in paths)}")
+    return 0
+
+
+def _caption_of(image: str) -> str:
+    """The caption of `image` in the metadata.jsonl beside it ('' when there is none)."""
+    meta = Path(image).parent / "metadata.jsonl"
+    if meta.is_file():
+        for line in meta.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("file_name") == Path(image).name:
+                return str(row.get("text", ""))
+    return ""
+
+
+def _add_inspect(sub):
+    p = sub.add_parser("inspect", help="print an adapter's stored facts and key audit")
+    p.add_argument("adapter")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(a) -> int:
+    from adapt import lora
+    tensors, header = lora.read(a.adapter)
+    facts = header.get(lora.FACTS_KEY, {})
+    meta = header.get("lora_adapter_metadata", {})
+    modules = sorted({k.rsplit(".lora", 1)[0] for k in tensors if ".lora" in k})
+    info = {"file": str(lora.weights_path(a.adapter)), "num_tensors": len(tensors), "num_modules": len(modules),
+            "num_params": sum(t.numel() for t in tensors.values()),
+            "self_attention_modules": sum(".attn1." in m for m in modules),
+            "cross_attention_modules": sum(".attn2." in m for m in modules),
+            "rank": meta.get("unet.r"), "alpha": meta.get("unet.lora_alpha"),
+            "facts": {k: v for k, v in facts.items() if k != "image_fingerprints"}}
+    if a.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    print(f"adapter {info['file']}: {info['num_modules']} modules ({info['cross_attention_modules']} cross-attn, "
+          f"{info['self_attention_modules']} self-attn), {info['num_params']:,} params, rank {info['rank']}, alpha {info['alpha']}")
+    for k, v in info["facts"].items():
+        print(f"  {k}: {v}")
+    if not facts:
+        print("  (no adapt facts: trained elsewhere; strength and base unknown)")
+    return 0
+
+
+def _add_data(sub):
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    b = dsub.add_parser("build", help="build a datasets/<name> definition into an imagefolder")
+    b.add_argument("name", help="synth_faces | synth_sunglasses | path to a datasets/<name> folder")
+    b.add_argument("--out", required=True)
+    b.add_argument("--n", type=int, required=True)
+    b.add_argument("--split", default="train", help="pretrain | train | classifier | eval | val (disjoint seed ranges)")
+    b.set_defaults(func=cmd_data_build)
+
+
+def cmd_data_build(a) -> int:
+    import yaml
+    from adapt import synth
+    folder = Path(a.name) if Path(a.name).is_dir() else Path("datasets") / a.name
+    if not (folder / "dataset.yaml").is_file():
+        raise SystemExit(f"error: no dataset definition {folder / 'dataset.yaml'}")
+    spec = yaml.safe_load((folder / "dataset.yaml").read_text())
+    if spec.get("builder") != "synth":
+        raise SystemExit(f"error: {folder} is built by {spec.get('builder')!r}; see its README.md for how to prepare it")
+    out = synth.build_imagefolder(spec["domain"], a.out, a.n, a.split, spec.get("size", 64))
+    print(f"wrote {a.n} {spec['domain']} images of split {a.split!r} to {out} (metadata.jsonl with captions and eye boxes)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="adapt", description="Adapt latent diffusion models to new domains with LoRA.")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for add in (_add_sample, _add_inspect, _add_data):
+        add(sub)
+    for mod in ("adapt.evaluate", "adapt.export", "adapt.bench"):  # optional commands
+        try:
+            __import__(mod, fromlist=["add_parser"]).add_parser(sub)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    return ap
+
+
+def main(argv=None) -> int:
+    import adapt
+    args = build_parser().parse_args(argv)
+    adapt.quiet()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    from adapt import config, data, lora, model
+    try:
+        return args.func(args)
+    except (config.ConfigError, data.DataError, model.ModelError, lora.AdapterError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

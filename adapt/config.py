@@ -1,0 +1,297 @@
+"""Typed run configs: dataclasses with help text, loaded from YAML plus dotted `key=value` overrides.
+
+Every field carries its help in `metadata["help"]`; `__post_init__` validates. Unknown keys,
+wrong types and impossible values raise `ConfigError` naming the dotted key. The resolved
+config is written next to the run's outputs (`dump`), so a run can always be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value is wrong; the message names the dotted key."""
+
+
+def opt(default, help: str):
+    """A dataclass field with help text (mutable defaults are copied)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _check(cond: bool, key: str, msg: str):
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    base: str = opt("tiny-faces", "base model: embedded name (tiny-faces), diffusers folder, hub id, or single .safetensors file")
+    revision: Optional[str] = opt(None, "hub revision (branch, tag or commit)")
+    variant: Optional[str] = opt(None, "weights variant, e.g. fp16")
+    vae: Optional[str] = opt(None, "replace the base's VAE (folder or hub id), e.g. an fp16-fixed VAE")
+    dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", "dtype of the frozen weights (LoRA stays fp32)")
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("", "imagefolder with metadata.jsonl, a hub dataset id, or datasets/<name> of this repo")
+    split: str = opt("train", "split to read (hub datasets, and datasets/<name> builders)")
+    num_images: Optional[int] = opt(None, "use only the first N images (few-shot); None = all")
+    image_column: str = opt("image", "image column (hub datasets)")
+    caption_column: str = opt("text", "caption column")
+    default_caption: str = opt("", "caption for images without one; '{name}' expands to the file stem")
+    resolution: int = opt(64, "square training resolution in pixels (multiple of the VAE factor)")
+    center_crop: bool = opt(True, "center crop after resizing the short side (else random crop)")
+    random_flip: bool = opt(False, "horizontal flip augmentation (re-encodes latents each epoch)")
+    caption_dropout: float = opt(0.0, "probability of training on the empty prompt (keeps unconditional guidance working)")
+    cache: bool = opt(True, "cache VAE latents and prompt embeddings (computed once, reused across runs)")
+    cache_dir: Optional[str] = opt(None, "where caches live; default $ADAPT_CACHE or ~/.cache/adapt")
+
+    def __post_init__(self):
+        _check(self.resolution > 0 and self.resolution % 8 == 0, "data.resolution", f"must be a positive multiple of 8, got {self.resolution}")
+        _check(self.num_images is None or self.num_images > 0, "data.num_images", f"must be > 0, got {self.num_images}")
+        _check(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
+
+
+@dataclass
+class LoraConfig:
+    preset: Literal["cross_attn", "cross_attn_kv", "all_attn"] = opt("cross_attn", "which UNet layers get adapters: attn2 q/k/v/out (default), attn2 k/v only, or attn1+attn2")
+    rank: int = opt(8, "LoRA rank: higher fits more of the domain, costs memory and overfits few-shot data sooner")
+    alpha: Optional[float] = opt(None, "LoRA alpha; effective scale is alpha/rank; None = rank (scale 1)")
+    dropout: float = opt(0.0, "dropout on the LoRA input")
+    init: Literal["gaussian", "pissa", "olora", "default"] = opt("gaussian", "peft init_lora_weights (gaussian: diffusers' choice)")
+
+    def __post_init__(self):
+        _check(self.rank > 0, "lora.rank", f"must be > 0, got {self.rank}")
+        _check(self.alpha is None or self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ObjectiveConfig:
+    strength: float = opt(0.6, "img2img strength the adapter is trained for and sampled at (SDEdit, Meng et al. 2022)")
+    window: Literal["img2img_exact", "continuous", "full"] = opt("img2img_exact", "timesteps: exactly those img2img visits, all t up to the first visited, or all t")
+    scheduler: Literal["ddim", "ddpm", "euler", "pndm", "dpm"] = opt("ddim", "sampling scheduler the window is computed for")
+    inference_steps: int = opt(50, "sampling steps the window is computed for")
+    min_snr_gamma: Optional[float] = opt(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's value; None = off")
+    noise_offset: float = opt(0.0, "offset noise std (Guttenberg 2023); 0 = off")
+
+    def __post_init__(self):
+        _check(0.0 < self.strength <= 1.0, "objective.strength", f"must be in (0, 1], got {self.strength}")
+        _check(self.inference_steps > 0, "objective.inference_steps", f"must be > 0, got {self.inference_steps}")
+        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "objective.min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
+        _check(self.noise_offset >= 0, "objective.noise_offset", f"must be >= 0, got {self.noise_offset}")
+        _check(int(self.inference_steps * self.strength) >= 1, "objective.strength",
+               f"strength {self.strength} x inference_steps {self.inference_steps} visits no timestep")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-3, "peak learning rate (LoRA tolerates larger rates than full fine-tuning)")
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    betas: list = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    schedule: Literal["constant", "cosine", "linear"] = opt("constant", "LR schedule after warmup")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    max_grad_norm: Optional[float] = opt(1.0, "gradient clipping norm; None = off")
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(len(self.betas) == 2, "optim.betas", f"needs 2 values, got {self.betas}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = opt(400, "optimizer steps to train")
+    batch_size: int = opt(8, "per-process batch size")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    seed: int = opt(0, "seed for init, data order, noise and timesteps")
+    mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision; LoRA weights stay fp32")
+    gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward: less memory, ~30% slower")
+    checkpointing_steps: int = opt(0, "save a resumable checkpoint every N steps; 0 = only at the end")
+    checkpoints_total_limit: Optional[int] = opt(2, "keep at most N checkpoints")
+    resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint folder")
+    log_every: int = opt(1, "log loss every N steps")
+    num_threads: Optional[int] = opt(None, "torch CPU threads; None = torch's default")
+    overwrite: bool = opt(False, "allow writing into an out_dir that already holds a finished run")
+
+    def __post_init__(self):
+        for k in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            _check(getattr(self, k) > 0, f"train.{k}", f"must be > 0, got {getattr(self, k)}")
+        _check(self.checkpointing_steps >= 0, "train.checkpointing_steps", f"must be >= 0, got {self.checkpointing_steps}")
+        _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "train.checkpoints_total_limit", "must be > 0")
+
+
+@dataclass
+class ValidationConfig:
+    steps: int = opt(0, "run validation every N steps (and at the end); 0 = only at the end")
+    source: Optional[str] = opt(None, "folder or dataset of validation source images; None = no validation")
+    split: str = opt("val", "split of the validation source (datasets/<name> builders)")
+    num_images: int = opt(4, "validation images in the grid")
+    prompt: Optional[str] = opt(None, "prompt for validation img2img; None = each image's caption")
+    seed: int = opt(1234, "seed for validation noise")
+    guidance_scale: float = opt(1.0, "classifier-free guidance during validation")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = opt("runs/adapter", "output folder: adapter, config, checkpoints, validation grids")
+    model: ModelConfig = opt(None, "base model")
+    data: DataConfig = opt(None, "target-domain training data")
+    lora: LoraConfig = opt(None, "adapter")
+    objective: ObjectiveConfig = opt(None, "strength-window objective")
+    optim: OptimConfig = opt(None, "optimizer")
+    train: TrainSection = opt(None, "loop")
+    validation: ValidationConfig = opt(None, "validation grids")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # sections default to their own defaults
+            if getattr(self, f.name) is None:
+                setattr(self, f.name, _hints(type(self))[f.name]())
+        _check(bool(self.data.source), "data.source", "is required (an imagefolder, hub dataset id or datasets/<name>)")
+
+
+@dataclass
+class PretrainConfig:
+    out_dir: str = opt("runs/pretrain", "work folder: stage checkpoints and the exported pipeline")
+    export_dir: str = opt("adapt/zoo/tiny-faces", "where the finished diffusers pipeline is written")
+    seed: int = opt(0, "seed for init and data")
+    num_images: int = opt(12000, "source-domain faces rendered for pretraining")
+    vae_steps: int = opt(6000, "VAE optimizer steps")
+    vae_batch: int = opt(16, "VAE batch size")
+    vae_lr: float = opt(1e-3, "VAE peak learning rate (cosine to 5%)")
+    vae_kl: float = opt(1e-5, "KL weight: small, as in LDM's 'KL-reg' autoencoders")
+    unet_steps: int = opt(4000, "UNet optimizer steps")
+    unet_batch: int = opt(32, "UNet batch size")
+    unet_lr: float = opt(3e-4, "UNet peak learning rate")
+    min_snr_gamma: float = opt(5.0, "Min-SNR-gamma weighting for the UNet (Hang et al. 2023)")
+    ema_decay: float = opt(0.999, "EMA decay of UNet weights; the EMA is exported")
+    caption_dropout: float = opt(0.1, "empty-prompt rate, so guidance works")
+    checkpoint_every: int = opt(250, "save a resumable stage checkpoint every N steps")
+    num_threads: int = opt(1, "torch threads (1 is fastest on a loaded 2-core machine)")
+
+
+# ---------------------------------------------------------------- loading machinery
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against annotation `tp`; ints are accepted for floats. Raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if tp in (int, float, str, bool, list, dict) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r} (valid keys under '{prefix or '<top>'}': {sorted(names)})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix and not str(e).startswith(prefix):
+            raise ConfigError(f"{prefix}{e}") from None
+        raise
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(cls, path: str | Path | None = None, overrides: list[str] | tuple = ()):
+    """Build config `cls` from a YAML file (optional) and dotted overrides."""
+    data = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    data = _merge(data, parse_overrides(list(overrides)))
+    return _build(cls, data)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, for `--help` and docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,322 @@
+"""Image-caption datasets: local imagefolders, Hugging Face hub datasets, and datasets/<name> definitions.
+
+Nothing is dropped silently. Every image or metadata row that cannot be used is recorded in a
+`DataReport` with its name and reason, logged as a count, and only an empty result is an error.
+Local folders are read with our own tolerant reader (the `datasets` imagefolder builder stops at
+the first corrupt file); hub datasets go through `datasets.load_dataset` with decoding left to us.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageOps
+
+log = logging.getLogger("adapt.data")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_PIXELS = 64 * 1024 * 1024  # declared sizes above this are refused before decoding (bomb guard)
+
+
+class DataError(ValueError):
+    """The dataset is unusable as a whole (missing, empty, nothing decodable); the message says why."""
+
+
+@dataclass
+class Record:
+    name: str  # file name relative to the dataset root, or "<split>[i]" for hub rows
+    caption: str
+    load: object  # () -> PIL.Image, raises on bad data
+    extra: dict = field(default_factory=dict)  # other metadata columns (e.g. eye_boxes)
+
+
+@dataclass
+class DataReport:
+    """What happened to every input: kept, converted, or skipped with a reason."""
+    skipped: dict = field(default_factory=lambda: defaultdict(list))  # reason -> [names]
+    notes: dict = field(default_factory=lambda: defaultdict(list))  # conversions, default captions, ...
+    kept: int = 0
+
+    def skip(self, reason: str, name: str):
+        self.skipped[reason].append(name)
+
+    def note(self, what: str, name: str):
+        self.notes[what].append(name)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def summary(self) -> str:
+        lines = [f"{self.kept} images usable, {self.num_skipped} skipped"]
+        for reason, names in sorted(self.skipped.items()):
+            lines.append(f"  skipped {len(names)} ({reason}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+        for what, names in sorted(self.notes.items()):
+            lines.append(f"  {what}: {len(names)} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"kept": self.kept, "skipped": {k: list(v) for k, v in self.skipped.items()},
+                "notes": {k: list(v) for k, v in self.notes.items()}}
+
+
+def open_image(src) -> Image.Image:
+    """Decode a path or bytes to an RGB image the way users expect, or raise ValueError naming the problem.
+
+    EXIF orientation applied; transparency composited on white; CMYK and palette converted;
+    16-bit scaled to 8-bit (not clipped); declared sizes over MAX_PIXELS refused before decoding.
+    """
+    name = str(src) if not isinstance(src, (bytes, bytearray)) else "<bytes>"
+    try:
+        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"declared size too large (decompression bomb guard): {e}") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"declared size {w}x{h} exceeds {MAX_PIXELS} pixels (decompression bomb guard)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # truncated / corrupt data surfaces only at load()
+        raise ValueError(f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def _decode_caption(raw, name: str, report: DataReport) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        report.note("non-string caption converted to text", name)
+        raw = str(raw)
+    return raw.strip()
+
+
+def _read_metadata(root: Path, caption_column: str, report: DataReport) -> dict[str, dict]:
+    """file_name -> row, from metadata.jsonl (or .csv-less); bad lines are skipped and named."""
+    meta = root / "metadata.jsonl"
+    rows: dict[str, dict] = {}
+    if not meta.exists():
+        return rows
+    for lineno, raw in enumerate(meta.read_bytes().splitlines(), 1):
+        if not raw.strip():
+            continue
+        where = f"metadata.jsonl:{lineno}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            report.note("non-UTF-8 bytes in metadata replaced with U+FFFD", where)
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            report.skip(f"metadata line is not JSON: {e.msg}", where)
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            report.skip("metadata row without a 'file_name' string", where)
+            continue
+        fn = row["file_name"]
+        target = (root / fn).resolve()
+        if Path(fn).is_absolute() or not target.is_relative_to(root.resolve()):
+            report.skip("file_name points outside the dataset folder", f"{where} ({fn})")
+            continue
+        key = target.relative_to(root.resolve()).as_posix()
+        if key in rows:
+            report.skip("duplicate file_name (first row kept)", f"{where} ({fn})")
+            continue
+        rows[key] = row
+    return rows
+
+
+def read_folder(root: str | Path, caption_column: str = "text", default_caption: str = "",
+                report: DataReport | None = None) -> tuple[list[Record], DataReport]:
+    """Records of a local imagefolder: metadata.jsonl captions, else `<image>.txt` sidecars, else the default."""
+    root = Path(root)
+    report = report or DataReport()
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    rows = _read_metadata(root, caption_column, report)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    listed = {p.relative_to(root).as_posix(): p for p in files}
+    for key in rows:
+        if key not in listed:
+            report.skip("metadata names a file that does not exist", key)
+    records = []
+    for key, path in listed.items():
+        row = rows.get(key, {})
+        caption = _decode_caption(row.get(caption_column), key, report)
+        if caption is None and path.with_suffix(".txt").is_file():
+            caption = path.with_suffix(".txt").read_text(errors="replace").strip()
+        if caption is None:
+            if rows:
+                report.note(f"no '{caption_column}' caption, default used", key)
+            caption = default_caption.format(name=path.stem)
+        extra = {k: v for k, v in row.items() if k not in ("file_name", caption_column)}
+        records.append(Record(key, caption, (lambda p=path: open_image(p)), extra))
+    return records, report
+
+
+def read_hub(dataset_id: str, split: str, image_column: str, caption_column: str, default_caption: str,
+             report: DataReport | None = None) -> tuple[list[Record], DataReport]:
+    """Records of a Hugging Face hub dataset; images are decoded by `open_image`, not by `datasets`."""
+    import datasets as hf
+    report = report or DataReport()
+    try:
+        ds = hf.load_dataset(dataset_id, split=split)
+    except Exception as e:
+        raise DataError(f"hub dataset {dataset_id!r} split {split!r} could not be loaded "
+                        f"(offline or not found?): {type(e).__name__}: {e}") from e
+    for col in (image_column,):
+        if col not in ds.column_names:
+            raise DataError(f"hub dataset {dataset_id!r} has no column {col!r}; columns: {ds.column_names}")
+    ds = ds.cast_column(image_column, hf.Image(decode=False))
+    records = []
+    for i, row in enumerate(ds):
+        name = f"{split}[{i}]"
+        cell = row[image_column]
+        src = cell.get("bytes") or cell.get("path")
+        caption = _decode_caption(row.get(caption_column), name, report)
+        if caption is None:
+            caption = default_caption.format(name=name)
+        records.append(Record(name, caption, (lambda s=src: open_image(s))))
+    return records, report
+
+
+def read_definition(folder: Path, split: str, num_images: int | None, cache_dir: Path,
+                    report: DataReport | None = None) -> tuple[list[Record], DataReport]:
+    """A datasets/<name>/ definition (dataset.yaml): built once into the cache, then read as a folder."""
+    spec = yaml.safe_load((folder / "dataset.yaml").read_text()) or {}
+    builder = spec.get("builder")
+    if builder == "synth":
+        from adapt import synth
+        n = num_images or spec.get("default_n", {}).get(split) or 64
+        out = cache_dir / "datasets" / folder.name / f"{split}-{n}-{spec.get('size', 64)}"
+        if not (out / "metadata.jsonl").exists():  # several processes may build at once: last rename wins
+            import os
+            import shutil
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            synth.build_imagefolder(spec["domain"], tmp, n=n, split=split, size=spec.get("size", 64))
+            try:
+                tmp.rename(out)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return read_folder(out, "text", spec.get("default_caption", ""), report)
+    if builder == "hub":
+        return read_hub(spec["id"], split, spec.get("image_column", "image"), spec.get("caption_column", "text"),
+                        spec.get("default_caption", ""), report)
+    if builder == "folder":
+        return read_folder(folder / spec["path"], spec.get("caption_column", "text"), spec.get("default_caption", ""), report)
+    raise DataError(f"{folder / 'dataset.yaml'}: unknown builder {builder!r} (expected synth, hub or folder)")
+
+
+def default_cache_dir() -> Path:
+    import os
+    return Path(os.environ.get("ADAPT_CACHE", Path.home() / ".cache" / "adapt"))
+
+
+def read_records(source: str, split: str = "train", image_column: str = "image", caption_column: str = "text",
+                 default_caption: str = "", num_images: int | None = None, cache_dir: str | Path | None = None):
+    """Dispatch on the source form; returns (records, report). Raises DataError when nothing is usable."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    p = Path(source).expanduser()
+    if p.is_dir() and (p / "dataset.yaml").is_file():
+        records, report = read_definition(p, split, num_images, cache)
+    elif p.is_dir():
+        records, report = read_folder(p, caption_column, default_caption)
+    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        records, report = read_hub(source, split, image_column, caption_column, default_caption)
+    else:
+        raise DataError(f"dataset not found: {source!r} is not a folder, a datasets/<name> definition or a hub id")
+    if num_images is not None:
+        records = records[:num_images]
+    return records, report
+
+
+def fit(img: Image.Image, resolution: int, center_crop: bool = True, rng: np.random.Generator | None = None) -> Image.Image:
+    """Resize the short side to `resolution` (bicubic) and crop a square (center, or random with `rng`)."""
+    w, h = img.size
+    s = resolution / min(w, h)
+    if s != 1:
+        img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    if center_crop or rng is None:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def load_images(records: list[Record], resolution: int, report: DataReport, min_size: int | None = None,
+                center_crop: bool = True) -> tuple[torch.Tensor, list[Record]]:
+    """Decode, convert and size every record: (N, 3, R, R) in [-1, 1] and the records kept.
+
+    Images whose short side is below `min_size` (default resolution/2) are skipped: upscaling them
+    would teach the adapter blur. Raises DataError if nothing is left.
+    """
+    min_size = resolution // 2 if min_size is None else min_size
+    arrays, kept = [], []
+    for r in records:
+        try:
+            img = r.load()
+        except (ValueError, OSError) as e:
+            report.skip(str(e).split(" (")[0], r.name)
+            continue
+        if min(img.size) < min_size:
+            report.skip(f"smaller than {min_size} px on the short side", f"{r.name} ({img.size[0]}x{img.size[1]})")
+            continue
+        arrays.append(np.asarray(fit(img, resolution, center_crop), dtype=np.uint8))
+        kept.append(r)
+    report.kept = len(kept)
+    if not kept:
+        raise DataError(f"no usable images: {report.summary()}")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, kept
+
+
+def fingerprint(records: list[Record], pixels: torch.Tensor) -> str:
+    """sha256 over names, captions and decoded pixels: identifies a training set across machines."""
+    h = hashlib.sha256()
+    for r, x in zip(records, pixels):
+        h.update(r.name.encode())
+        h.update(r.caption.encode())
+        h.update(((x + 1) * 127.5).round().to(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def image_fingerprints(pixels: torch.Tensor) -> list[str]:
+    """Per-image content hashes, to detect overlap between training and evaluation sets."""
+    return [hashlib.sha256(((x + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()).hexdigest()[:16] for x in pixels]
+
+
+def load(source: str, resolution: int, split: str = "train", image_column: str = "image", caption_column: str = "text",
+         default_caption: str = "", num_images: int | None = None, cache_dir=None, center_crop: bool = True,
+         logger=None) -> tuple[torch.Tensor, list[Record], DataReport]:
+    """Read, decode and size a dataset; logs what was skipped or converted. Returns (pixels, records, report)."""
+    records, report = read_records(source, split, image_column, caption_column, default_caption, num_images, cache_dir)
+    if not records and not report.num_skipped:
+        raise DataError(f"no images found in {source!r} (split {split!r})")
+    pixels, kept = load_images(records, resolution, report, center_crop=center_crop)
+    (logger or log.info)(f"data {source}: {report.summary()}")
+    return pixels, kept, report

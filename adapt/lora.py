@@ -1,0 +1,189 @@
+"""LoRA adapters on the UNet (Hu et al. 2021), through peft, saved in the formats people load.
+
+Presets select layers by full-match regex over UNet module names. In diffusers' UNets `attn1`
+is self-attention and `attn2` is cross-attention (queries from image features, keys/values from
+the text encoder), so `cross_attn` adapts exactly how text steers the image.
+
+Files: `pytorch_lora_weights.safetensors` in diffusers format with peft's adapter metadata (so
+alpha survives a plain `pipe.load_lora_weights`) plus adapt's own facts under the safetensors
+metadata key "adapt" (base, preset, rank, alpha, strength, window, scheduler, steps, data hash).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+FACTS_KEY = "adapt"
+PRESETS = {
+    "cross_attn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)$",
+    "cross_attn_kv": r".*attn2\.(to_k|to_v)$",  # Custom Diffusion (Kumari et al. 2023) trains only these
+    "all_attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be attached, saved or loaded as asked; the message names the cause."""
+
+
+def target_modules(unet: torch.nn.Module, preset: str) -> list[str]:
+    """Names of the Linear layers a preset selects (before any adapter is attached)."""
+    if preset not in PRESETS:
+        raise AdapterError(f"unknown LoRA preset {preset!r}; presets: {sorted(PRESETS)}")
+    rx = re.compile(PRESETS[preset])
+    return [n for n, m in unet.named_modules() if rx.fullmatch(n) and isinstance(m, torch.nn.Linear)]
+
+
+def attach(unet, preset: str = "cross_attn", rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
+           init: str = "gaussian", adapter_name: str = "default") -> dict:
+    """Freeze `unet` and add a peft LoRA adapter on the preset's layers; return the audit."""
+    from peft import LoraConfig
+    names = target_modules(unet, preset)
+    if not names:
+        raise AdapterError(f"LoRA preset {preset!r} (regex {PRESETS[preset]}) matches no Linear layer of this UNet")
+    unet.requires_grad_(False)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                     init_lora_weights=True if init == "default" else init, target_modules=PRESETS[preset])
+    unet.add_adapter(cfg, adapter_name=adapter_name)
+    for n, p in unet.named_parameters():  # LoRA weights train in fp32 whatever the base dtype
+        if "lora_" in n:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    return audit(unet, preset)
+
+
+def audit(unet, preset: str) -> dict:
+    """Which modules carry adapters and how many parameters train."""
+    lora_params = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    modules = sorted({n.split(".lora_")[0].replace(".base_layer", "") for n in lora_params})
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in unet.parameters())
+    return {"preset": preset, "regex": PRESETS[preset], "modules": modules, "num_modules": len(modules),
+            "self_attention_modules": [m for m in modules if ".attn1." in m],
+            "trainable_params": trainable, "total_params": total, "trainable_fraction": trainable / total}
+
+
+def state_dict(unet, adapter_name: str = "default") -> dict:
+    """The adapter's weights with diffusers key names, without the 'unet.' prefix."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+
+
+def save(out_dir: str | Path, unet, facts: dict, adapter_name: str = "default", architecture: str = "sd") -> Path:
+    """Write `pytorch_lora_weights.safetensors` (diffusers format, peft metadata, adapt facts)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    out = Path(out_dir)
+    cls = StableDiffusionXLPipeline if architecture == "sdxl" else StableDiffusionPipeline
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in state_dict(unet, adapter_name).items()}
+    meta = unet.peft_config[adapter_name].to_dict()
+    cls.save_lora_weights(out, unet_lora_layers=layers, unet_lora_adapter_metadata=meta, safe_serialization=True)
+    path = out / WEIGHTS_NAME
+    # Re-write once with adapt's facts added to the safetensors header (atomic rename).
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header[FACTS_KEY] = json.dumps(facts, sort_keys=True, default=str)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    tmp.replace(path)
+    return path
+
+
+def weights_path(adapter: str | Path) -> Path:
+    """The safetensors file of an adapter given as folder or file; pickles are refused."""
+    p = Path(adapter)
+    if p.is_dir():
+        if (p / WEIGHTS_NAME).is_file():
+            return p / WEIGHTS_NAME
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        pickles = [q.name for q in p.iterdir() if q.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise AdapterError(f"{p}: only pickle files {pickles}; {refuse_pickle_reason()}")
+        raise AdapterError(f"{p}: no {WEIGHTS_NAME} (found {[q.name for q in found] or 'no safetensors'})")
+    if not p.exists():
+        raise AdapterError(f"adapter not found: {p}")
+    if p.suffix in PICKLE_SUFFIXES:
+        raise AdapterError(f"{p}: {refuse_pickle_reason()}")
+    if p.suffix != ".safetensors":
+        raise AdapterError(f"{p}: unsupported adapter file type {p.suffix!r}; expected .safetensors")
+    return p
+
+
+def refuse_pickle_reason() -> str:
+    return ("pickle files (.bin/.pt/.ckpt) can execute arbitrary code when loaded, so adapt refuses them. "
+            "Convert once in a trusted environment: sd = torch.load(path, weights_only=True); "
+            "safetensors.torch.save_file(sd, 'pytorch_lora_weights.safetensors')")
+
+
+def read(adapter: str | Path) -> tuple[dict, dict]:
+    """(tensors, header) of an adapter; header['adapt'] and header['lora_adapter_metadata'] are parsed."""
+    path = weights_path(adapter)
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for k in (FACTS_KEY, "lora_adapter_metadata"):
+        if k in header:
+            header[k] = json.loads(header[k])
+    return tensors, header
+
+
+def facts(adapter: str | Path) -> dict:
+    """adapt's facts stored with the adapter ({} for adapters trained elsewhere)."""
+    return read(adapter)[1].get(FACTS_KEY, {})
+
+
+def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str | None = None, check: bool = True) -> str:
+    """Load an adapter into a diffusers pipeline with diffusers' own loader, then audit the load.
+
+    Checks: every key maps to a UNet module (else lists the unmatched ones), the stored alpha
+    survived (effective scale alpha/rank as trained), and the architecture matches.
+    """
+    path = weights_path(adapter)
+    tensors, header = read(path)
+    name = adapter_name or f"adapter_{len(pipe.get_list_adapters().get('unet', [])) if hasattr(pipe, 'get_list_adapters') else 0}"
+    f = header.get(FACTS_KEY, {})
+    arch = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+    if f.get("architecture") and f["architecture"] != arch:
+        raise AdapterError(f"{path}: adapter was trained on a {f['architecture']} base ({f.get('base')}), "
+                           f"this pipeline is {arch}; load it into a matching base")
+    if check:
+        check_keys(pipe.unet, tensors, path)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    pipe.set_adapters([name], [scale])
+    if check and "lora_adapter_metadata" in header:
+        want = header["lora_adapter_metadata"]
+        meta = {k.split("unet.", 1)[-1]: v for k, v in want.items()} if isinstance(want, dict) else {}
+        got = pipe.unet.peft_config[name]
+        if "lora_alpha" in meta and float(got.lora_alpha) != float(meta["lora_alpha"]):
+            raise AdapterError(f"{path}: alpha {meta['lora_alpha']} was stored but {got.lora_alpha} was loaded")
+    return name
+
+
+def check_keys(unet, tensors: dict, path) -> None:
+    """Every adapter key must name a Linear of the UNet; adapters of another architecture fail here."""
+    modules = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "base_layer")}
+    unmatched, shape_bad = [], []
+    for k, v in tensors.items():
+        if not k.startswith("unet."):
+            continue  # text-encoder keys are diffusers' own business
+        mod = re.sub(r"\.lora(_[AB]|\.(down|up))(\.[^.]+)?\.weight$|\.alpha$", "", k[len("unet."):])
+        mod = re.sub(r"\.lora_magnitude_vector.*$", "", mod)
+        if mod not in modules:
+            unmatched.append(k)
+    if unmatched:
+        shown = unmatched[:8] + (["..."] if len(unmatched) > 8 else [])
+        raise AdapterError(f"{path}: {len(unmatched)} of {len(tensors)} keys map to no module of this UNet "
+                           f"(adapter for another architecture or a renamed layer?): {shown}")
+    if not any(k.startswith("unet.") for k in tensors):
+        raise AdapterError(f"{path}: no 'unet.' keys; this is not a diffusers-format UNet LoRA "
+                           f"(kohya files: convert with `adapt export --format diffusers`)")

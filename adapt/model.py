@@ -1,0 +1,150 @@
+"""Loading a base model: embedded name, diffusers folder, hub id or single-file checkpoint.
+
+One entry point, `load_base`, returns the pipeline's components plus the facts the recipe
+needs (prediction type, latent scale/shift, timesteps, text width, SD vs SDXL). Every form
+goes through diffusers' own loaders, so the embedded base takes the same path as a download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ZOO = Path(__file__).parent / "zoo"
+EMBEDDED_PREFIX = "adapt:"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelError(ValueError):
+    """The base model cannot be found or is not a usable diffusion pipeline; the message says which."""
+
+
+@dataclass
+class BaseFacts:
+    """What the recipe and sampler need to know about a base model."""
+    source: str  # as the user gave it
+    resolved: str  # the folder, file or hub id actually loaded
+    architecture: str  # "sd" or "sdxl"
+    prediction_type: str  # "epsilon" | "v_prediction" | "sample"
+    scaling_factor: float
+    shift_factor: float
+    num_train_timesteps: int
+    text_hidden_size: int  # cross_attention_dim the UNet expects
+    vae_factor: int  # pixels per latent pixel
+    latent_channels: int
+    sample_size: int  # native resolution in pixels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def embedded_names() -> list[str]:
+    return sorted(p.name for p in ZOO.iterdir() if (p / "model_index.json").is_file()) if ZOO.is_dir() else []
+
+
+def resolve(base: str) -> tuple[str, str]:
+    """Return (kind, location): kind is 'folder', 'file' or 'hub'. Raises ModelError with the reason."""
+    name = base[len(EMBEDDED_PREFIX):] if base.startswith(EMBEDDED_PREFIX) else base
+    if (ZOO / name / "model_index.json").is_file() and not Path(base).exists():
+        return "folder", str(ZOO / name)
+    if base.startswith(EMBEDDED_PREFIX):
+        raise ModelError(f"no embedded model {name!r}; embedded models: {embedded_names()}")
+    p = Path(base).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise ModelError(f"{p} is a folder but not a diffusers pipeline (no model_index.json)")
+        return "folder", str(p)
+    if p.is_file():
+        if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            raise ModelError(f"{p}: pickle checkpoints can run code when loaded; convert it to .safetensors first "
+                             "(e.g. load it once in a trusted environment and save with safetensors)")
+        if p.suffix != ".safetensors":
+            raise ModelError(f"{p}: unsupported single-file format {p.suffix!r}; expected .safetensors")
+        return "file", str(p)
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") != 1 or os.sep + os.sep in base
+    if looks_local:
+        raise ModelError(f"base model not found: {base!r} is neither an existing path, an embedded model "
+                         f"({embedded_names()}), nor a hub id of the form 'org/name'")
+    return "hub", base
+
+
+def _pipeline_class(model_index: dict | None, architecture: str | None = None):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    name = (model_index or {}).get("_class_name", "")
+    if architecture == "sdxl" or "XL" in name:
+        return StableDiffusionXLPipeline
+    if name and "StableDiffusion" not in name:
+        raise ModelError(f"pipeline class {name!r} is not supported; adapt handles StableDiffusion(XL) pipelines")
+    return StableDiffusionPipeline
+
+
+def load_pipeline(base: str, revision: str | None = None, variant: str | None = None,
+                  torch_dtype: torch.dtype | str = torch.float32, architecture: str | None = None):
+    """Load the base as a diffusers (SD or SDXL) pipeline; `architecture` is needed only for single files."""
+    if isinstance(torch_dtype, str):
+        torch_dtype = DTYPES[torch_dtype]
+    kind, where = resolve(base)
+    kw = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    if kind == "folder":
+        index = json.loads((Path(where) / "model_index.json").read_text())
+        cls = _pipeline_class(index)
+        if cls.__name__.endswith("XLPipeline"):
+            kw = dict(dtype=torch_dtype)
+        try:
+            return cls.from_pretrained(where, variant=variant, **kw), where
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{where}: could not load as {cls.__name__}: {e}") from e
+    if kind == "file":
+        cls = _pipeline_class(None, architecture)
+        try:
+            return cls.from_single_file(where, dtype=torch_dtype), where
+        except Exception as e:  # diffusers raises many types for unrecognised files
+            raise ModelError(f"{where}: not a loadable single-file Stable Diffusion checkpoint: {e}") from e
+    from huggingface_hub import constants
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        from huggingface_hub import hf_hub_download
+        index_path = hf_hub_download(where, "model_index.json", revision=revision)
+        cls = _pipeline_class(json.loads(Path(index_path).read_text()))
+        if cls.__name__.endswith("XLPipeline"):
+            kw = dict(dtype=torch_dtype)
+        return cls.from_pretrained(where, revision=revision, variant=variant, **kw), where
+    except Exception as e:
+        if offline or "offline" in str(e).lower() or "connect" in str(e).lower() or "resolve" in str(e).lower():
+            raise ModelError(f"hub id {where!r}: the Hugging Face hub is unreachable (offline={offline}) and the model "
+                             f"is not in the local cache; download it where you have network, or pass a local folder") from e
+        raise ModelError(f"hub id {where!r}: could not load: {e}") from e
+
+
+def facts_of(pipe, source: str, resolved: str) -> BaseFacts:
+    vae, unet = pipe.vae, pipe.unet
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return BaseFacts(
+        source=source, resolved=resolved,
+        architecture="sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd",
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        scaling_factor=float(vae.config.scaling_factor),
+        shift_factor=float(vae.config.get("shift_factor") or 0.0),
+        num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+        text_hidden_size=int(unet.config.cross_attention_dim),
+        vae_factor=factor, latent_channels=int(vae.config.latent_channels),
+        sample_size=int(unet.config.sample_size) * factor,
+    )
+
+
+def load_base(base: str, revision: str | None = None, variant: str | None = None,
+              torch_dtype: torch.dtype | str = torch.float32, vae: str | None = None, architecture: str | None = None):
+    """(pipeline, BaseFacts) for a base given as embedded name, folder, hub id or .safetensors file."""
+    pipe, resolved = load_pipeline(base, revision, variant, torch_dtype, architecture)
+    if vae is not None:
+        from diffusers import AutoencoderKL
+        try:
+            pipe.vae = AutoencoderKL.from_pretrained(vae, dtype=pipe.vae.dtype)
+        except Exception as e:
+            raise ModelError(f"VAE {vae!r}: could not load an AutoencoderKL: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, facts_of(pipe, base, resolved)

@@ -1,0 +1,338 @@
+"""Adapt a latent diffusion model to a target domain with cross-attention LoRA, for img2img at strength s.
+
+    accelerate launch --config_file accelerate_config.yaml recipes/lora_img2img.py \
+        --config recipes/configs/tiny_sunglasses.yaml [key=value ...]
+
+Reads top to bottom: config -> base -> data -> cached latents and prompts -> strength window ->
+LoRA -> loop (loss, checkpoints, validation) -> adapter files. Training draws timesteps only from
+the window img2img at strength s visits for the configured scheduler and step count (SDEdit,
+Meng et al. 2022), and the adapter records that strength so sampling matches it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+import adapt
+from adapt import cache, checkpoint, config, data, lora, model, objective, sample, trainstep
+from adapt.card import write_model_card
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML run config (recipes/configs/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100 lora.rank=4")
+    args = ap.parse_args(argv)
+    cfg = config.load(config.RunConfig, args.config, args.overrides)
+    adapt.quiet()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+    out = Path(cfg.out_dir)
+    trackers = "tensorboard" if _has("tensorboard") else None
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers, project_dir=str(out))
+    say = _printer(acc, out)
+    resume = checkpoint.resolve(out, cfg.train.resume_from_checkpoint)
+    if acc.is_main_process:
+        finished = (out / lora.WEIGHTS_NAME).exists() or checkpoint.list_checkpoints(out)
+        if finished and resume is None and not cfg.train.overwrite:
+            raise config.ConfigError(f"out_dir {out} already holds a run ({lora.WEIGHTS_NAME} or checkpoints); "
+                                     "pass train.overwrite=true to replace it or train.resume_from_checkpoint=latest to continue")
+        out.mkdir(parents=True, exist_ok=True)
+        config.dump(cfg, out / "config.yaml")
+    set_seed(cfg.train.seed)
+    t_start = time.time()
+
+    # 1. Base model: frozen VAE, text encoder and UNet.
+    pipe, facts = model.load_base(cfg.model.base, cfg.model.revision, cfg.model.variant, cfg.model.dtype, cfg.model.vae)
+    pipe.to(acc.device)
+    unet = pipe.unet
+    say(f"base {cfg.model.base}: {facts.architecture}, {facts.prediction_type}, scaling_factor {facts.scaling_factor}, "
+        f"{facts.num_train_timesteps} train timesteps, latent factor {facts.vae_factor}")
+
+    # 2. Data: decode, convert, size; every skipped file is named in the log.
+    pixels, records, report = data.load(cfg.data.source, cfg.data.resolution, cfg.data.split, cfg.data.image_column,
+                                        cfg.data.caption_column, cfg.data.default_caption, cfg.data.num_images,
+                                        cfg.data.cache_dir, cfg.data.center_crop, logger=say)
+    fingerprint = data.fingerprint(records, pixels)
+    captions = [r.caption for r in records]
+    too_long = cache.count_truncated(pipe.tokenizer, captions)
+    if too_long:
+        say(f"{len(too_long)} captions exceed {pipe.tokenizer.model_max_length} tokens and are truncated: "
+            f"{[records[i].name for i in too_long[:5]]}")
+
+    # 3. Cache posteriors (and flipped ones, if flipping) and prompt embeddings once.
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else data.default_cache_dir()
+    key = cache.cache_key(base=facts.resolved, vae=pipe.vae.config, dtype=cfg.model.dtype, data=fingerprint,
+                          res=cfg.data.resolution, flip=cfg.data.random_flip)
+    use_cache = cfg.data.cache and cfg.data.center_crop  # random crops need fresh encodes
+    if cfg.data.cache and not cfg.data.center_crop:
+        say("data.center_crop=false: random crops need re-encoding, latent caching is off")
+
+    def encode():
+        post = cache.encode_posteriors(pipe.vae, pixels)
+        if cfg.data.random_flip:
+            flipped = cache.encode_posteriors(pipe.vae, pixels, flip=True)
+            post.update(mean_flip=flipped["mean"], std_flip=flipped["std"])
+        return post
+
+    t0 = time.time()
+    post = cache.load_or_compute(cache_root / "latents" / f"{key}.safetensors" if use_cache else None, encode)
+    stats = cache.latent_stats(post, facts.scaling_factor, facts.shift_factor)
+    say(f"latents ({time.time() - t0:.1f}s): scaled per-channel mean {_r(stats['channel_mean'])}, "
+        f"std {_r(stats['channel_std'])}, overall std {stats['overall_std']:.3f}")
+    if warning := cache.check_stats(stats):
+        say("WARNING: " + warning)
+    uniq = sorted(set(captions))
+    enc = cache.encode_prompts(pipe, uniq + [""], device=acc.device)  # last row: empty prompt (caption dropout)
+    prompts = {k: v[enc["index"]] for k, v in enc.items() if k != "index"}  # rows in uniq + [""] order
+    caption_index = torch.tensor([uniq.index(c) for c in captions])
+
+    # 4. The strength window: the timesteps img2img at this strength visits.
+    sampler = sample.make_scheduler(pipe.scheduler, cfg.objective.scheduler)
+    window = objective.window_timesteps(sampler, cfg.objective.inference_steps, cfg.objective.strength, cfg.objective.window)
+    say(f"window {cfg.objective.window} at strength {cfg.objective.strength} ({cfg.objective.scheduler}, "
+        f"{cfg.objective.inference_steps} steps): {len(window)} timesteps in [{int(window.min())}, {int(window.max())}]")
+    td = trainstep.TrainData(captions=captions, caption_index=caption_index, emb=prompts["emb"], window=window,
+                             alphas_cumprod=pipe.scheduler.alphas_cumprod, scaling_factor=facts.scaling_factor,
+                             shift_factor=facts.shift_factor, prediction_type=facts.prediction_type,
+                             post=post if cfg.data.cache else None, pixels=None if cfg.data.cache else pixels,
+                             pooled=prompts.get("pooled"), resolution=cfg.data.resolution)
+
+    # 5. LoRA on the UNet (cross-attention by default); everything else stays frozen.
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    audit = lora.attach(unet, cfg.lora.preset, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.init)
+    say(f"LoRA {cfg.lora.preset}: {audit['num_modules']} modules, {audit['trainable_params']:,} trainable params "
+        f"({100 * audit['trainable_fraction']:.3f}%), rank {cfg.lora.rank}, alpha {cfg.lora.alpha or cfg.lora.rank}")
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    from diffusers.optimization import get_scheduler
+    lr_sched = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                             num_training_steps=cfg.train.max_steps)
+    unet, optimizer = acc.prepare(unet, optimizer)
+    base_unet = acc.unwrap_model(unet)
+
+    start = 0
+    if resume is not None:
+        lora_sd, opt_t, state = checkpoint.load(resume)
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(base_unet, lora_sd)
+        checkpoint.restore_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, opt_t, state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        start = state["step"]
+        say(f"resumed from {resume} at step {start}")
+    log_path = out / "logs" / "train_log.jsonl"
+    if acc.is_main_process:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, start)
+        if trackers:
+            acc.init_trackers("adapt", config={k: str(v) for k, v in _flat(config.to_dict(cfg)).items()})
+    validator = _Validator(cfg, pipe, base_unet, out, acc, say) if cfg.validation.source else None
+
+    # 6. Loop. Batch, noise and t come from (seed, step, micro, rank): resume and DDP stay exact.
+    world, rank = acc.num_processes, acc.process_index
+    hist = torch.zeros(facts.num_train_timesteps, dtype=torch.long)
+    dtype = torch.float32 if cfg.model.dtype == "float32" else model.DTYPES[cfg.model.dtype]
+    say(f"training {cfg.train.max_steps - start} steps, {world} process(es) x batch {cfg.train.batch_size} x accum {cfg.train.grad_accum}")
+    unet.train()
+    progress = _progress(acc, start, cfg.train.max_steps)
+    t_loop = time.time()
+    for step in range(start, cfg.train.max_steps):
+        total = 0.0
+        for micro in range(cfg.train.grad_accum):
+            g = trainstep.step_generator(cfg.train.seed, step, micro, rank)
+            batch = trainstep.draw(td, cfg.train.batch_size, g, cfg.data.caption_dropout, cfg.data.random_flip,
+                                   cfg.objective.noise_offset, pipe=pipe)
+            hist += torch.bincount(batch["t"], minlength=len(hist))
+            with acc.autocast():
+                loss = trainstep.forward_loss(unet, batch, td, cfg.objective.min_snr_gamma, acc.device, dtype).mean()
+            sync = micro == cfg.train.grad_accum - 1
+            with (acc.no_sync(unet) if not sync and world > 1 else _null()):
+                acc.backward(loss / cfg.train.grad_accum)
+            total += loss.detach() / cfg.train.grad_accum
+        if cfg.optim.max_grad_norm:
+            acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean_loss = acc.reduce(total.reshape(1), "mean").item()
+        if not math.isfinite(mean_loss):
+            last = checkpoint.list_checkpoints(out)
+            raise FloatingPointError(f"loss is {mean_loss} at step {step + 1}; stopping. Last good checkpoint: "
+                                     f"{last[-1] if last else 'none'}. Lower optim.lr, or use fp32/bf16 instead of fp16.")
+        if acc.is_main_process and (step + 1) % cfg.train.log_every == 0:
+            row = {"step": step + 1, "loss": mean_loss, "lr": lr_sched.get_last_lr()[0], "timesteps": batch["t"].tolist()}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if trackers:
+                acc.log({"loss": mean_loss, "lr": row["lr"]}, step=step + 1)
+        progress(step + 1, mean_loss)
+        if cfg.train.checkpointing_steps and (step + 1) % cfg.train.checkpointing_steps == 0:
+            _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched)
+        if validator and cfg.validation.steps and (step + 1) % cfg.validation.steps == 0:
+            validator(step + 1)
+        _fault("sigkill_after_step", step + 1)
+    train_s = time.time() - t_loop
+    # DDP keeps ranks in lockstep; prove it: every rank's LoRA weights must have the same checksum.
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(acc.device)
+    sums = acc.gather(checksum).tolist()
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"LoRA weights differ across ranks after training: checksums {sums}")
+
+    # 7. Outputs: adapter (diffusers format + adapt facts), model card, final validation grid.
+    if validator:
+        validator(cfg.train.max_steps)
+    if acc.is_main_process:
+        steps_run = cfg.train.max_steps - start
+        figures = {"train_seconds": round(train_s, 1), "steps_per_s": round(steps_run / max(train_s, 1e-9), 3),
+                   "samples_per_s": round(steps_run * cfg.train.batch_size * cfg.train.grad_accum * world / max(train_s, 1e-9), 2),
+                   "total_seconds": round(time.time() - t_start, 1)}
+        fx = {"base": cfg.model.base, "base_resolved": facts.resolved, "architecture": facts.architecture,
+              "prediction_type": facts.prediction_type, "preset": cfg.lora.preset, "rank": cfg.lora.rank,
+              "alpha": cfg.lora.alpha or cfg.lora.rank, "strength": cfg.objective.strength, "window": cfg.objective.window,
+              "window_range": [int(window.min()), int(window.max())], "scheduler": cfg.objective.scheduler,
+              "inference_steps": cfg.objective.inference_steps, "steps_trained": cfg.train.max_steps,
+              "resolution": cfg.data.resolution, "dataset": cfg.data.source, "dataset_split": cfg.data.split,
+              "dataset_fingerprint": fingerprint, "image_fingerprints": data.image_fingerprints(pixels),
+              "num_images": len(records), "latent_stats": stats, "audit": {k: v for k, v in audit.items() if k != "modules"},
+              "figures": figures, "adapt_version": adapt.__version__}
+        path = lora.save(out, base_unet, fx, architecture=facts.architecture)
+        hist_all = hist.nonzero().flatten()
+        (out / "logs" / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+        write_model_card(out, fx, cfg)
+        if world > 1:
+            say(f"all {world} ranks hold identical LoRA weights (checksum {sums[0]:.10g})")
+        say(f"adapter: {path} ({path.stat().st_size / 1e3:.1f} kB); timesteps drawn in [{int(hist_all.min())}, {int(hist_all.max())}]; "
+            f"{figures['steps_per_s']} steps/s, {figures['samples_per_s']} samples/s")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return 0
+
+
+def _save_checkpoint(acc, cfg, out, step, base_unet, optimizer, lr_sched):
+    if acc.is_main_process:
+        from peft.utils import get_peft_model_state_dict
+        opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        checkpoint.save(out, step, get_peft_model_state_dict(base_unet), opt, {"lr_scheduler": lr_sched.state_dict()},
+                        cfg.train.checkpoints_total_limit, before_rename=lambda tmp: _fault("sigkill_in_checkpoint", step))
+    acc.wait_for_everyone()
+
+
+class _Validator:
+    """img2img at the recipe's strength on fixed images and seeds: grid of input | base | adapter."""
+
+    def __init__(self, cfg, pipe, unet, out, acc, say):
+        self.cfg, self.pipe, self.unet, self.acc, self.say = cfg, pipe, unet, acc, say
+        self.dir = out / "validation"
+        if not acc.is_main_process:
+            return
+        v = cfg.validation
+        pixels, recs, _ = data.load(v.source, cfg.data.resolution, v.split, num_images=v.num_images,
+                                    cache_dir=cfg.data.cache_dir, logger=lambda m: None)
+        self.images = [sample.to_pil(r.load(), cfg.data.resolution) for r in recs]
+        self.prompts = [(v.prompt or "{caption}").format(caption=r.caption) for r in recs]
+        self.base = None
+
+    @torch.no_grad()
+    def __call__(self, step: int):
+        if self.acc.is_main_process:
+            v, o = self.cfg.validation, self.cfg.objective
+            run = lambda: sample.img2img(self.pipe, self.images, self.prompts, o.strength, o.inference_steps,
+                                         v.guidance_scale, v.seed, o.scheduler)
+            was_training = self.unet.training
+            self.unet.eval()
+            if self.base is None:
+                self.unet.disable_adapters()
+                self.base = run()
+                self.unet.enable_adapters()
+            adapted = run()
+            self.unet.train(was_training)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / f"step_{step:06d}.png"
+            sample.grid([list(r) for r in zip(self.images, self.base, adapted)]).save(path)
+            self.say(f"validation grid (input | base | adapter) at step {step}: {path}")
+        self.acc.wait_for_everyone()
+
+
+def _fault(point: str, step: int):
+    """Crash-test seam: ADAPT_FAULT=<point>:<step> kills this process with SIGKILL there (tests only)."""
+    import os
+    import signal
+    if os.environ.get("ADAPT_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _printer(acc, out: Path):
+    def say(msg: str):
+        if acc.is_main_process:
+            line = f"[adapt {time.strftime('%H:%M:%S')}] {msg}"
+            print(line, flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "train.log", "a") as f:
+                f.write(line + "\n")
+    return say
+
+
+def _progress(acc, start: int, total: int):
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train", mininterval=2.0)
+    def update(step: int, loss: float):
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step == total:
+            bar.close()
+    return update
+
+
+def _truncate_log(path: Path, step: int):
+    """Keep log rows up to the resumed step, so the log of a resumed run reads as one run."""
+    if not path.exists():
+        return
+    rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def _r(xs):
+    return [round(x, 3) for x in xs]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (config.ConfigError, data.DataError, model.ModelError, lora.AdapterError, cache.LatentError,
+            checkpoint.CheckpointError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,281 @@
+"""Pretrain the embedded base `tiny-faces` from scratch on the source domain (faces, no sunglasses).
+
+    python recipes/pretrain_ldm.py --config recipes/configs/pretrain_tiny_faces.yaml [key=value ...]
+
+Follows the latent diffusion recipe (Rombach et al. 2022) at toy scale:
+  1. VAE: AutoencoderKL, L1 + L2 reconstruction + a small KL term, 64 px -> 16x16x4 latents.
+  2. Latent scaling: fold the per-channel latent mean into the VAE's quant convs (exact, so
+     plain diffusers pipelines, which know no shift, stay correct), then scaling_factor = 1/std.
+  3. Text encoder: a small CLIP text model, kept frozen at its seeded random init. Why: adapt's
+     LoRA recipe treats τθ as a frozen pretrained encoder, exactly as with real SD checkpoints,
+     and a frozen encoder lets prompt embeddings be computed once; the UNet's cross-attention
+     learns to read the (injective) random features of the caption vocabulary.
+  4. UNet: UNet2DConditionModel with cross-attention, ε-prediction on DDPM noise (SD's scaled-linear
+     betas), Min-SNR-5 weighting, EMA, caption dropout for classifier-free guidance.
+  5. Export: StableDiffusionPipeline folder, fp16 safetensors, plus stats.json.
+
+Every stage checkpoints atomically every `checkpoint_every` steps and resumes from its last
+checkpoint when run again, so the job can be stopped at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from adapt import config as cfglib
+from adapt import objective, synth
+from adapt.tiny import build_tokenizer
+
+
+def log(msg: str):
+    print(f"[pretrain {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def render(split: str, n: int) -> tuple[torch.Tensor, list[str]]:
+    """(n, 3, 64, 64) float in [-1, 1] and captions, for source-domain faces of `split`."""
+    imgs, caps = [], []
+    for i in range(n):
+        img, cap, _ = synth.make("faces", split, i)
+        imgs.append(np.asarray(img))
+        caps.append(cap)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, caps
+
+
+def save_ckpt(path: Path, tensors: dict, optimizer, step: int):
+    """Atomic: write into path.tmp, then rename over path."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, sd in tensors.items():
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_ckpt(path: Path, optimizer) -> tuple[dict, int]:
+    if not (path / "state.json").exists():
+        return {}, 0
+    tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return tensors, json.loads((path / "state.json").read_text())["step"]
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def build_vae() -> AutoencoderKL:
+    # 3 blocks -> factor 4: 64 px -> 16x16 latents, so an eye spans ~2 latent pixels.
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         layers_per_block=1, norm_num_groups=8, sample_size=64)
+
+
+def build_unet() -> UNet2DConditionModel:
+    # Cross-attention at 8x8 and 4x4 and in the mid block: 7 transformer blocks, 6.6 M params.
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=32, norm_num_groups=32)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean PSNR in dB of images in [-1, 1]."""
+    mse = ((a.clamp(-1, 1) - b) / 2).pow(2).mean(dim=(1, 2, 3))
+    return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
+
+
+def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> AutoencoderKL:
+    final = work / "vae_final.safetensors"
+    vae = build_vae()
+    if final.exists():
+        vae.load_state_dict(load_file(str(final)))
+        return vae
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    tensors, start = load_ckpt(work / "vae_ckpt", opt)
+    if tensors:
+        vae.load_state_dict(tensors["vae"])
+        log(f"VAE: resumed at step {start}")
+    t0 = time.time()
+    for step in range(start, cfg.vae_steps):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # data order survives resume
+        idx = torch.randint(0, len(x), (cfg.vae_batch,), generator=g)
+        batch = x[idx]
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg.vae_steps, cfg.vae_lr)
+        post = vae.encode(batch).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        err = rec - batch
+        loss = err.abs().mean() + err.pow(2).mean() + cfg.vae_kl * post.kl().mean() / batch[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 100 == 0:
+            log(f"VAE step {step + 1}/{cfg.vae_steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
+        if (step + 1) % (cfg.checkpoint_every * 2) == 0:
+            with torch.no_grad():
+                val = psnr(vae.decode(vae.encode(x_val[:64]).latent_dist.mode()).sample, x_val[:64])
+            log(f"VAE held-out PSNR {val:.2f} dB")
+            save_ckpt(work / "vae_ckpt", {"vae": vae.state_dict()}, opt, step + 1)
+    save_file(vae.state_dict(), str(final))
+    return vae
+
+
+@torch.no_grad()
+def fold_latent_shift(vae: AutoencoderKL, x: torch.Tensor) -> dict:
+    """Center the latent channels inside the VAE, then set scaling_factor so Var[z·scale] = 1.
+
+    z' = z − m is exact: quant_conv's mean half gets bias −m, post_quant_conv (1x1, W) gets bias + W·m.
+    """
+    zs = torch.cat([vae.encode(x[i:i + 256]).latent_dist.sample() for i in range(0, len(x), 256)])
+    raw_mean, raw_std = zs.mean(dim=(0, 2, 3)), zs.std(dim=(0, 2, 3))
+    c = vae.config.latent_channels
+    vae.quant_conv.bias[:c] -= raw_mean
+    vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ raw_mean
+    zs = zs - raw_mean.view(1, -1, 1, 1)
+    scale = float(1.0 / zs.std())
+    vae.register_to_config(scaling_factor=scale)
+    scaled = zs * scale
+    return {"raw_mean": raw_mean.tolist(), "raw_std": raw_std.tolist(), "raw_overall_std": float((zs + raw_mean.view(1, -1, 1, 1)).std()),
+            "scaling_factor": scale, "scaled_mean": scaled.mean(dim=(0, 2, 3)).tolist(),
+            "scaled_std": scaled.std(dim=(0, 2, 3)).tolist(), "scaled_overall_std": float(scaled.std())}
+
+
+def train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work: Path):
+    unet = build_unet()
+    ema = build_unet()
+    final = work / "unet_ema_final.safetensors"
+    if final.exists():
+        ema.load_state_dict(load_file(str(final)))
+        return ema
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    with torch.no_grad():  # cache posteriors and prompt embeddings once
+        mean, std = [], []
+        for i in range(0, len(x), 256):
+            d = vae.encode(x[i:i + 256]).latent_dist
+            mean.append(d.mean)
+            std.append(d.std)
+        mean, std = torch.cat(mean), torch.cat(std)  # (N, 4, 16, 16)
+        uniq = sorted(set(caps)) + [""]
+        ids = tokenizer(uniq, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        emb = text_encoder(ids)[0]  # (U, L, 64)
+        cap_idx = torch.tensor([uniq.index(c) for c in caps])
+        empty = len(uniq) - 1
+    scale = vae.config.scaling_factor
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ac = sched.alphas_cumprod
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    tensors, start = load_ckpt(work / "unet_ckpt", opt)
+    if tensors:
+        unet.load_state_dict(tensors["unet"])
+        ema.load_state_dict(tensors["ema"])
+        log(f"UNet: resumed at step {start}")
+    t0, losses = time.time(), []
+    for step in range(start, cfg.unet_steps):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 10_000_000 + step)
+        idx = torch.randint(0, len(x), (cfg.unet_batch,), generator=g)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+        drop = torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout
+        e = emb[torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])]
+        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        zt = objective.q_sample(ac, z0, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg.unet_steps, cfg.unet_lr, warmup=200, floor=0.1)
+        pred = unet(zt, t, e).sample
+        w = objective.min_snr_weights(ac, t, cfg.min_snr_gamma, "epsilon")
+        loss = objective.loss(pred, noise, w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - d)
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            log(f"UNet step {step + 1}/{cfg.unet_steps} loss {np.mean(losses[-50:]):.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save_ckpt(work / "unet_ckpt", {"unet": unet.state_dict(), "ema": ema.state_dict()}, opt, step + 1)
+    save_file(ema.state_dict(), str(final))
+    return ema
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("overrides", nargs="*", help="key=value")
+    args = ap.parse_args(argv)
+    cfg = cfglib.load(cfglib.PretrainConfig, args.config, args.overrides)
+    torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    work = Path(cfg.out_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfglib.dump(cfg, work / "config.yaml")
+    t_start = time.time()
+
+    log(f"rendering {cfg.num_images} source faces (split 'pretrain') and 256 held-out (split 'val')")
+    x, caps = render("pretrain", cfg.num_images)
+    x_val, _ = render("val", 256)
+
+    vae = train_vae(cfg, x, x_val, work).eval().requires_grad_(False)
+    with torch.no_grad():
+        vae_psnr = psnr(torch.cat([vae.decode(vae.encode(x_val[i:i + 64]).latent_dist.mode()).sample for i in range(0, 256, 64)]), x_val)
+    log(f"VAE held-out PSNR (256 faces, posterior mode) {vae_psnr:.2f} dB")
+    stats = fold_latent_shift(vae, x)
+    log(f"latents: raw per-channel mean {np.round(stats['raw_mean'], 3)}, raw std {stats['raw_overall_std']:.3f}; "
+        f"scaling_factor {stats['scaling_factor']:.4f} -> scaled std {stats['scaled_overall_std']:.4f}")
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(synth.vocabulary(), max_length=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=64)).eval().requires_grad_(False)
+
+    unet = train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work)
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    out = Path(cfg.export_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    stats.update(vae_psnr_db=vae_psnr, vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps,
+                 wall_s=time.time() - t_start, threads=cfg.num_threads, torch=torch.__version__)
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log(f"exported {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

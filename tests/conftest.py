@@ -1,0 +1,64 @@
+"""Shared fixtures: offline, one thread, tiny models built once per session."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_homes(tmp_path_factory):
+    """A private HF_HOME and adapt cache for the whole session (nothing touches ~/.cache)."""
+    home = tmp_path_factory.mktemp("hf_home")
+    os.environ["HF_HOME"] = str(home)
+    os.environ["ADAPT_CACHE"] = str(tmp_path_factory.mktemp("adapt_cache"))
+    import adapt
+    adapt.quiet()
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """Folder of a tiny random SD pipeline (epsilon), saved like a real checkpoint."""
+    from adapt.tiny import save_tiny_pipeline
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_v_base(tmp_path_factory):
+    from adapt.tiny import save_tiny_pipeline
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_v") / "tiny-sd-v", seed=0, prediction_type="v_prediction")
+
+
+def run_recipe(args, cwd=ROOT, launcher="accelerate", nproc=1, timeout=600, env_extra=None):
+    """Run recipes/lora_img2img.py the way a user does; returns CompletedProcess."""
+    import subprocess
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    bindir = Path(sys.executable).parent
+    if launcher == "accelerate" and nproc == 1:
+        cmd = [str(bindir / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_config.yaml")]
+    elif launcher == "accelerate":
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
+    else:
+        cmd = [sys.executable]
+    cmd += [str(ROOT / "recipes" / "lora_img2img.py")] + list(args)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(out_dir):
+    import json
+    return [json.loads(l) for l in (Path(out_dir) / "logs" / "train_log.jsonl").read_text().splitlines() if l.strip()]

@@ -1,0 +1,63 @@
+"""Typed configs: YAML + dotted overrides; unknown keys, wrong types and bad values name the key."""
+
+import pytest
+import yaml
+
+from adapt import config
+from adapt.config import ConfigError, RunConfig
+
+
+def _load(*overrides, path=None):
+    return config.load(RunConfig, path, ["data.source=x", *overrides])
+
+
+def test_public_override_keys():
+    cfg = _load("out_dir=o", "model.base=b", "train.max_steps=7", "train.seed=3", "train.batch_size=5",
+                "objective.strength=0.4", "objective.window=continuous", "lora.preset=cross_attn_kv", "lora.rank=16", "lora.alpha=8")
+    assert (cfg.out_dir, cfg.model.base, cfg.train.max_steps, cfg.train.seed, cfg.train.batch_size) == ("o", "b", 7, 3, 5)
+    assert (cfg.objective.strength, cfg.objective.window, cfg.lora.preset, cfg.lora.rank, cfg.lora.alpha) == (0.4, "continuous", "cross_attn_kv", 16, 8.0)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("lora.rnak=4", "unknown config key lora.'rnak'"),
+    ("trian.max_steps=4", "unknown config key 'trian'"),
+    ("train.max_steps=ten", "train.max_steps: expected int"),
+    ("train.max_steps=1.5", "train.max_steps: expected int"),
+    ("objective.strength=0", r"objective.strength: must be in \(0, 1\]"),
+    ("objective.strength=1.5", r"objective.strength: must be in \(0, 1\]"),
+    ("lora.rank=0", "lora.rank: must be > 0"),
+    ("lora.preset=self", "lora.preset: 'self' is not one of"),
+    ("objective.window=sometimes", "objective.window"),
+    ("data.resolution=30", "data.resolution"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("objective.strength=0.01", "visits no timestep"),
+])
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        _load(override)
+
+
+def test_missing_source_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="data.source"):
+        config.load(RunConfig, None, [])
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(RunConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        _load("justakey")
+
+
+def test_yaml_then_overrides_then_dump_roundtrip(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("out_dir: a\ndata: {source: d, resolution: 128}\nlora: {rank: 4}\n")
+    cfg = config.load(RunConfig, p, ["lora.rank=2"])
+    assert cfg.data.resolution == 128 and cfg.lora.rank == 2 and cfg.out_dir == "a"
+    config.dump(cfg, tmp_path / "resolved.yaml")
+    again = config.load(RunConfig, tmp_path / "resolved.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["lora"]["rank"] == 2
+
+
+def test_every_field_has_help():
+    rows = config.describe(RunConfig)
+    assert len(rows) > 40
+    assert all(help_ for _, _, help_ in rows), [k for k, _, h in rows if not h]

@@ -1,0 +1,98 @@
+"""Cross-attention LoRA: targets, audit, saving in diffusers format, exact reload in plain diffusers."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from adapt import lora, model
+
+
+def _randomize(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+
+
+def _out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 32, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([100, 700]), e).sample
+
+
+def test_presets_select_the_right_layers(tiny_base):
+    pipe, _ = model.load_base(str(tiny_base))
+    cross = lora.target_modules(pipe.unet, "cross_attn")
+    kv = lora.target_modules(pipe.unet, "cross_attn_kv")
+    both = lora.target_modules(pipe.unet, "all_attn")
+    assert cross and all(".attn2." in n for n in cross)
+    assert not any(".attn1." in n for n in cross)
+    assert {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0" for n in cross} == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert set(kv) < set(cross) and all(n.endswith(("to_k", "to_v")) for n in kv)
+    assert set(cross) < set(both) and any(".attn1." in n for n in both)
+    # tiny UNet: 4 transformer blocks (down 1, up 2, mid 1) x 4 projections
+    assert (len(cross), len(kv), len(both)) == (16, 8, 32)
+
+
+def test_attach_audit_counts(tiny_base):
+    pipe, _ = model.load_base(str(tiny_base))
+    a = lora.attach(pipe.unet, "cross_attn", rank=4, alpha=2)
+    assert a["num_modules"] == 16 and a["self_attention_modules"] == []
+    # rank 4: sum over layers of 4 * (in + out)
+    expected = sum(4 * (m.in_features + m.out_features) for n, m in pipe.unet.named_modules()
+                   if n in a["modules"] for m in [m.base_layer])
+    assert a["trainable_params"] == expected == 4864
+    assert all(p.dtype == torch.float32 for n, p in pipe.unet.named_parameters() if "lora_" in n)
+
+
+def test_unknown_or_empty_preset_is_refused(tiny_base):
+    pipe, _ = model.load_base(str(tiny_base))
+    with pytest.raises(lora.AdapterError, match="unknown LoRA preset"):
+        lora.attach(pipe.unet, "everything")
+    lin = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(lora.AdapterError, match="matches no Linear"):
+        lora.attach(lin, "cross_attn")
+
+
+def test_save_then_plain_diffusers_load_is_exact(tiny_base, tmp_path):
+    pipe, facts = model.load_base(str(tiny_base))
+    base_out = _out(pipe.unet)
+    lora.attach(pipe.unet, "cross_attn", rank=4, alpha=2)  # alpha != rank: scale 0.5 must survive
+    _randomize(pipe.unet)
+    trained = _out(pipe.unet)
+    assert (trained - base_out).abs().max() > 1e-3
+    lora.save(tmp_path, pipe.unet, {"base": str(tiny_base), "rank": 4, "alpha": 2, "strength": 0.6, "architecture": "sd"})
+    assert (tmp_path / lora.WEIGHTS_NAME).is_file()
+    assert lora.facts(tmp_path)["strength"] == 0.6
+
+    plain = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
+    plain.load_lora_weights(str(tmp_path))
+    assert torch.equal(_out(plain.unet), trained)  # bit-exact, alpha included
+
+    plain.fuse_lora(components=["unet"])
+    assert (_out(plain.unet) - trained).abs().max() <= 1e-6
+
+    ours, _ = model.load_base(str(tiny_base))
+    name = lora.load_into(ours, tmp_path, scale=1.0)
+    assert torch.equal(_out(ours.unet), trained)
+    ours.set_adapters([name], [0.0])
+    assert torch.equal(_out(ours.unet), base_out)  # scale 0 is the base exactly
+
+
+def test_pickle_adapters_are_refused(tmp_path):
+    (tmp_path / "pytorch_lora_weights.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(lora.AdapterError, match="pickle"):
+        lora.weights_path(tmp_path)
+    with pytest.raises(lora.AdapterError, match="pickle"):
+        lora.weights_path(tmp_path / "pytorch_lora_weights.bin")
+
+
+def test_keys_for_another_architecture_fail_loudly(tiny_base, tmp_path):
+    from safetensors.torch import save_file
+    save_file({"unet.down_blocks.9.attentions.0.transformer_blocks.0.attn2.to_q.lora.down.weight": torch.zeros(4, 32),
+               "unet.down_blocks.9.attentions.0.transformer_blocks.0.attn2.to_q.lora.up.weight": torch.zeros(32, 4)},
+              str(tmp_path / lora.WEIGHTS_NAME))
+    pipe, _ = model.load_base(str(tiny_base))
+    with pytest.raises(lora.AdapterError, match="map to no module"):
+        lora.load_into(pipe, tmp_path)

@@ -1,0 +1,134 @@
+"""The recipe end to end on tiny offline models: accelerate launch, pinned losses, resume, DDP, window, bad data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adapt import lora, objective, synth
+from conftest import read_log, run_recipe
+
+CFG = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny_test.yaml")
+
+
+@pytest.fixture(scope="module")
+def sg_folder(tmp_path_factory):
+    return synth.build_imagefolder("sunglasses", tmp_path_factory.mktemp("sg") / "train", n=8, split="train")
+
+
+def _args(base, data, out, *extra):
+    return ["--config", CFG, f"model.base={base}", f"data.source={data}", f"out_dir={out}", *extra]
+
+
+# Per-step losses of tiny_test.yaml on the tiny random base, seed 0, CPU fp32, 1 thread.
+PINNED = [1.1893701553344727, 1.175856113433838, 1.1141904592514038, 1.1298805475234985]
+
+
+def test_recipe_end_to_end_with_accelerate(tiny_base, sg_folder, tmp_path):
+    out = tmp_path / "run"
+    r = run_recipe(_args(tiny_base, sg_folder, out, "validation.source=" + str(sg_folder), "validation.num_images=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [row["loss"] for row in read_log(out)]
+    np.testing.assert_allclose(losses, PINNED, rtol=1e-4)
+    for f in ("pytorch_lora_weights.safetensors", "config.yaml", "README.md", "validation/step_000004.png"):
+        assert (out / f).is_file(), f
+    facts = lora.facts(out)
+    assert facts["strength"] == 0.6 and facts["window"] == "img2img_exact" and facts["steps_trained"] == 4
+    assert facts["rank"] == 4 and facts["alpha"] == 2.0 and len(facts["dataset_fingerprint"]) == 16
+    assert "adapt sample" in (out / "README.md").read_text()
+
+    # The adapter loads in plain diffusers and changes img2img outputs.
+    from diffusers import StableDiffusionImg2ImgPipeline
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_base), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    src = Image.open(sg_folder / "train_000000.png")
+    run = lambda: np.asarray(pipe("a face", image=src, strength=0.6, num_inference_steps=20, guidance_scale=1.0,
+                                  generator=torch.Generator().manual_seed(0)).images[0], float)
+    before = run()
+    pipe.load_lora_weights(str(out))
+    after = run()
+    assert np.abs(after - before).max() > 0
+
+
+def test_resume_reproduces_uninterrupted_losses(tiny_base, sg_folder, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["train.max_steps=6", "train.checkpointing_steps=3", "optim.schedule=cosine", "optim.warmup_steps=2"]
+    r = run_recipe(_args(tiny_base, sg_folder, full, *common), launcher="python")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the same run, killed (SIGKILL) after step 4, i.e. past checkpoint-3, then resumed
+    r = run_recipe(_args(tiny_base, sg_folder, part, *common), launcher="python", env_extra={"ADAPT_FAULT": "sigkill_after_step:4"})
+    assert r.returncode == -9, (r.returncode, r.stderr[-2000:])
+    assert (part / "checkpoint-3" / "state.json").is_file() and not (part / lora.WEIGHTS_NAME).exists()
+    r = run_recipe(_args(tiny_base, sg_folder, part, *common, "train.resume_from_checkpoint=latest"), launcher="python")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 3" in r.stdout
+    a, b = read_log(full), read_log(part)
+    assert [x["step"] for x in b] == list(range(1, 7))
+    np.testing.assert_allclose([x["loss"] for x in b], [x["loss"] for x in a], rtol=0, atol=1e-6)
+    np.testing.assert_allclose([x["lr"] for x in b], [x["lr"] for x in a], rtol=1e-7)
+    ta, _ = lora.read(full)
+    tb, _ = lora.read(part)
+    assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tiny_base, sg_folder, tmp_path):
+    out = tmp_path / "k"
+    common = ["train.max_steps=6", "train.checkpointing_steps=2"]
+    r = run_recipe(_args(tiny_base, sg_folder, out, *common), launcher="python", env_extra={"ADAPT_FAULT": "sigkill_in_checkpoint:4"})
+    assert r.returncode == -9
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2"]
+    assert (out / ".checkpoint-4.tmp").is_dir()  # the half-written one is left aside, never loaded
+    r = run_recipe(_args(tiny_base, sg_folder, out, *common, "train.resume_from_checkpoint=latest"), launcher="python")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 2" in r.stdout and (out / lora.WEIGHTS_NAME).is_file()
+
+
+def test_two_process_ddp(tiny_base, sg_folder, tmp_path):
+    out = tmp_path / "ddp"
+    r = run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=3"), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all 2 ranks hold identical LoRA weights" in r.stdout
+    assert "2 process(es)" in r.stdout
+    assert len(list(out.glob("*.safetensors"))) == 1 and len(read_log(out)) == 3
+
+
+def test_sampled_timesteps_lie_in_window(tiny_base, sg_folder, tmp_path):
+    from diffusers import DDIMScheduler
+    out = tmp_path / "win"
+    r = run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=8", "train.batch_size=4", "objective.strength=0.3"),
+                   launcher="python")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sched = DDIMScheduler.from_pretrained(str(tiny_base), subfolder="scheduler")
+    window = set(objective.window_timesteps(sched, 20, 0.3, "img2img_exact").tolist())
+    drawn = [t for row in read_log(out) for t in row["timesteps"]]
+    assert len(drawn) == 32 and set(drawn) <= window and max(window) == 251 and len(set(drawn)) > 3
+
+
+def test_bad_data_is_reported_and_empty_fails(tiny_base, sg_folder, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(sg_folder, data)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    Image.new("RGB", (64, 64), "red").save(data / "uncaptioned.png")
+    r = run_recipe(_args(tiny_base, data, tmp_path / "o", "train.max_steps=1", "data.default_caption=a face", "data.num_images=null"), launcher="python")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "9 images usable, 1 skipped" in r.stdout and "broken.png" in r.stdout
+    assert "default used" in r.stdout and "uncaptioned.png" in r.stdout
+    report = json.loads((tmp_path / "o" / "logs" / "data_report.json").read_text())
+    assert report["kept"] == 9
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_recipe(_args(tiny_base, empty, tmp_path / "o2", "train.max_steps=1"), launcher="python")
+    assert r.returncode == 2 and "no images found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_out_dir_holding_a_run_is_refused(tiny_base, sg_folder, tmp_path):
+    out = tmp_path / "o"
+    assert run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python").returncode == 0
+    r = run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python")
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    assert run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=1", "train.overwrite=true"), launcher="python").returncode == 0
