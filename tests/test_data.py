@@ -1,0 +1,146 @@
+"""The bad-input corpus: every kind is either converted correctly or skipped with its name and a count."""
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adapt import cache, data
+from adapt.tiny import build_tokenizer
+
+
+def _png_with_declared_size(w, h) -> bytes:
+    """A tiny PNG file whose header declares w x h pixels (a decompression bomb's signature)."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def _bytes(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    """Write every bad-input kind into one imagefolder; returns (folder, expectations)."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    ok = Image.new("RGB", (64, 64), (10, 200, 30))
+    files = {
+        "zero.png": b"",
+        "trunc.png": _bytes(ok, "PNG")[:60],
+        "trunc.jpg": _bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")[:400],
+        "text.png": b"hello, I am not an image\n",
+        "gray.png": _bytes(Image.new("L", (64, 64), 77), "PNG"),
+        "la.png": _bytes(Image.new("LA", (64, 64), (0, 0)), "PNG"),
+        "rgba.png": _bytes(Image.new("RGBA", (64, 64), (255, 0, 0, 0)), "PNG"),
+        "cmyk.jpg": _bytes(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=100),
+        "sixteen.png": _bytes(Image.fromarray(np.full((64, 64), 65535, dtype=np.uint16)), "PNG"),
+        "palette.png": _bytes(ok.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "tiny8.png": _bytes(Image.new("RGB", (8, 8), "blue"), "PNG"),
+        "bomb.png": _png_with_declared_size(100_000, 100_000),
+        "good.png": _bytes(ok, "PNG"),
+        "nocaption.png": _bytes(ok, "PNG"),
+        "badutf8.png": _bytes(ok, "PNG"),
+        "longcap.png": _bytes(ok, "PNG"),
+        "dup.png": _bytes(ok, "PNG"),
+    }
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    rot = Image.new("RGB", (96, 64), "white")
+    rot.paste((255, 0, 0), (0, 0, 48, 64))  # left half red
+    files["exif.jpg"] = _bytes(rot, "JPEG", exif=exif.tobytes(), quality=95)
+    for name, payload in files.items():
+        (d / name).write_bytes(payload)
+    (tmp_path / "outside.png").write_bytes(_bytes(ok, "PNG"))
+    lines = [json.dumps({"file_name": n, "text": f"caption of {n}"}) for n in files if n not in ("nocaption.png", "badutf8.png", "longcap.png")]
+    lines.append(json.dumps({"file_name": "nocaption.png"}))
+    lines.append(b'{"file_name": "badutf8.png", "text": "caf\xe9 \xff"}'.decode("latin-1"))
+    lines.append(json.dumps({"file_name": "longcap.png", "text": "a face " * 100}))
+    lines.append(json.dumps({"file_name": "../outside.png", "text": "escape"}))
+    lines.append(json.dumps({"file_name": str(tmp_path / "outside.png"), "text": "absolute"}))
+    lines.append(json.dumps({"file_name": "dup.png", "text": "second row for dup"}))
+    lines.append("{this is not json")
+    raw = "\n".join(lines).encode("latin-1")
+    (d / "metadata.jsonl").write_bytes(raw)
+    return d
+
+
+def test_bad_input_corpus(corpus, capsys):
+    records, report = data.read_records(str(corpus), default_caption="a photo")
+    pixels, kept = data.load_images(records, 64, report)
+    names = {r.name for r in kept}
+    skipped = {n.split(" ")[0] for v in report.skipped.values() for n in v}
+    # skipped, each with its name
+    for n in ("zero.png", "trunc.png", "trunc.jpg", "text.png", "tiny8.png", "bomb.png"):
+        assert n in skipped and n not in names, n
+    for where in ("metadata.jsonl:", ):
+        assert any(s.startswith(where) for s in skipped)
+    assert any("outside the dataset folder" in k for k in report.skipped) and len(report.skipped[next(k for k in report.skipped if "outside" in k)]) == 2
+    assert any("duplicate file_name" in k for k in report.skipped)
+    assert any("not JSON" in k for k in report.skipped)
+    # converted, with the right pixels
+    px = {r.name: ((p.permute(1, 2, 0).numpy() + 1) * 127.5).round() for r, p in zip(kept, pixels)}
+    assert np.allclose(px["gray.png"], 77)
+    assert np.allclose(px["la.png"], 255) and np.allclose(px["rgba.png"], 255)  # transparent -> white
+    assert px["cmyk.jpg"][..., 0].mean() > 200 and px["cmyk.jpg"][..., 1:].mean() < 40  # CMYK red -> RGB red
+    assert np.allclose(px["sixteen.png"], 255)  # 16-bit max -> 8-bit max, not clipped garbage
+    assert np.allclose(px["palette.png"], px["good.png"], atol=2)
+    e = px["exif.jpg"]  # rotated 90° cw: the red half is now on top
+    assert e[:20, :, 0].mean() > 200 and e[:20, :, 1].mean() < 60 and e[-20:, :, 1].mean() > 200
+    caps = {r.name: r.caption for r in kept}
+    assert caps["nocaption.png"] == "a photo" and "nocaption.png" in sum(report.notes.values(), [])
+    assert "\ufffd" in caps["badutf8.png"]
+    assert caps["dup.png"] == "caption of dup.png"  # first row kept
+    assert report.kept == len(kept) == 12 and report.num_skipped == 10  # 6 files + 4 metadata rows
+    # captions over the tokenizer limit are counted (and truncated by the tokenizer)
+    tok = build_tokenizer(["a", "face"], max_length=32)
+    long_idx = cache.count_truncated(tok, [r.caption for r in kept])
+    assert [kept[i].name for i in long_idx] == ["longcap.png"]
+    s = report.summary()
+    assert "12 images usable, 10 skipped" in s and "bomb.png" in s
+
+
+def test_bomb_does_not_allocate(tmp_path):
+    import resource
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_png_with_declared_size(200_000, 200_000))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="bomb"):
+        data.open_image(p)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # < 200 MB growth (KiB units)
+
+
+def test_empty_and_missing_folders(tmp_path):
+    with pytest.raises(data.DataError, match="no images found"):
+        data.load(str(tmp_path), 64)
+    with pytest.raises(data.DataError, match="not found"):
+        data.load(str(tmp_path / "missing" / "x"), 64)
+    (tmp_path / "only_bad.png").write_bytes(b"")
+    with pytest.raises(data.DataError, match="(?s)no usable images.*only_bad.png"):
+        data.load(str(tmp_path), 64)
+
+
+def test_sidecar_captions_and_fit(tmp_path):
+    Image.new("RGB", (128, 64), "red").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red thing\n")
+    pixels, recs, rep = data.load(str(tmp_path), 32)
+    assert recs[0].caption == "a red thing" and pixels.shape == (1, 3, 32, 32)
+
+
+def test_definition_builds_once_and_fingerprints(tmp_path):
+    from conftest import ROOT
+    src = str(ROOT / "datasets" / "synth_sunglasses")
+    p1, r1, _ = data.load(src, 64, split="train", num_images=4, cache_dir=tmp_path)
+    p2, r2, _ = data.load(src, 64, split="train", num_images=4, cache_dir=tmp_path)
+    assert data.fingerprint(r1, p1) == data.fingerprint(r2, p2)
+    p3, r3, _ = data.load(src, 64, split="eval", num_images=4, cache_dir=tmp_path)
+    assert not set(data.image_fingerprints(p1)) & set(data.image_fingerprints(p3))
+    assert all(r.caption.endswith("wearing sunglasses") for r in r1)
