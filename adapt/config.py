@@ -182,6 +182,38 @@ class PretrainConfig:
     num_threads: int = opt(1, "torch threads (1 is fastest on a loaded 2-core machine)")
 
 
+@dataclass
+class EvalConfig:
+    adapter: str = opt("", "trained adapter folder or .safetensors")
+    base: Optional[str] = opt(None, "base model; None = the base stored in the adapter")
+    source: str = opt("datasets/synth_faces", "held-out source images (same forms as data.source)")
+    source_split: str = opt("eval", "split of the source set")
+    num_images: int = opt(32, "source images evaluated")
+    target: str = opt("datasets/synth_sunglasses", "real target-domain images (KID reference)")
+    target_split: str = opt("eval", "split of the target set")
+    num_target: int = opt(64, "real target images for KID")
+    classifier_split: str = opt("classifier", "split of source and target used to train the domain classifier")
+    classifier_images: int = opt(256, "images per domain for the classifier (20% held out)")
+    prompt: str = opt("{caption}", "img2img prompt; '{caption}' is each source image's caption")
+    strengths: list = opt([0.2, 0.4, 0.6, 0.8], "img2img strengths swept")
+    scales: list = opt([0.0, 0.5, 1.0], "adapter scales swept; 0 is the base model (the control)")
+    seeds: int = opt(3, "noise seeds per image")
+    steps: Optional[int] = opt(None, "inference steps; None = the adapter's")
+    scheduler: Optional[str] = opt(None, "sampling scheduler; None = the adapter's")
+    guidance: float = opt(1.0, "classifier-free guidance scale")
+    preservation_threshold: float = opt(0.9, "rule for the recommended strength: min SSIM (outside the mask when one exists)")
+    min_classifier_accuracy: float = opt(0.95, "below this held-out accuracy the report is refused as unreliable")
+    batch_size: int = opt(32, "img2img batch size")
+    out: str = opt("runs/eval", "output folder")
+
+    def __post_init__(self):
+        _check(all(0 < float(s) <= 1 for s in self.strengths) and len(self.strengths) > 0, "strengths", f"each must be in (0, 1], got {self.strengths}")
+        _check(all(float(s) >= 0 for s in self.scales) and len(self.scales) > 0, "scales", f"must be >= 0, got {self.scales}")
+        _check(self.seeds > 0 and self.num_images > 1 and self.num_target > 1, "seeds/num_images/num_target", "must be positive (images >= 2)")
+        self.strengths = sorted(float(s) for s in self.strengths)
+        self.scales = sorted(float(s) for s in self.scales)
+
+
 # ---------------------------------------------------------------- loading machinery
 
 def _hints(cls) -> dict:

@@ -154,6 +154,14 @@ def eye_mask(face: Face, size: int = 64, margin: float = 1.0) -> np.ndarray:
     return m
 
 
+def lens_mask(face: Face, size: int = 64) -> np.ndarray:
+    """Boolean mask of the two lens boxes (where the lenses of a target image are)."""
+    m = np.zeros((size, size), dtype=bool)
+    for x0, y0, x1, y1 in face.eye_boxes:
+        m[int(np.ceil(y0)):int(np.floor(y1)), int(np.ceil(x0)):int(np.floor(x1))] = True
+    return m
+
+
 def skin_mask(face: Face, size: int = 64) -> np.ndarray:
     """Boolean mask of bare cheek skin: below the eye band, above the mouth, inside the face."""
     x0, y0, x1, y1 = face.face_box

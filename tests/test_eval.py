@@ -1,0 +1,114 @@
+"""Evaluation: metrics on known cases, the domain classifier, and the sweep end to end on the tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adapt import classifier, config, evaluate, lora, metrics, model, synth
+
+
+def test_preservation_metrics_known_cases():
+    rng = np.random.default_rng(0)
+    a = rng.random((64, 64, 3))
+    assert metrics.ssim(a, a) == pytest.approx(1.0)
+    assert metrics.psnr(a, a) == metrics.PSNR_CAP and metrics.mse(a, a) == 0
+    b = np.clip(a + 0.1, 0, 1)
+    assert metrics.psnr(a, np.clip(a + 0.1, 0, 1)) < 25
+    assert metrics.ssim(a, rng.random((64, 64, 3))) < 0.1
+    mask = np.zeros((64, 64), bool)
+    mask[:32] = True
+    c = a.copy()
+    c[32:] = 0  # change only outside the mask
+    assert metrics.ssim(a, c, mask[..., None].repeat(1, -1)[..., 0]) > metrics.ssim(a, c)
+    assert metrics.psnr(a, c, mask) == metrics.PSNR_CAP
+    assert metrics.mse(np.zeros((2, 2, 3)), np.ones((2, 2, 3))) == 1.0 and metrics.psnr(np.zeros((2, 2, 3)), np.ones((2, 2, 3))) == 0.0
+
+
+def test_kid_known_cases():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 16))
+    same, _ = metrics.kid(x, x.copy(), subset_size=100)
+    other, _ = metrics.kid(x, rng.normal(loc=3.0, size=(200, 16)), subset_size=100)
+    fresh, _ = metrics.kid(x, rng.normal(size=(200, 16)), subset_size=100)
+    assert other > 10 and abs(same) < 0.01 * other and abs(fresh) < 0.01 * other  # unbiased: ≈ 0, may dip below
+    with pytest.raises(ValueError):
+        metrics.kid(x[:1], x)
+
+
+def test_spearman_and_bootstrap():
+    assert metrics.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert metrics.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert metrics.spearman([1, 2, 3], [5, 5, 5]) == 0.0
+    lo, hi = metrics.bootstrap_ci(np.r_[np.zeros(50), np.ones(50)])
+    assert 0.35 < lo < 0.5 < hi < 0.65
+    per = np.stack([np.full(20, s) + np.random.default_rng(1).normal(0, 0.01, 20) for s in (0.1, 0.5, 0.9)])
+    rho, ci = metrics.spearman_ci(np.array([0.2, 0.4, 0.6]), per)
+    assert rho > 0.8 and ci[0] > 0
+
+
+def test_lens_detector_on_real_pairs_and_global_lightening():
+    scores_src, scores_tgt, lightened = [], [], []
+    for i in range(40):
+        a, _, f = synth.make("faces", "eval", i)
+        b, _, _ = synth.make("sunglasses", "eval", i)
+        A, B = np.asarray(a, float) / 255, np.asarray(b, float) / 255
+        lm, sm = synth.lens_mask(f), synth.skin_mask(f)
+        scores_src.append(metrics.lens_darkening(A, A, lm, sm))
+        scores_tgt.append(metrics.lens_darkening(B, A, lm, sm))
+        lightened.append(metrics.lens_darkening(np.clip(A * 1.3, 0, 1), A, lm, sm))  # whole face lighter
+    assert max(scores_src) < metrics.SUNGLASSES_THRESHOLD < min(scores_tgt)
+    assert max(lightened) < metrics.SUNGLASSES_THRESHOLD  # lightening the skin cannot fake sunglasses
+
+
+def test_classifier_learns_the_synthetic_domains_quickly():
+    def load(domain, n):
+        return torch.from_numpy(np.stack([np.asarray(synth.make(domain, "classifier", i)[0]) for i in range(n)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    clf = classifier.train(load("faces", 128), load("sunglasses", 128), epochs=12)
+    assert clf.accuracy >= 0.95
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ad")
+    pipe, _ = model.load_base(str(tiny_base))
+    lora.attach(pipe.unet, "cross_attn", rank=4)
+    for n, p in pipe.unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    lora.save(out, pipe.unet, {"base": str(tiny_base), "strength": 0.5, "inference_steps": 10, "scheduler": "ddim", "architecture": "sd"})
+    return out
+
+
+def _cfg(adapter, out, **kw):
+    base = dict(adapter=str(adapter), num_images=4, num_target=8, classifier_images=32, seeds=2, strengths=[0.3, 0.7],
+                scales=[0.0, 1.0], out=str(out), min_classifier_accuracy=0.0)
+    base.update(kw)
+    return config.load(config.EvalConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+def test_sweep_end_to_end_writes_every_file(adapter, tmp_path):
+    report = evaluate.run(_cfg(adapter, tmp_path), progress=False, log=lambda m: None)
+    for f in ("report.json", "report.csv", "curves.png", "pareto.png", "grid.png", "summary.md"):
+        assert (tmp_path / f).is_file(), f
+    saved = json.loads((tmp_path / "report.json").read_text())
+    evaluate.validate_report(saved)
+    assert saved["status"] == "ok" and len(saved["rows"]) == 4
+    assert {(r["strength"], r["scale"]) for r in saved["rows"]} == {(0.3, 0.0), (0.3, 1.0), (0.7, 0.0), (0.7, 1.0)}
+    row = saved["rows"][0]
+    assert "preservation_ssim_outside_mask" in row and row["n_outputs"] == 8
+    assert saved["optional_metrics"]["lpips"] == "not computed: weights unavailable"
+    assert all(r["delta_vs_base"]["target_reach"] == 0 for r in saved["rows"] if r["scale"] == 0)
+    assert "Recommended" in (tmp_path / "summary.md").read_text()
+    # deterministic on CPU with fixed seeds
+    again = evaluate.run(_cfg(adapter, tmp_path / "again"), progress=False, log=lambda m: None)
+    assert [r["preservation_ssim"] for r in again["rows"]] == [r["preservation_ssim"] for r in report["rows"]]
+    with pytest.raises(ValueError, match="rows"):
+        evaluate.validate_report({**saved, "rows": "nope"})
+
+
+def test_unreliable_classifier_refuses_the_report(adapter, tmp_path):
+    report = evaluate.run(_cfg(adapter, tmp_path, min_classifier_accuracy=1.01), progress=False, log=lambda m: None)
+    assert report["status"] == "refused" and "unreliable" in report["reason"]
+    assert "refused" in (tmp_path / "summary.md").read_text()
