@@ -216,6 +216,9 @@ class EvalConfig:
 
 # ---------------------------------------------------------------- loading machinery
 
+_SCI = __import__("re").compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -247,6 +250,8 @@ def _coerce(value, tp, key: str):
         return _build(tp, value, key + ".")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _SCI.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; it is meant as a number
     if tp is list and isinstance(value, (list, tuple)):
         return list(value)
     if tp in (int, float, str, bool, list, dict) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):

@@ -185,6 +185,7 @@ def main(argv=None) -> int:
         if validator and cfg.validation.steps and (step + 1) % cfg.validation.steps == 0:
             validator(step + 1)
         _fault("sigkill_after_step", step + 1)
+        _fault(f"raise_on_rank{rank}_at_step", step + 1)
     train_s = time.time() - t_loop
     # DDP keeps ranks in lockstep; prove it: every rank's LoRA weights must have the same checksum.
     checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(acc.device)
@@ -272,6 +273,8 @@ def _fault(point: str, step: int):
     import os
     import signal
     if os.environ.get("ADAPT_FAULT") == f"{point}:{step}":
+        if point.startswith("raise"):
+            raise RuntimeError(f"injected fault {point}:{step}")
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -57,6 +57,12 @@ def test_yaml_then_overrides_then_dump_roundtrip(tmp_path):
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["lora"]["rank"] == 2
 
 
+def test_scientific_notation_without_dot_is_a_float():
+    assert _load("optim.lr=1e-4").optim.lr == 1e-4
+    with pytest.raises(ConfigError, match="optim.lr: expected float"):
+        _load("optim.lr=fast")
+
+
 def test_every_field_has_help():
     rows = config.describe(RunConfig)
     assert len(rows) > 40
