@@ -87,3 +87,34 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, prediction_type: str = "
     pipe = StableDiffusionPipeline(**build_tiny_components(seed, prediction_type))
     pipe.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+def build_tiny_sdxl_components(seed: int = 0) -> dict:
+    """Random-weight components of a tiny SDXL-style pipeline: two text encoders, pooled embeddings, time ids."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    tok = build_tokenizer(TINY_WORDS, max_length=32)
+    tok2 = build_tokenizer(TINY_WORDS, max_length=32)
+    common = dict(vocab_size=len(tok), intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.13025)
+    unet = UNet2DConditionModel(  # cross_attention_dim = 32 + 32 (both encoders' hidden states concatenated)
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, transformer_layers_per_block=1)
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, scheduler=scheduler)
+
+
+def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0) -> Path:
+    from diffusers import StableDiffusionXLPipeline
+    StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed)).save_pretrained(path, safe_serialization=True)
+    return Path(path)

@@ -1,0 +1,69 @@
+"""kohya/WebUI format: export, diffusers' own kohya loader, and import give identical outputs."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+
+from adapt import export, lora, model
+
+
+def _out(unet):
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 32, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([100, 700]), e).sample
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ad")
+    pipe, _ = model.load_base(str(tiny_base))
+    lora.attach(pipe.unet, "cross_attn", rank=4, alpha=2)  # scale 0.5 must survive every hop
+    g = torch.Generator().manual_seed(0)
+    for n, p in pipe.unet.named_parameters():
+        if "lora_" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    lora.save(out, pipe.unet, {"base": str(tiny_base), "architecture": "sd", "strength": 0.5})
+    return out, _out(pipe.unet)
+
+
+def test_kohya_keys_and_alpha(trained, tmp_path):
+    ad, _ = trained
+    f = export.to_kohya(ad, tmp_path / "k.safetensors")
+    with safe_open(str(f), "pt") as h:
+        keys = list(h.keys())
+        alpha = h.get_tensor(next(k for k in keys if k.endswith(".alpha")))
+    assert all(k.startswith("lora_unet_") for k in keys) and len(keys) == 16 * 3
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_down.weight" in keys
+    assert float(alpha) == 2.0
+
+
+def test_roundtrip_through_diffusers_kohya_loader_is_exact(trained, tiny_base, tmp_path):
+    ad, want = trained
+    f = export.to_kohya(ad, tmp_path / "k.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
+    pipe.load_lora_weights(str(f))  # diffusers' own kohya conversion path
+    assert (_out(pipe.unet) - want).abs().max() <= 1e-5
+    back = export.from_kohya(f, tmp_path / "imported")
+    ours, _ = model.load_base(str(tiny_base))
+    lora.load_into(ours, back.parent)
+    assert (_out(ours.unet) - want).abs().max() <= 1e-5
+
+
+def test_sdxl_names_map_both_ways():
+    for path in ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q", "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0",
+                 "up_blocks.0.attentions.2.transformer_blocks.3.attn2.to_v", "mid_block.attentions.0.transformer_blocks.5.attn2.to_k"]:
+        sgm = export.sdxl_to_sgm(path)
+        assert export.kohya_to_module("lora_unet_" + sgm.replace(".", "_"), "sdxl") == path
+    assert export.sdxl_to_sgm("down_blocks.1.attentions.0.x") == "input_blocks.4.1.x"
+    assert export.sdxl_to_sgm("up_blocks.0.attentions.0.x") == "output_blocks.0.1.x"
+
+
+def test_missing_alpha_is_refused(tiny_base, tmp_path):
+    from safetensors.torch import save_file
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.lora.down.weight": torch.zeros(4, 32),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.lora.up.weight": torch.zeros(32, 4)},
+              str(tmp_path / lora.WEIGHTS_NAME))
+    with pytest.raises(lora.AdapterError, match="lora_alpha"):
+        export.to_kohya(tmp_path, tmp_path / "k.safetensors")
