@@ -227,7 +227,7 @@ def read_definition(folder: Path, split: str, num_images: int | None, cache_dir:
         return read_hub(spec["id"], split, spec.get("image_column", "image"), spec.get("caption_column", "text"),
                         spec.get("default_caption", ""), report)
     if builder == "folder":
-        return read_folder(folder / spec["path"], spec.get("caption_column", "text"), spec.get("default_caption", ""), report)
+        return read_folder(folder / spec["path"].format(split=split), spec.get("caption_column", "text"), spec.get("default_caption", ""), report)
     raise DataError(f"{folder / 'dataset.yaml'}: unknown builder {builder!r} (expected synth, hub or folder)")
 
 

@@ -34,6 +34,21 @@ class TrainData:
         return len(self.caption_index)
 
 
+def build(pipe, facts, captions: list[str], window: torch.Tensor, post: dict | None, pixels: torch.Tensor,
+          resolution: int, device="cpu") -> TrainData:
+    """TrainData for a pipeline: one embedding per unique caption plus the empty prompt (last row).
+
+    With `post` (cached posteriors) steps sample latents from it; without, steps encode `pixels`.
+    """
+    uniq = sorted(set(captions))
+    enc = cache.encode_prompts(pipe, uniq + [""], device=device)
+    prompts = {k: v[enc["index"]] for k, v in enc.items() if k != "index"}  # rows in uniq + [""] order
+    return TrainData(captions=captions, caption_index=torch.tensor([uniq.index(c) for c in captions]), emb=prompts["emb"],
+                     window=window, alphas_cumprod=pipe.scheduler.alphas_cumprod, scaling_factor=facts.scaling_factor,
+                     shift_factor=facts.shift_factor, prediction_type=facts.prediction_type, post=post,
+                     pixels=None if post is not None else pixels, pooled=prompts.get("pooled"), resolution=resolution)
+
+
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 97 + micro) * 131 + rank)
 

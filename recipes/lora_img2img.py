@@ -92,21 +92,13 @@ def main(argv=None) -> int:
         f"std {_r(stats['channel_std'])}, overall std {stats['overall_std']:.3f}")
     if warning := cache.check_stats(stats):
         say("WARNING: " + warning)
-    uniq = sorted(set(captions))
-    enc = cache.encode_prompts(pipe, uniq + [""], device=acc.device)  # last row: empty prompt (caption dropout)
-    prompts = {k: v[enc["index"]] for k, v in enc.items() if k != "index"}  # rows in uniq + [""] order
-    caption_index = torch.tensor([uniq.index(c) for c in captions])
 
     # 4. The strength window: the timesteps img2img at this strength visits.
     sampler = sample.make_scheduler(pipe.scheduler, cfg.objective.scheduler)
     window = objective.window_timesteps(sampler, cfg.objective.inference_steps, cfg.objective.strength, cfg.objective.window)
     say(f"window {cfg.objective.window} at strength {cfg.objective.strength} ({cfg.objective.scheduler}, "
         f"{cfg.objective.inference_steps} steps): {len(window)} timesteps in [{int(window.min())}, {int(window.max())}]")
-    td = trainstep.TrainData(captions=captions, caption_index=caption_index, emb=prompts["emb"], window=window,
-                             alphas_cumprod=pipe.scheduler.alphas_cumprod, scaling_factor=facts.scaling_factor,
-                             shift_factor=facts.shift_factor, prediction_type=facts.prediction_type,
-                             post=post if cfg.data.cache else None, pixels=None if cfg.data.cache else pixels,
-                             pooled=prompts.get("pooled"), resolution=cfg.data.resolution)
+    td = trainstep.build(pipe, facts, captions, window, post if cfg.data.cache else None, pixels, cfg.data.resolution, acc.device)
 
     # 5. LoRA on the UNet (cross-attention by default); everything else stays frozen.
     pipe.vae.requires_grad_(False)

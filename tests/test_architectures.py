@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from adapt import export, lora, objective, trainstep
 from conftest import run_recipe, ROOT
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = Path(__file__).resolve().parents[1] / "adapt" / "archs"
 EXPECTED = {  # (modules, trainable params at rank 4) for cross_attn; published counts for SD1.5 and SDXL
     "sd15": (64, 397_824), "sd21": (64, 430_592), "sdxl": (280, 3_143_680)}
 

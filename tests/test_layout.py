@@ -39,6 +39,6 @@ def test_shipped_configs_validate(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), f"{path.name} must start with a comment giving its launch command"
     assert "launch" in path.read_text().split("\n\n")[0].lower() or "Launch" in path.read_text()
-    cls = config.PretrainConfig if path.name.startswith("pretrain") else config.RunConfig
+    cls = config.PretrainConfig if path.name.startswith("pretrain") else config.EvalConfig if path.stem.endswith("_eval") else config.RunConfig
     cfg = config.load(cls, path)
     assert cfg is not None

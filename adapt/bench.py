@@ -1,0 +1,279 @@
+"""`adapt bench`: training and sampling throughput, compute efficiency, memory, and the levers tried.
+
+Every case runs in its own subprocess (peak RSS is per process), with an explicit thread count, and
+reports the median of >= 10 timed steps after warm-up. Compute efficiency = FLOPs of one step
+(torch.utils.flop_counter, forward + backward) / step time, divided by a dense fp32 torch.mm rate
+measured in the same process at the same thread count. Compare only ratios within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CASES = {
+    # name: (arch, latent side, batch, cache, extra)
+    "train-tiny-cache": ("tiny", None, 8, True, {}),
+    "train-tiny-nocache": ("tiny", None, 8, False, {}),
+    "train-sd15-8-cache": ("sd15", 8, 4, True, {}),
+    "train-sd15-8-nocache": ("sd15", 8, 4, False, {}),
+    "train-sd15-32-cache": ("sd15", 32, 1, True, {}),
+    "train-sd15-32-nocache": ("sd15", 32, 1, False, {}),
+    "train-sd15-32-cache-gc": ("sd15", 32, 1, True, {"gradient_checkpointing": True}),
+    "train-tiny-cache-gc": ("tiny", None, 8, True, {"gradient_checkpointing": True}),
+    "train-sd15-8-cache-gc": ("sd15", 8, 4, True, {"gradient_checkpointing": True}),
+    # levers on the SD1.5 32x32 cached step
+    "lever-classic-attention": ("sd15", 32, 1, True, {"attn": "classic"}),
+    "lever-channels-last": ("sd15", 32, 1, True, {"channels_last": True}),
+    "lever-adamw-forloop": ("sd15", 32, 1, True, {"adamw": "forloop"}),
+    "lever-adamw-fused": ("sd15", 32, 1, True, {"adamw": "fused"}),
+    "lever-compile": ("sd15", 32, 1, True, {"compile": True}),
+    "sample-tiny": ("tiny", None, 1, True, {"sample": True}),
+    "sample-sd15-8": ("sd15", 8, 1, True, {"sample": True}),
+}
+QUICK = ["train-tiny-cache", "train-tiny-nocache", "train-tiny-cache-gc", "sample-tiny"]
+
+
+def matmul_rate(n: int = 1024, reps: int = 20) -> float:
+    """Dense fp32 torch.mm FLOP/s at the current thread count (best of `reps`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _pipeline(arch: str):
+    from adapt import model
+    if arch == "sd15":
+        from adapt.archs import build_sd15_pipeline
+        from adapt.model import facts_of
+        pipe = build_sd15_pipeline()
+        return pipe, facts_of(pipe, "sd15-random", "sd15-random")
+    try:
+        return model.load_base("tiny-faces")
+    except model.ModelError:  # a checkout without the embedded base: the tiny random pipeline
+        import tempfile
+        from adapt.tiny import save_tiny_pipeline
+        return model.load_base(str(save_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny")))
+
+
+def _images(n: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    import numpy as np
+    from PIL import Image
+    from adapt import synth
+    imgs, caps = [], []
+    for i in range(n):
+        img, cap, _ = synth.make("sunglasses", "train", i)
+        imgs.append(np.asarray(img.resize((size, size), Image.BICUBIC)))
+        caps.append(cap)
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1, caps
+
+
+def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+    from adapt import cache, lora, objective, sample, trainstep
+    arch, side, batch, use_cache, extra = CASES[name]
+    pipe, facts = _pipeline(arch)
+    size = (side or pipe.unet.config.sample_size) * facts.vae_factor
+    pixels, caps = _images(16, size)
+    unet = pipe.unet
+    if extra.get("attn") == "classic":
+        from diffusers.models.attention_processor import AttnProcessor
+        unet.set_attn_processor(AttnProcessor())
+    lora.attach(unet, "cross_attn", rank=8)
+    if extra.get("gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
+    if extra.get("channels_last"):
+        unet.to(memory_format=torch.channels_last)
+    window = objective.window_timesteps(sample.make_scheduler(pipe.scheduler, "ddim"), 50, 0.6, "img2img_exact")
+    post = cache.encode_posteriors(pipe.vae, pixels, batch_size=4) if use_cache else None
+    td = trainstep.build(pipe, facts, caps, window, post, pixels, size)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    kind = extra.get("adamw", "foreach")
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=kind == "foreach", fused=kind == "fused" or None)
+    fwd = torch.compile(unet) if extra.get("compile") else unet
+    unet.train()
+
+    def step(i: int):
+        b = trainstep.draw(td, batch, trainstep.step_generator(0, i), pipe=pipe)
+        loss = trainstep.forward_loss(fwd, b, td).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t_compile = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    t_compile = time.perf_counter() - t_compile
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        step(warmup + i)
+        times.append(time.perf_counter() - t)
+    step_s = sorted(times)[len(times) // 2]
+    with FlopCounterMode(display=False) as fc:
+        step(10_000)
+    flops = fc.get_total_flops()
+    rate = matmul_rate(2048 if torch.get_num_threads() > 1 else 1024)
+    return {"name": name, "kind": "train", "arch": arch, "latent": side or pipe.unet.config.sample_size, "batch": batch,
+            "cache": use_cache, **{k: v for k, v in extra.items()}, "samples_per_s": batch / step_s, "step_s": step_s,
+            "warmup_s": t_compile, "peak_rss_mb": peak_rss_mb(), "flops_per_step": flops, "achieved_flops": flops / step_s,
+            "matmul_flops": rate, "matmul_fraction": flops / step_s / rate}
+
+
+def sample_case(name: str, reps: int = 3) -> list[dict]:
+    from adapt import lora, sample
+    arch, side, _, _, _ = CASES[name]
+    pipe, facts = _pipeline(arch)
+    size = (side or pipe.unet.config.sample_size) * facts.vae_factor
+    pixels, caps = _images(1, size)
+    from PIL import Image
+    src = Image.fromarray(((pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype("uint8"))
+    steps = 20
+
+    def timed(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2], out
+
+    rows, outs = [], {}
+    variants = ["base", "unfused", "fused"]
+    for v in variants:
+        if v == "unfused":
+            lora.attach(pipe.unet, "cross_attn", rank=8)
+            g = torch.Generator().manual_seed(0)
+            for n, p in pipe.unet.named_parameters():
+                if "lora_B" in n:
+                    p.data = torch.randn(p.shape, generator=g) * 0.01
+        if v == "fused":
+            pipe.unet.fuse_lora(lora_scale=1.0)
+        for mode in ("txt2img", "img2img"):
+            fn = (lambda: sample.txt2img(pipe, caps[0], 1, steps, 1.0, 0, size=size)) if mode == "txt2img" else \
+                 (lambda: sample.img2img(pipe, [src], caps[0], 0.5, steps, 1.0, 0))
+            s, out = timed(fn)
+            outs[(v, mode)] = torch.tensor(list(out[0].getdata()), dtype=torch.float32)
+            rows.append({"name": f"{name}-{mode}-{v}", "kind": "sample", "arch": arch, "image_s": s, "steps": steps,
+                         "samples_per_s": 1 / s, "step_s": s / steps, "peak_rss_mb": peak_rss_mb()})
+    for r in rows:
+        base = next(b for b in rows if b["name"] == r["name"].rsplit("-", 1)[0] + "-base")
+        r["overhead_vs_base"] = r["image_s"] / base["image_s"] - 1
+    for mode in ("txt2img", "img2img"):  # fused must equal unfused (8-bit images: identical or off by 1 level)
+        d = (outs[("fused", mode)] - outs[("unfused", mode)]).abs().max().item()
+        next(r for r in rows if r["name"].endswith(f"{mode}-fused"))["max_abs_diff_vs_unfused_0_255"] = d
+    return rows
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import diffusers
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version()}
+
+
+def run(cases: list[str], threads: int, out: str | None) -> dict:
+    results = []
+    for c in cases:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        t = time.time()
+        r = subprocess.run([sys.executable, "-m", "adapt.bench", "--case", c, "--threads", str(threads)], env=env,
+                           capture_output=True, text=True)
+        lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+        if r.returncode != 0 or not lines:
+            results.append({"name": c, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
+        for l in lines:
+            results.append(json.loads(l))
+        print(f"  {c}: {time.time() - t:.0f}s", file=sys.stderr)
+    torch.set_num_threads(threads)
+    report = {"machine": machine(), "results": results}
+    _speedups(report)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
+    print(table(report))
+    return report
+
+
+def _speedups(report: dict) -> None:
+    by = {r["name"]: r for r in report["results"]}
+    for name, r in by.items():
+        if name.endswith("-cache") and name.replace("-cache", "-nocache") in by and "step_s" in by[name.replace("-cache", "-nocache")]:
+            r["speedup_vs_nocache"] = by[name.replace("-cache", "-nocache")]["step_s"] / r["step_s"]
+        if name.startswith("lever-") and "step_s" in r and "train-sd15-32-cache" in by:
+            r["speedup_vs_default"] = by["train-sd15-32-cache"]["step_s"] / r["step_s"]
+
+
+def table(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"{m['cpu']} | {m['threads']} thread(s) | torch {m['torch']}", "",
+             f"{'case':32s} {'samples/s':>10s} {'step s':>9s} {'peak MB':>8s} {'GFLOP/step':>11s} {'mm frac':>8s}  notes"]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"{r['name']:32s} ERROR {r['error']}")
+            continue
+        notes = []
+        for k in ("speedup_vs_nocache", "speedup_vs_default", "overhead_vs_base", "max_abs_diff_vs_unfused_0_255", "image_s"):
+            if k in r:
+                notes.append(f"{k}={r[k]:.3f}")
+        gf = f"{r['flops_per_step'] / 1e9:11.2f}" if "flops_per_step" in r else " " * 11
+        fr = f"{r['matmul_fraction']:8.3f}" if "matmul_fraction" in r else " " * 8
+        lines.append(f"{r['name']:32s} {r['samples_per_s']:10.2f} {r['step_s']:9.4f} {r['peak_rss_mb']:8.0f} {gf} {fr}  {' '.join(notes)}")
+    return "\n".join(lines)
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="training/sampling throughput, FLOP efficiency and memory; prints a table, writes JSON")
+    p.add_argument("--config", default="quick", help=f"'quick' ({', '.join(QUICK)}), 'all', or comma-separated case names: {', '.join(CASES)}")
+    p.add_argument("--out", default=None, help="JSON output file")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(a) -> int:
+    cases = QUICK if a.config == "quick" else list(CASES) if a.config == "all" else a.config.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"error: unknown bench case(s) {unknown}; known: {list(CASES)}")
+    run(cases, torch.get_num_threads() if a.threads is None else a.threads, a.out)
+    return 0
+
+
+def main():
+    import argparse
+    import adapt
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    adapt.quiet()
+    torch.manual_seed(0)
+    rows = sample_case(a.case) if CASES[a.case][4].get("sample") else [train_case(a.case)]
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
