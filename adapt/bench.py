@@ -31,6 +31,7 @@ CASES = {
     "train-tiny-cache-gc": ("tiny", None, 8, True, {"gradient_checkpointing": True}),
     "train-sd15-8-cache-gc": ("sd15", 8, 4, True, {"gradient_checkpointing": True}),
     # levers on the SD1.5 32x32 cached step
+    "lever-batch4": ("sd15", 32, 4, True, {}),
     "lever-classic-attention": ("sd15", 32, 1, True, {"attn": "classic"}),
     "lever-channels-last": ("sd15", 32, 1, True, {"channels_last": True}),
     "lever-adamw-forloop": ("sd15", 32, 1, True, {"adamw": "forloop"}),

@@ -157,11 +157,12 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     from tqdm.auto import tqdm
     bar = tqdm(total=len(runs) * cfg.seeds, desc="eval sweep", disable=not progress, mininterval=2.0)
     for strength, scale in runs:
-        pipe.set_adapters([name], [scale])
         acc = {}
         outs_all = []
         for seed in range(cfg.seeds):
-            outs = sample.img2img(pipe, src_images, prompts, strength, steps, cfg.guidance, 1000 * seed, sched, batch_size=cfg.batch_size)
+            with lora.applied(pipe, [name], [scale], fuse=cfg.fuse):
+                outs = sample.img2img(pipe, src_images, prompts, strength, steps, cfg.guidance, 1000 * seed, sched,
+                                      batch_size=cfg.batch_size)
             if seed == 0:
                 grid_imgs[(strength, scale)] = outs[:4]
             arr = np.stack([sample.to_array(o) for o in outs])

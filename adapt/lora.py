@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -167,6 +168,30 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
         if "lora_alpha" in meta and float(got.lora_alpha) != float(meta["lora_alpha"]):
             raise AdapterError(f"{path}: alpha {meta['lora_alpha']} was stored but {got.lora_alpha} was loaded")
     return name
+
+
+@contextmanager
+def applied(pipe, names: list[str], scales: list[float], fuse: bool = True):
+    """Adapters `names` active at `scales` for the duration of the block.
+
+    fuse=True folds scale·(alpha/r)·B·A into the base weights (diffusers' fuse_lora), which removes the
+    per-layer LoRA matmuls from every denoising step; it is undone on exit. All-zero scales run the
+    base exactly (adapters present but weighted 0, nothing fused).
+    """
+    if not fuse or all(s == 0 for s in scales):
+        pipe.set_adapters(names, scales)
+        yield
+        return
+    pipe.set_adapters(names, [1.0] * len(names))
+    if len(set(scales)) != 1:  # one scale per adapter: fuse each at its own scale
+        for n, s in zip(names, scales):
+            pipe.fuse_lora(components=["unet"], lora_scale=s, adapter_names=[n])
+    else:
+        pipe.fuse_lora(components=["unet"], lora_scale=scales[0], adapter_names=names)
+    try:
+        yield
+    finally:
+        pipe.unfuse_lora(components=["unet"])
 
 
 def check_keys(unet, tensors: dict, path) -> None:

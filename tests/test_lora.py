@@ -96,3 +96,20 @@ def test_keys_for_another_architecture_fail_loudly(tiny_base, tmp_path):
     pipe, _ = model.load_base(str(tiny_base))
     with pytest.raises(lora.AdapterError, match="map to no module"):
         lora.load_into(pipe, tmp_path)
+
+
+def test_applied_fused_matches_unfused_and_restores(tiny_base, tmp_path):
+    pipe, _ = model.load_base(str(tiny_base))
+    base_out = _out(pipe.unet)
+    lora.attach(pipe.unet, "cross_attn", rank=4, alpha=2)
+    _randomize(pipe.unet)
+    lora.save(tmp_path, pipe.unet, {"architecture": "sd"})
+    ours, _ = model.load_base(str(tiny_base))
+    name = lora.load_into(ours, tmp_path)
+    with lora.applied(ours, [name], [0.7], fuse=False):
+        unfused = _out(ours.unet)
+    with lora.applied(ours, [name], [0.7], fuse=True):
+        fused = _out(ours.unet)
+    assert (fused - unfused).abs().max() <= 1e-5 and (unfused - base_out).abs().max() > 1e-3
+    with lora.applied(ours, [name], [0.0]):
+        assert (_out(ours.unet) - base_out).abs().max() <= 1e-6  # unfuse restored the base weights
