@@ -30,6 +30,15 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Cheap weights fingerprint: names, shapes and the first 256 values of every tensor (not the whole model)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_or_compute(path: Path | None, compute) -> dict[str, torch.Tensor]:
     """Read `path` if it exists, else run `compute()` and write it atomically. `path=None` disables caching."""
     if path is not None and path.is_file():

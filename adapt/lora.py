@@ -159,6 +159,10 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
                            f"this pipeline is {arch}; load it into a matching base")
     if check:
         check_keys(pipe.unet, tensors, path)
+        ups = [v for k, v in tensors.items() if k.endswith((".lora.up.weight", ".lora_B.weight"))]
+        if ups and all(float(v.abs().max()) == 0 for v in ups):
+            raise AdapterError(f"{path}: every LoRA up/B matrix is zero, so this adapter changes nothing at any scale "
+                               "(saved before training, or training diverged to zero)")
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     pipe.set_adapters([name], [scale])
     if check and "lora_adapter_metadata" in header:

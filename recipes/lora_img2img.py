@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     # 3. Cache posteriors (and flipped ones, if flipping) and prompt embeddings once.
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else data.default_cache_dir()
-    key = cache.cache_key(base=facts.resolved, vae=pipe.vae.config, dtype=cfg.model.dtype, data=fingerprint,
+    key = cache.cache_key(base=facts.resolved, vae=cache.module_fingerprint(pipe.vae), dtype=cfg.model.dtype, data=fingerprint,
                           res=cfg.data.resolution, flip=cfg.data.random_flip)
     use_cache = cfg.data.cache and cfg.data.center_crop  # random crops need fresh encodes
     if cfg.data.cache and not cfg.data.center_crop:
@@ -86,9 +86,11 @@ def main(argv=None) -> int:
         return post
 
     t0 = time.time()
-    post = cache.load_or_compute(cache_root / "latents" / f"{key}.safetensors" if use_cache else None, encode)
+    cache_file = cache_root / "latents" / f"{key}.safetensors" if use_cache else None
+    reused = cache_file is not None and cache_file.is_file()
+    post = cache.load_or_compute(cache_file, encode)
     stats = cache.latent_stats(post, facts.scaling_factor, facts.shift_factor)
-    say(f"latents ({time.time() - t0:.1f}s): scaled per-channel mean {_r(stats['channel_mean'])}, "
+    say(f"latents {'loaded from cache' if reused else 'encoded'} ({time.time() - t0:.1f}s{', ' + str(cache_file) if cache_file else ''}): scaled per-channel mean {_r(stats['channel_mean'])}, "
         f"std {_r(stats['channel_std'])}, overall std {stats['overall_std']:.3f}")
     if warning := cache.check_stats(stats):
         say("WARNING: " + warning)

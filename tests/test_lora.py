@@ -113,3 +113,12 @@ def test_applied_fused_matches_unfused_and_restores(tiny_base, tmp_path):
     assert (fused - unfused).abs().max() <= 1e-5 and (unfused - base_out).abs().max() > 1e-3
     with lora.applied(ours, [name], [0.0]):
         assert (_out(ours.unet) - base_out).abs().max() <= 1e-6  # unfuse restored the base weights
+
+
+def test_noop_adapter_is_refused(tiny_base, tmp_path):
+    pipe, _ = model.load_base(str(tiny_base))
+    lora.attach(pipe.unet, "cross_attn", rank=4)  # fresh: B = 0
+    lora.save(tmp_path, pipe.unet, {"architecture": "sd"})
+    other, _ = model.load_base(str(tiny_base))
+    with pytest.raises(lora.AdapterError, match="changes nothing"):
+        lora.load_into(other, tmp_path)

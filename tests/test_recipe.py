@@ -132,3 +132,13 @@ def test_out_dir_holding_a_run_is_refused(tiny_base, sg_folder, tmp_path):
     r = run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python")
     assert r.returncode == 2 and "already holds a run" in r.stderr
     assert run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=1", "train.overwrite=true"), launcher="python").returncode == 0
+
+
+def test_latent_cache_is_reused_and_caching_off_trains(tiny_base, sg_folder, tmp_path):
+    r1 = run_recipe(_args(tiny_base, sg_folder, tmp_path / "a", "train.max_steps=1", "train.seed=5"), launcher="python")
+    r2 = run_recipe(_args(tiny_base, sg_folder, tmp_path / "b", "train.max_steps=1", "train.seed=6"), launcher="python")
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+    assert "latents loaded from cache" in r2.stdout  # same base, data and transforms: not re-encoded
+    r3 = run_recipe(_args(tiny_base, sg_folder, tmp_path / "c", "train.max_steps=2", "data.cache=false"), launcher="python")
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    assert len(read_log(tmp_path / "c")) == 2 and (tmp_path / "c" / lora.WEIGHTS_NAME).is_file()
