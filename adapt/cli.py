@@ -21,7 +21,7 @@ def _add_sample(sub):
     p.add_argument("--scale", action="append", type=float, default=[], help="scale per adapter (default 1.0)")
     p.add_argument("--prompt", default="", help="prompt; '{caption}' expands to each image's caption from the "
                    "metadata.jsonl beside it, e.g. '{caption} wearing sunglasses'")
-    p.add_argument("--image", action="append", default=[], help="source image for img2img (repeatable)")
+    p.add_argument("--image", nargs="+", action="extend", default=[], help="source image(s) for img2img")
     p.add_argument("--strength", type=float, default=None, help="img2img strength; default: the adapter's trained strength")
     p.add_argument("--steps", type=int, default=None, help="inference steps; default: the adapter's, else 50")
     p.add_argument("--scheduler", default=None, help="ddim|ddpm|euler|pndm|dpm; default: the adapter's, else ddim")

@@ -188,8 +188,8 @@ def main(argv=None) -> int:
         raise RuntimeError(f"LoRA weights differ across ranks after training: checksums {sums}")
 
     # 7. Outputs: adapter (diffusers format + adapt facts), model card, final validation grid.
-    if validator:
-        validator(cfg.train.max_steps)
+    if validator and not (cfg.validation.steps and cfg.train.max_steps % cfg.validation.steps == 0):
+        validator(cfg.train.max_steps)  # (not twice when the last periodic validation fell on the last step)
     if acc.is_main_process:
         steps_run = cfg.train.max_steps - start
         figures = {"train_seconds": round(train_s, 1), "steps_per_s": round(steps_run / max(train_s, 1e-9), 3),
