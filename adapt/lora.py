@@ -94,6 +94,7 @@ def save(out_dir: str | Path, unet, facts: dict, adapter_name: str = "default", 
     header[FACTS_KEY] = json.dumps(facts, sort_keys=True, default=str)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=header)
+    tmp.chmod(0o644)  # safetensors creates files 0600; an adapter is meant to be shared
     tmp.replace(path)
     return path
 
