@@ -33,23 +33,28 @@ def _alphas(header: dict, modules: list[str], ranks: dict[str, int]) -> dict[str
     return out
 
 
-def sdxl_to_sgm(path: str) -> str:
-    """diffusers SDXL UNet module path -> SGM path (down_blocks.1.attentions.0 -> input_blocks.4.1)."""
+def sdxl_to_sgm(path: str, layers_per_block: int = 2) -> str:
+    """diffusers SDXL UNet module path -> SGM path (down_blocks.1.attentions.0 -> input_blocks.4.1).
+
+    SGM numbers every resnet(+attention) layer and downsampler in one list: down block i, layer j is
+    input_blocks[(L+1)·i + j + 1] (L = layers_per_block); up blocks have L+1 layers: output_blocks[(L+1)·i + j].
+    """
+    n = layers_per_block + 1
     m = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", path)
     if m:
         i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"input_blocks.{3 * i + j + 1}.1.{rest}"
+        return f"input_blocks.{n * i + j + 1}.1.{rest}"
     m = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", path)
     if m:
         i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"output_blocks.{3 * i + j}.1.{rest}"
+        return f"output_blocks.{n * i + j}.1.{rest}"
     m = re.match(r"mid_block\.attentions\.0\.(.*)", path)
     if m:
         return f"middle_block.1.{m[1]}"
     raise lora.AdapterError(f"no SGM name for SDXL module {path!r} (only attention-block layers are mapped)")
 
 
-def to_kohya(adapter: str | Path, out_file: str | Path) -> Path:
+def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 2) -> Path:
     """Write a kohya-format .safetensors (lora_unet_* keys with .alpha) from an adapt/diffusers adapter."""
     tensors, header = lora.read(adapter)
     facts = header.get(lora.FACTS_KEY, {})
@@ -61,7 +66,7 @@ def to_kohya(adapter: str | Path, out_file: str | Path) -> Path:
     alphas = _alphas(header, list(downs), {m: v.shape[0] for m, v in downs.items()})
     out = {}
     for m in sorted(downs):
-        name = "lora_unet_" + (sdxl_to_sgm(m) if sdxl else m).replace(".", "_")
+        name = "lora_unet_" + (sdxl_to_sgm(m, layers_per_block) if sdxl else m).replace(".", "_")
         out[f"{name}.lora_down.weight"] = downs[m].contiguous()
         out[f"{name}.lora_up.weight"] = ups[m].contiguous()
         out[f"{name}.alpha"] = torch.tensor(alphas[m], dtype=torch.float32)

@@ -79,11 +79,34 @@ def test_sd15_step_and_kohya_roundtrip_at_8x8(tmp_path, tiny_base):
 
 
 @pytest.mark.slow
-def test_sdxl_step_at_8x8():
+def test_sdxl_step_and_kohya_roundtrip_at_8x8(tmp_path):
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(_cfg("sdxl"))
     loss, _ = _step(unet, 2048, sdxl=True)
     assert torch.isfinite(torch.tensor(loss))
+    g = torch.Generator().manual_seed(1)
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.02
+    x, e = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 2048, generator=g)
+    cond = {"text_embeds": torch.randn(1, 1280, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        want = unet(x, torch.tensor([500]), e, added_cond_kwargs=cond).sample
+    lora.save(tmp_path / "ad", unet, {"architecture": "sdxl"}, architecture="sdxl")
+    kohya = export.to_kohya(tmp_path / "ad", tmp_path / "k.safetensors")  # SGM names: input_blocks / output_blocks
+    from safetensors import safe_open
+    with safe_open(str(kohya), "pt") as f:
+        assert any("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q" in k for k in f.keys())
+    from diffusers import StableDiffusionXLPipeline
+    from adapt.tiny import build_tiny_sdxl_components
+    c = build_tiny_sdxl_components()
+    unet.delete_adapters("default")
+    c["unet"] = unet
+    pipe = StableDiffusionXLPipeline(**c)
+    pipe.load_lora_weights(str(kohya))  # diffusers' own kohya/SGM conversion
+    with torch.no_grad():
+        got = pipe.unet(x, torch.tensor([500]), e, added_cond_kwargs=cond).sample
+    assert (got - want).abs().max() <= 1e-5
 
 
 @pytest.mark.slow
