@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 
@@ -36,7 +37,6 @@ def _add_sample(sub):
 
 
 def cmd_sample(a) -> int:
-    import torch
     from adapt import lora, model, sample
     if a.scale and len(a.scale) != len(a.adapter):
         raise SystemExit(f"error: {len(a.scale)} --scale values for {len(a.adapter)} adapters; give one per adapter")
@@ -46,7 +46,7 @@ def cmd_sample(a) -> int:
     scales = a.scale or [1.0] * len(names)
     if names:
         pipe.set_adapters(names, scales)
-    with_adapters = lambda: lora.applied(pipe, names, scales, fuse=a.fuse) if names else _nullctx()
+    with_adapters = lambda: lora.applied(pipe, names, scales, fuse=a.fuse) if names else nullcontext()
     steps = a.steps or stored.get("inference_steps") or 50
     sched = a.scheduler or stored.get("scheduler") or "ddim"
     out = Path(a.out)
@@ -75,14 +75,6 @@ def cmd_sample(a) -> int:
     dt = time.time() - t0
     print(f"wrote {len(paths)} image(s) to {out} ({dt / len(paths):.2f} s/image): {', '.join(p.name for p in paths)}")
     return 0
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _caption_of(image: str) -> str:

@@ -75,7 +75,6 @@ def open_image(src) -> Image.Image:
     EXIF orientation applied; transparency composited on white; CMYK and palette converted;
     16-bit scaled to 8-bit (not clipped); declared sizes over MAX_PIXELS refused before decoding.
     """
-    name = str(src) if not isinstance(src, (bytes, bytearray)) else "<bytes>"
     try:
         img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
     except Image.DecompressionBombError as e:

@@ -202,7 +202,7 @@ def applied(pipe, names: list[str], scales: list[float], fuse: bool = True):
 def check_keys(unet, tensors: dict, path) -> None:
     """Every adapter key must name a Linear of the UNet; adapters of another architecture fail here."""
     modules = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "base_layer")}
-    unmatched, shape_bad = [], []
+    unmatched = []
     for k, v in tensors.items():
         if not k.startswith("unet."):
             continue  # text-encoder keys are diffusers' own business

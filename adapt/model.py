@@ -8,7 +8,6 @@ goes through diffusers' own loaders, so the embedded base takes the same path as
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def resolve(base: str) -> tuple[str, str]:
         if p.suffix != ".safetensors":
             raise ModelError(f"{p}: unsupported single-file format {p.suffix!r}; expected .safetensors")
         return "file", str(p)
-    looks_local = base.startswith((".", "/", "~")) or base.count("/") != 1 or os.sep + os.sep in base
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") != 1
     if looks_local:
         raise ModelError(f"base model not found: {base!r} is neither an existing path, an embedded model "
                          f"({embedded_names()}), nor a hub id of the form 'org/name'")

@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
             with acc.autocast():
                 loss = trainstep.forward_loss(unet, batch, td, cfg.objective.min_snr_gamma, acc.device, dtype).mean()
             sync = micro == cfg.train.grad_accum - 1
-            with (acc.no_sync(unet) if not sync and world > 1 else _null()):
+            with (acc.no_sync(unet) if not sync and world > 1 else nullcontext()):
                 acc.backward(loss / cfg.train.grad_accum)
             total += loss.detach() / cfg.train.grad_accum
         if cfg.optim.max_grad_norm:
@@ -316,14 +317,6 @@ def _has(module: str) -> bool:
 
 def _r(xs):
     return [round(x, 3) for x in xs]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 if __name__ == "__main__":

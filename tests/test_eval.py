@@ -14,7 +14,6 @@ def test_preservation_metrics_known_cases():
     a = rng.random((64, 64, 3))
     assert metrics.ssim(a, a) == pytest.approx(1.0)
     assert metrics.psnr(a, a) == metrics.PSNR_CAP and metrics.mse(a, a) == 0
-    b = np.clip(a + 0.1, 0, 1)
     assert metrics.psnr(a, np.clip(a + 0.1, 0, 1)) < 25
     assert metrics.ssim(a, rng.random((64, 64, 3))) < 0.1
     mask = np.zeros((64, 64), bool)

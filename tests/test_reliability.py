@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapt import cache, checkpoint, lora, model, synth
-from conftest import ROOT, read_log, run_recipe
+from conftest import ROOT, run_recipe
 
 CFG = str(ROOT / "recipes" / "configs" / "tiny_test.yaml")
 

@@ -2,8 +2,6 @@
 
 import json
 
-import numpy as np
-import pytest
 import torch
 
 from adapt import lora, model
