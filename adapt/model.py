@@ -82,8 +82,12 @@ def _pipeline_class(model_index: dict | None, architecture: str | None = None):
 
 
 def load_pipeline(base: str, revision: str | None = None, variant: str | None = None,
-                  torch_dtype: torch.dtype | str = torch.float32, architecture: str | None = None):
-    """Load the base as a diffusers (SD or SDXL) pipeline; `architecture` is needed only for single files."""
+                  torch_dtype: torch.dtype | str = torch.float32, architecture: str | None = None, config: str | None = None):
+    """Load the base as a diffusers (SD or SDXL) pipeline.
+
+    For single-file checkpoints, `architecture` picks SD or SDXL and `config` (a diffusers folder or hub
+    id) supplies the component configs; without it diffusers fetches them from the hub.
+    """
     if isinstance(torch_dtype, str):
         torch_dtype = DTYPES[torch_dtype]
     kind, where = resolve(base)
@@ -100,7 +104,8 @@ def load_pipeline(base: str, revision: str | None = None, variant: str | None = 
     if kind == "file":
         cls = _pipeline_class(None, architecture)
         try:
-            return cls.from_single_file(where, dtype=torch_dtype), where
+            kw = {"config": config} if config else {}
+            return cls.from_single_file(where, dtype=torch_dtype, **kw), where
         except Exception as e:  # diffusers raises many types for unrecognised files
             raise ModelError(f"{where}: not a loadable single-file Stable Diffusion checkpoint: {e}") from e
     from huggingface_hub import constants
@@ -136,9 +141,10 @@ def facts_of(pipe, source: str, resolved: str) -> BaseFacts:
 
 
 def load_base(base: str, revision: str | None = None, variant: str | None = None,
-              torch_dtype: torch.dtype | str = torch.float32, vae: str | None = None, architecture: str | None = None):
+              torch_dtype: torch.dtype | str = torch.float32, vae: str | None = None, architecture: str | None = None,
+              config: str | None = None):
     """(pipeline, BaseFacts) for a base given as embedded name, folder, hub id or .safetensors file."""
-    pipe, resolved = load_pipeline(base, revision, variant, torch_dtype, architecture)
+    pipe, resolved = load_pipeline(base, revision, variant, torch_dtype, architecture, config)
     if vae is not None:
         from diffusers import AutoencoderKL
         try:

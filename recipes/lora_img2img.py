@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     # 1. Base model: frozen VAE, text encoder and UNet.
-    pipe, facts = model.load_base(cfg.model.base, cfg.model.revision, cfg.model.variant, cfg.model.dtype, cfg.model.vae)
+    m = cfg.model
+    pipe, facts = model.load_base(m.base, m.revision, m.variant, m.dtype, m.vae, m.architecture, m.config)
     pipe.to(acc.device)
     unet = pipe.unet
     say(f"base {cfg.model.base}: {facts.architecture}, {facts.prediction_type}, scaling_factor {facts.scaling_factor}, "
