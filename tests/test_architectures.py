@@ -51,16 +51,22 @@ def _step(unet, cross_dim, sdxl=False, prediction_type="epsilon"):
     return float(loss), time.time() - t0
 
 
+def _randomize_lora_b(unet, std: float) -> torch.Generator:
+    """Non-zero LoRA up weights (a trained adapter); returns the generator for the inputs."""
+    g = torch.Generator().manual_seed(1)
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * std
+    return g
+
+
 @pytest.mark.slow
 def test_sd15_step_and_kohya_roundtrip_at_8x8(tmp_path, tiny_base):
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(_cfg("sd15"))
     loss, _ = _step(unet, 768)
     assert torch.isfinite(torch.tensor(loss))
-    g = torch.Generator().manual_seed(1)
-    for n, p in unet.named_parameters():
-        if "lora_B" in n:
-            p.data = torch.randn(p.shape, generator=g) * 0.05
+    g = _randomize_lora_b(unet, 0.05)
     x, e = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g)
     with torch.no_grad():
         want = unet(x, torch.tensor([500]), e).sample
@@ -84,10 +90,7 @@ def test_sdxl_step_and_kohya_roundtrip_at_8x8(tmp_path):
     unet = UNet2DConditionModel.from_config(_cfg("sdxl"))
     loss, _ = _step(unet, 2048, sdxl=True)
     assert torch.isfinite(torch.tensor(loss))
-    g = torch.Generator().manual_seed(1)
-    for n, p in unet.named_parameters():
-        if "lora_B" in n:
-            p.data = torch.randn(p.shape, generator=g) * 0.02
+    g = _randomize_lora_b(unet, 0.02)
     x, e = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 2048, generator=g)
     cond = {"text_embeds": torch.randn(1, 1280, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
     with torch.no_grad():
