@@ -49,6 +49,7 @@ def load_or_compute(path: Path | None, compute) -> dict[str, torch.Tensor]:
         tmp = path.with_name(path.name + f".tmp{torch.randint(0, 1 << 30, ()).item()}")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.replace(path)
+        return load_file(str(path))  # train on exactly what later runs will read back
     return tensors
 
 
