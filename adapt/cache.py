@@ -115,7 +115,8 @@ def check_stats(stats: dict, low: float = 0.8, high: float = 1.25) -> str | None
 def encode_prompts(pipe, captions: list[str], device="cpu") -> dict[str, torch.Tensor]:
     """Embeddings of each unique caption: {'emb': (U, L, D), 'pooled': (U, P) for SDXL, 'index': (N,)}."""
     uniq = sorted(set(captions))
-    index = torch.tensor([uniq.index(c) for c in captions])
+    row = {c: i for i, c in enumerate(uniq)}
+    index = torch.tensor([row[c] for c in captions])
     if getattr(pipe, "text_encoder_2", None) is not None:
         emb, _, pooled, _ = pipe.encode_prompt(uniq, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         return {"emb": emb.float().cpu(), "pooled": pooled.float().cpu(), "index": index}

@@ -44,8 +44,6 @@ def cmd_sample(a) -> int:
     stored = lora.facts(a.adapter[0]) if a.adapter else {}
     names = [lora.load_into(pipe, ad, 1.0, adapter_name=f"a{i}") for i, ad in enumerate(a.adapter)]
     scales = a.scale or [1.0] * len(names)
-    if names:
-        pipe.set_adapters(names, scales)
     with_adapters = lambda: lora.applied(pipe, names, scales, fuse=a.fuse) if names else nullcontext()
     steps = a.steps or stored.get("inference_steps") or 50
     sched = a.scheduler or stored.get("scheduler") or "ddim"

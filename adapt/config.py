@@ -53,7 +53,7 @@ class DataConfig:
     caption_column: str = opt("text", "caption column")
     default_caption: str = opt("", "caption for images without one; '{name}' expands to the file stem")
     resolution: int = opt(64, "square training resolution in pixels (multiple of the VAE factor)")
-    center_crop: bool = opt(True, "center crop after resizing the short side (else random crop)")
+    center_crop: bool = opt(True, "center crop after resizing the short side (random crops are not supported)")
     random_flip: bool = opt(False, "horizontal flip augmentation (re-encodes latents each epoch)")
     caption_dropout: float = opt(0.0, "probability of training on the empty prompt (keeps unconditional guidance working)")
     cache: bool = opt(True, "cache VAE latents and prompt embeddings (computed once, reused across runs)")
@@ -63,6 +63,7 @@ class DataConfig:
         _check(self.resolution > 0 and self.resolution % 8 == 0, "data.resolution", f"must be a positive multiple of 8, got {self.resolution}")
         _check(self.num_images is None or self.num_images > 0, "data.num_images", f"must be > 0, got {self.num_images}")
         _check(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
+        _check(self.center_crop, "data.center_crop", "false (random crops) is not supported: images are center-cropped once and their latents cached")
 
 
 @dataclass

@@ -113,7 +113,7 @@ def _decode_caption(raw, name: str, report: DataReport) -> str | None:
     return raw.strip()
 
 
-def _read_metadata(root: Path, caption_column: str, report: DataReport) -> dict[str, dict]:
+def _read_metadata(root: Path, report: DataReport) -> dict[str, dict]:
     """file_name -> row, from metadata.jsonl (or .csv-less); bad lines are skipped and named."""
     meta = root / "metadata.jsonl"
     rows: dict[str, dict] = {}
@@ -156,7 +156,7 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
     report = report or DataReport()
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    rows = _read_metadata(root, caption_column, report)
+    rows = _read_metadata(root, report)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     listed = {p.relative_to(root).as_posix(): p for p in files}
     for key in rows:

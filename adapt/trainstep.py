@@ -41,9 +41,10 @@ def build(pipe, facts, captions: list[str], window: torch.Tensor, post: dict | N
     With `post` (cached posteriors) steps sample latents from it; without, steps encode `pixels`.
     """
     uniq = sorted(set(captions))
+    row = {c: i for i, c in enumerate(uniq)}
     enc = cache.encode_prompts(pipe, uniq + [""], device=device)
     prompts = {k: v[enc["index"]] for k, v in enc.items() if k != "index"}  # rows in uniq + [""] order
-    return TrainData(captions=captions, caption_index=torch.tensor([uniq.index(c) for c in captions]), emb=prompts["emb"],
+    return TrainData(captions=captions, caption_index=torch.tensor([row[c] for c in captions]), emb=prompts["emb"],
                      window=window, alphas_cumprod=pipe.scheduler.alphas_cumprod, scaling_factor=facts.scaling_factor,
                      shift_factor=facts.shift_factor, prediction_type=facts.prediction_type, post=post,
                      pixels=None if post is not None else pixels, pooled=prompts.get("pooled"), resolution=resolution)

@@ -76,9 +76,6 @@ def main(argv=None) -> int:
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else data.default_cache_dir()
     key = cache.cache_key(base=facts.resolved, vae=cache.module_fingerprint(pipe.vae), dtype=cfg.model.dtype, data=fingerprint,
                           res=cfg.data.resolution, flip=cfg.data.random_flip)
-    use_cache = cfg.data.cache and cfg.data.center_crop  # random crops need fresh encodes
-    if cfg.data.cache and not cfg.data.center_crop:
-        say("data.center_crop=false: random crops need re-encoding, latent caching is off")
 
     def encode():
         post = cache.encode_posteriors(pipe.vae, pixels)
@@ -88,7 +85,7 @@ def main(argv=None) -> int:
         return post
 
     t0 = time.time()
-    cache_file = cache_root / "latents" / f"{key}.safetensors" if use_cache else None
+    cache_file = cache_root / "latents" / f"{key}.safetensors" if cfg.data.cache else None
     reused = cache_file is not None and cache_file.is_file()
     post = cache.load_or_compute(cache_file, encode)
     stats = cache.latent_stats(post, facts.scaling_factor, facts.shift_factor)
