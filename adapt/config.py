@@ -40,7 +40,7 @@ class ModelConfig:
     variant: Optional[str] = opt(None, "weights variant, e.g. fp16")
     vae: Optional[str] = opt(None, "replace the base's VAE (folder or hub id), e.g. an fp16-fixed VAE")
     dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", "dtype of the frozen weights (LoRA stays fp32)")
-    architecture: Optional[Literal["sd", "sdxl"]] = opt(None, "single-file checkpoints only: SD 1.x/2.x or SDXL")
+    architecture: Optional[Literal["sd", "sdxl"]] = opt(None, "single-file checkpoints only: SD 1.x/2.x or SDXL; default: read from the file's key names")
     config: Optional[str] = opt(None, "single-file checkpoints only: diffusers folder or hub id with the component configs (needed offline)")
 
 

@@ -71,6 +71,22 @@ def resolve(base: str) -> tuple[str, str]:
     return "hub", base
 
 
+def single_file_architecture(path: str) -> str:
+    """'sdxl' or 'sd' from an original-layout checkpoint's key names (reads the header only)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:
+        raise ModelError(f"{path}: not a readable .safetensors file: {e}") from e
+    if any(k.startswith("conditioner.embedders.") for k in keys):  # SGM layout: SDXL's two text encoders
+        return "sdxl"
+    if any(k.startswith(("cond_stage_model.", "model.diffusion_model.")) for k in keys):
+        return "sd"
+    raise ModelError(f"{path}: no Stable Diffusion keys (model.diffusion_model.*, cond_stage_model.*, "
+                     f"conditioner.embedders.*); first keys: {keys[:3]}")
+
+
 def _pipeline_class(model_index: dict | None, architecture: str | None = None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     name = (model_index or {}).get("_class_name", "")
@@ -102,7 +118,7 @@ def load_pipeline(base: str, revision: str | None = None, variant: str | None = 
         except (OSError, ValueError) as e:
             raise ModelError(f"{where}: could not load as {cls.__name__}: {e}") from e
     if kind == "file":
-        cls = _pipeline_class(None, architecture)
+        cls = _pipeline_class(None, architecture or single_file_architecture(where))
         try:
             kw = {"config": config} if config else {}
             return cls.from_single_file(where, dtype=torch_dtype, **kw), where

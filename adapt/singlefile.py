@@ -1,19 +1,25 @@
-"""Write an SD 1.x pipeline as one original-layout (CompVis/WebUI) .safetensors checkpoint.
+"""Write an SD 1.x / 2.x / SDXL pipeline as one original-layout (CompVis/SGM/WebUI) .safetensors checkpoint.
 
 diffusers reads such files (`from_single_file`) but ships no writer. adapt needs one to prove its
-single-file loading path offline: the tests write a small checkpoint with SD 1.x's block layout and
-load it back through diffusers' own single-file converter. Key names follow the original LDM code:
-`model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE), `cond_stage_model.transformer.*` (CLIP).
-The block numbering is derived from the model configs, so any SD 1.x-shaped geometry works.
+single-file loading path offline: the tests write small checkpoints with each family's key layout and
+load them back through diffusers' own single-file converter. Key names follow the original code:
+- UNet `model.diffusion_model.*` (SDXL's `add_embedding` is `label_emb.0`), VAE `first_stage_model.*`;
+- SD 1.x text encoder: OpenAI CLIP in HF layout under `cond_stage_model.transformer.*`;
+- SD 2.x text encoder: OpenCLIP layout under `cond_stage_model.model.*` (fused q/k/v `in_proj_*`);
+- SDXL: `conditioner.embedders.0.transformer.*` (CLIP-L, HF layout) and `conditioner.embedders.1.model.*`
+  (OpenCLIP bigG layout, with `text_projection` stored transposed, as `x @ P`).
+The block numbering is derived from the model configs, so any geometry of these families works.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
            ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
@@ -88,13 +94,61 @@ def vae_to_original(sd: dict, cfg) -> dict:
     return out
 
 
-def save_sd1_checkpoint(pipe, path: str | Path) -> Path:
-    """Write `pipe` (an SD 1.x-shaped StableDiffusionPipeline) as one original-layout .safetensors file."""
+def clip_to_original(sd: dict, prefix: str) -> dict:
+    """HF CLIPTextModel keys -> the HF-layout keys the original checkpoints keep (always under text_model.)."""
+    # transformers >= 5.6 flattens CLIPTextModel; the original files keep the text_model. level.
+    return {prefix + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in sd.items()}
+
+
+_OPENCLIP = [("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+             ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
+
+
+def openclip_to_original(sd: dict, prefix: str) -> dict:
+    """HF CLIPTextModel(WithProjection) keys -> OpenCLIP's: fused in_proj, resblocks, ln_final, x @ P projection."""
+    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    out = {prefix + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           prefix + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           prefix + "ln_final.weight": sd.pop("final_layer_norm.weight"),
+           prefix + "ln_final.bias": sd.pop("final_layer_norm.bias")}
+    if "text_projection.weight" in sd:  # nn.Linear stores (out, in); OpenCLIP multiplies x @ P, P: (in, out)
+        out[prefix + "text_projection"] = sd.pop("text_projection.weight").T
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):  # OpenCLIP's nn.MultiheadAttention packs q, k, v in one (3d, d) matrix
+            out[dst + f"attn.in_proj_{kind}"] = torch.cat([sd.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"])
+        for k in [k for k in sd if k.startswith(src)]:
+            rest = k[len(src):]
+            for a, b in _OPENCLIP:
+                if rest.startswith(a):
+                    rest = b + rest[len(a):]
+            out[dst + rest] = sd.pop(k)
+    if sd:
+        raise ValueError(f"text encoder keys with no OpenCLIP name: {sorted(sd)[:5]}")
+    return out
+
+
+def save_checkpoint(pipe, path: str | Path, text_layout: str | None = None) -> Path:
+    """Write `pipe` as one original-layout .safetensors file (SD 1.x, SD 2.x or SDXL key names).
+
+    `text_layout` ("clip" or "openclip") picks the SD text encoder's layout; by default SD 1.x-style
+    CLIP unless the text encoder has a 1024-wide hidden state (SD 2.x's OpenCLIP ViT-H).
+    """
     sd = {}
     sd.update(unet_to_original(pipe.unet.state_dict(), pipe.unet.config))
     sd.update(vae_to_original(pipe.vae.state_dict(), pipe.vae.config))
-    te = pipe.text_encoder.state_dict()  # transformers >= 5.6 flattens CLIPTextModel; the original keeps text_model.
-    sd.update({"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in te.items()})
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        sd.update(clip_to_original(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
+        sd.update(openclip_to_original(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    else:
+        if text_layout is None:
+            text_layout = "openclip" if pipe.text_encoder.config.hidden_size == 1024 else "clip"
+        if text_layout not in ("clip", "openclip"):
+            raise ValueError(f"text_layout={text_layout!r}; expected 'clip' (SD 1.x) or 'openclip' (SD 2.x)")
+        te = pipe.text_encoder.state_dict()
+        sd.update(clip_to_original(te, "cond_stage_model.transformer.") if text_layout == "clip"
+                  else openclip_to_original(te, "cond_stage_model.model."))
     path = Path(path)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path

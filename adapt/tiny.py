@@ -100,15 +100,16 @@ def build_tiny_sdxl_components(seed: int = 0) -> dict:
                   max_position_embeddings=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)
     te1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    # Different widths, as in SDXL (768 / 1280): diffusers' single-file loader tells the encoders apart by width.
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=48, **common))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.13025)
-    unet = UNet2DConditionModel(  # cross_attention_dim = 32 + 32 (both encoders' hidden states concatenated)
+    unet = UNet2DConditionModel(  # cross_attention_dim = 32 + 48 (both encoders' hidden states concatenated)
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, transformer_layers_per_block=1)
+        cross_attention_dim=80, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=48 + 6 * 8, transformer_layers_per_block=1)
     scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)
     return dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, scheduler=scheduler)

@@ -1,5 +1,7 @@
 """Base loading: the same path for the tiny model as for a real checkpoint; clear errors."""
 
+from pathlib import Path
+
 import pytest
 
 from adapt import model
@@ -47,7 +49,7 @@ def test_single_file_checkpoint_loads_and_trains(tmp_path):
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from adapt import synth
-    from adapt.singlefile import save_sd1_checkpoint
+    from adapt.singlefile import save_checkpoint
     from adapt.tiny import build_tiny_components
     from conftest import ROOT, run_recipe
     c = build_tiny_components()
@@ -60,7 +62,7 @@ def test_single_file_checkpoint_loads_and_trains(tmp_path):
                              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=4, sample_size=64)
     pipe = StableDiffusionPipeline(**c)
     pipe.save_pretrained(tmp_path / "folder")  # configs only are needed from here
-    ckpt = save_sd1_checkpoint(pipe, tmp_path / "model.safetensors")
+    ckpt = save_checkpoint(pipe, tmp_path / "model.safetensors")
     loaded, facts = model.load_base(str(ckpt), config=str(tmp_path / "folder"))
     assert facts.resolved == str(ckpt) and facts.architecture == "sd"
     for name in ("unet", "vae", "text_encoder"):
@@ -71,3 +73,77 @@ def test_single_file_checkpoint_loads_and_trains(tmp_path):
                     f"model.config={tmp_path / 'folder'}", f"data.source={data}", f"out_dir={tmp_path / 'o'}",
                     "train.max_steps=2"], launcher="python")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_single_file_sd2_openclip_and_sdxl_load_exactly(tmp_path, family):
+    """SD 2.x (OpenCLIP text encoder, v-prediction) and SDXL (two encoders, label_emb) single files."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+    from adapt.singlefile import save_checkpoint
+    from adapt.tiny import build_tiny_components, build_tiny_sdxl_components
+    if family == "sdxl":
+        pipe, kw, probe = StableDiffusionXLPipeline(**build_tiny_sdxl_components()), {"architecture": "sdxl"}, \
+            ["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+             "conditioner.embedders.1.model.text_projection", "model.diffusion_model.label_emb.0.0.weight",
+             "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"]
+    else:
+        pipe, kw, probe = StableDiffusionPipeline(**build_tiny_components(prediction_type="v_prediction")), {}, \
+            ["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_bias", "cond_stage_model.model.ln_final.weight"]
+    pipe.save_pretrained(tmp_path / "folder")
+    ckpt = save_checkpoint(pipe, tmp_path / "model.safetensors", text_layout=None if family == "sdxl" else "openclip")
+    with safe_open(str(ckpt), "pt") as f:
+        keys = set(f.keys())
+    assert set(probe) <= keys
+    assert model.single_file_architecture(str(ckpt)) == ("sdxl" if family == "sdxl" else "sd")
+    loaded, facts = model.load_base(str(ckpt), config=str(tmp_path / "folder"), **kw)
+    assert facts.architecture == ("sdxl" if family == "sdxl" else "sd")
+    assert facts.prediction_type == ("epsilon" if family == "sdxl" else "v_prediction")
+    names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    for name in names:
+        a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].reshape(a[k].shape)) for k in a), name
+    if family == "sdxl":  # the recipe trains on it; SDXL is told from the key names
+        from adapt import lora, synth
+        from conftest import ROOT, run_recipe
+        data = synth.build_imagefolder("sunglasses", tmp_path / "d", n=4, split="train")
+        r = run_recipe(["--config", str(ROOT / "recipes/configs/tiny_test.yaml"), f"model.base={ckpt}",
+                        f"model.config={tmp_path / 'folder'}", f"data.source={data}",
+                        f"out_dir={tmp_path / 'o'}", "train.max_steps=2", "objective.scheduler=euler"], launcher="python")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert lora.facts(tmp_path / "o")["architecture"] == "sdxl"
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
+def test_single_file_unet_names_on_real_configs(arch):
+    """The writer's UNet names for the published geometries go back through diffusers' converter key for key."""
+    import json
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from adapt.singlefile import unet_to_original
+    cfg = json.loads((Path(model.__file__).parent / "archs" / f"{arch}_unet.json").read_text())
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(cfg)
+    sd = unet.state_dict()
+    orig = unet_to_original(sd, unet.config)
+    assert set(convert_ldm_unet_checkpoint(orig, dict(unet.config))) == set(sd)
+    known = {  # key names as they appear in the published original checkpoints
+        "sd15": ["input_blocks.3.0.op.weight", "output_blocks.2.1.conv.weight", "middle_block.1.proj_in.weight",
+                 "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"],
+        "sd21": ["output_blocks.2.1.conv.weight", "input_blocks.1.1.proj_in.weight"],
+        "sdxl": ["label_emb.0.0.weight", "output_blocks.2.2.conv.weight",
+                 "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",
+                 "middle_block.1.transformer_blocks.9.attn2.to_out.0.weight"]}[arch]
+    assert {"model.diffusion_model." + k for k in known} <= set(orig)
+    assert len(orig) == {"sd15": 686, "sd21": 686, "sdxl": 1680}[arch]
+
+
+def test_single_file_without_sd_keys_is_named(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    f = tmp_path / "lora.safetensors"  # e.g. a LoRA file passed as the base by mistake
+    save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(f))
+    with pytest.raises(model.ModelError, match="lora.safetensors: no Stable Diffusion keys"):
+        model.load_base(str(f))
