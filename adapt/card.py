@@ -37,8 +37,7 @@ adapt sample --base {f['base']} --adapter {out} --image source.png --strength {f
 ```
 Plain diffusers:
 ```python
-from diffusers import StableDiffusionImg2ImgPipeline
-pipe = StableDiffusionImg2ImgPipeline.from_pretrained("{f['base_resolved']}")
+{_load_lines(f)}
 pipe.load_lora_weights("{out}")
 image = pipe(prompt, image=source, strength={f['strength']}, num_inference_steps={f['inference_steps']}).images[0]
 ```
@@ -52,6 +51,20 @@ The strength it was trained for is {f['strength']}: at that strength img2img run
     path = out / "README.md"
     path.write_text(text)
     return path
+
+
+def _load_lines(f: dict) -> str:
+    """The plain-diffusers lines that load the exact base this adapter was trained on."""
+    cls = "StableDiffusionXLImg2ImgPipeline" if f["architecture"] == "sdxl" else "StableDiffusionImg2ImgPipeline"
+    where = str(f["base_resolved"])
+    if where.endswith(".safetensors"):
+        call = f'from_single_file("{where}")'
+    elif "@" in where:  # hub id pinned to the commit that was loaded
+        repo, commit = where.rsplit("@", 1)
+        call = f'from_pretrained("{repo}", revision="{commit}")'
+    else:
+        call = f'from_pretrained("{where}")'
+    return f"from diffusers import {cls}\npipe = {cls}.{call}"
 
 
 def _yaml(cfg) -> str:

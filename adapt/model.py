@@ -132,7 +132,8 @@ def load_pipeline(base: str, revision: str | None = None, variant: str | None = 
         cls = _pipeline_class(json.loads(Path(index_path).read_text()))
         if cls.__name__.endswith("XLPipeline"):
             kw = dict(dtype=torch_dtype)
-        return cls.from_pretrained(where, revision=revision, variant=variant, **kw), where
+        commit = Path(index_path).parent.name  # .../snapshots/<commit>/model_index.json: what was actually loaded
+        return cls.from_pretrained(where, revision=revision, variant=variant, **kw), f"{where}@{commit}"
     except Exception as e:
         if offline or "offline" in str(e).lower() or "connect" in str(e).lower() or "resolve" in str(e).lower():
             raise ModelError(f"hub id {where!r}: the Hugging Face hub is unreachable (offline={offline}) and the model "

@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         figures = {"train_seconds": round(train_s, 1), "steps_per_s": round(steps_run / max(train_s, 1e-9), 3),
                    "samples_per_s": round(steps_run * cfg.train.batch_size * cfg.train.grad_accum * world / max(train_s, 1e-9), 2),
                    "total_seconds": round(time.time() - t_start, 1)}
-        fx = {"base": cfg.model.base, "base_resolved": facts.resolved, "architecture": facts.architecture,
+        fx = {"base": cfg.model.base, "base_revision": cfg.model.revision, "base_resolved": facts.resolved, "architecture": facts.architecture,
               "prediction_type": facts.prediction_type, "preset": cfg.lora.preset, "rank": cfg.lora.rank,
               "alpha": cfg.lora.alpha or cfg.lora.rank, "strength": cfg.objective.strength, "window": cfg.objective.window,
               "window_range": [int(window.min()), int(window.max())], "scheduler": cfg.objective.scheduler,

@@ -144,3 +144,20 @@ def test_definition_builds_once_and_fingerprints(tmp_path):
     p3, r3, _ = data.load(src, 64, split="eval", num_images=4, cache_dir=tmp_path)
     assert not set(data.image_fingerprints(p1)) & set(data.image_fingerprints(p3))
     assert all(r.caption.endswith("wearing sunglasses") for r in r1)
+
+
+def test_hub_dataset_rows_decoded_by_adapt(monkeypatch):
+    """A hub dataset (what `datasets.load_dataset` returns after a download): our decoding, counts and errors."""
+    import datasets as hf
+    good = _bytes(Image.new("RGB", (48, 48), (200, 10, 10)), "PNG")
+    ds = hf.Dataset.from_dict({"image": [{"bytes": good, "path": None}, {"bytes": b"not an image", "path": None},
+                                         {"bytes": good, "path": None}],
+                               "text": ["a face with sunglasses", "unreadable", None]}).cast_column("image", hf.Image())
+    calls = []
+    monkeypatch.setattr(hf, "load_dataset", lambda name, split: calls.append((name, split)) or ds)
+    px, records, report = data.load("org/sunglasses", 32, split="train", default_caption="a photo")
+    assert calls == [("org/sunglasses", "train")] and px.shape == (2, 3, 32, 32)
+    assert [r.caption for r in records] == ["a face with sunglasses", "a photo"]  # missing caption -> default
+    assert report.num_skipped == 1 and "train[1]" in report.summary()
+    with pytest.raises(data.DataError, match="has no column 'img'.*'image', 'text'"):
+        data.load("org/sunglasses", 32, image_column="img")

@@ -147,3 +147,27 @@ def test_single_file_without_sd_keys_is_named(tmp_path):
     save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(f))
     with pytest.raises(model.ModelError, match="lora.safetensors: no Stable Diffusion keys"):
         model.load_base(str(f))
+
+
+def test_hub_id_loads_through_the_hub_cache(tmp_path):
+    """A hub id goes through huggingface_hub's resolution (refs -> snapshot), as after a real download."""
+    import shutil
+    from adapt import lora, synth
+    from adapt.tiny import save_tiny_pipeline
+    from conftest import ROOT, run_recipe
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--adapt-test--tiny-sd"  # the layout huggingface_hub writes when downloading
+    shutil.copytree(save_tiny_pipeline(tmp_path / "src"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    data = synth.build_imagefolder("sunglasses", tmp_path / "d", n=4, split="train")
+    args = ["--config", str(ROOT / "recipes/configs/tiny_test.yaml"), "model.base=adapt-test/tiny-sd",
+            f"data.source={data}", "train.max_steps=1"]
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = run_recipe(args + [f"model.revision={commit}", f"out_dir={tmp_path / 'o'}"], launcher="python", env_extra=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fx = lora.facts(tmp_path / "o")  # the adapter records the commit it was trained on
+    assert (fx["base"], fx["base_revision"], fx["base_resolved"]) == ("adapt-test/tiny-sd", commit, f"adapt-test/tiny-sd@{commit}")
+    assert f'from_pretrained("adapt-test/tiny-sd", revision="{commit}")' in (tmp_path / "o" / "README.md").read_text()
+    r = run_recipe(args + ["model.revision=v9", f"out_dir={tmp_path / 'o2'}"], launcher="python", env_extra=env)
+    assert r.returncode == 2 and "hub id 'adapt-test/tiny-sd'" in r.stderr, r.stderr[-2000:]
