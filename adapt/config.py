@@ -207,6 +207,15 @@ class EvalConfig:
     preservation_threshold: float = opt(0.9, "rule for the recommended strength: min SSIM (outside the mask when one exists)")
     min_classifier_accuracy: float = opt(0.95, "below this held-out accuracy the report is refused as unreliable")
     batch_size: int = opt(32, "img2img batch size")
+    fid_inception: Optional[str] = opt(None, "TorchScript Inception detector for FID (inception-2015-12-05.pt, as StyleGAN2-ADA "
+                                       "and clean-fid use); None = FID not computed")
+    lpips_net: Literal["vgg", "alex"] = opt("vgg", "LPIPS backbone; the few-shot literature's Intra-LPIPS uses vgg")
+    lpips_backbone: Optional[str] = opt(None, "ImageNet weights of lpips_net in torchvision's layout "
+                                        "(vgg16-397923af.pth / alexnet-owt-7be5be79.pth); None = LPIPS not computed")
+    lpips_linear: Optional[str] = opt(None, "LPIPS v0.1 linear layers (vgg.pth / alex.pth shipped in the lpips package)")
+    lpips_size: Optional[int] = opt(256, "resize to this many pixels before LPIPS (the literature uses 256); None = native")
+    intra_lpips_train: Optional[str] = opt(None, "the training images, Intra-LPIPS's cluster centres; None = the adapter's "
+                                           "recorded dataset and split")
     fuse: bool = opt(True, "fuse the adapter into the UNet at each scale (faster; equal to unfused within ~1e-6)")
     out: str = opt("runs/eval", "output folder")
 
@@ -214,6 +223,8 @@ class EvalConfig:
         _check(all(0 < float(s) <= 1 for s in self.strengths) and len(self.strengths) > 0, "strengths", f"each must be in (0, 1], got {self.strengths}")
         _check(all(float(s) >= 0 for s in self.scales) and len(self.scales) > 0, "scales", f"must be >= 0, got {self.scales}")
         _check(self.seeds > 0 and self.num_images > 1 and self.num_target > 1, "seeds/num_images/num_target", "must be positive (images >= 2)")
+        _check((self.lpips_backbone is None) == (self.lpips_linear is None), "lpips_backbone/lpips_linear",
+               "LPIPS needs both files (backbone and linear layers) or neither")
         self.strengths = sorted(float(s) for s in self.strengths)
         self.scales = sorted(float(s) for s in self.scales)
 

@@ -19,7 +19,9 @@ report.json schema (REPORT_SCHEMA below is checked by `validate_report`):
                         kid_features, kid_pixels, and delta_vs_base: {metric: adapter − base}
   spearman              per scale: rho and CI of strength vs target reach and vs preservation
   recommended           {strength, scale, rule, gain_over_base}
-  optional_metrics      CLIP/LPIPS/FID: "not computed: weights unavailable" unless computed
+  optional_metrics      fid / lpips / intra_lpips / clip_score: "computed: <weights file, sha256>" or
+                        "not computed: <why>"; when computed, rows also carry fid (outputs vs the target
+                        images), intra_lpips (Ojha et al. 2021) and preservation_lpips (output vs input)
   warnings              e.g. evaluation images that overlap the adapter's training data
 """
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapt import classifier, config, data, lora, metrics, model, sample, synth
+from adapt import classifier, config, data, lora, metrics, model, perceptual, sample, synth
 
 REPORT_SCHEMA = {
     "status": str, "settings": dict, "versions": dict, "classifier_accuracy": float, "vae_ceiling": dict,
@@ -134,7 +136,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
                                            "noise_seeds": [1000 * s for s in range(cfg.seeds)], "n_source": len(src_rec),
                                            "n_target": len(tgt_px), "n_classifier": clf.n_train},
               "versions": _versions(), "classifier_accuracy": clf.accuracy, "warnings": warnings,
-              "optional_metrics": {k: "not computed: weights unavailable" for k in ("clip_score", "lpips", "fid_inception")}}
+              "optional_metrics": {}}
     if clf.accuracy < cfg.min_classifier_accuracy:
         report.update(status="refused", reason=f"domain classifier held-out accuracy {clf.accuracy:.3f} < "
                       f"{cfg.min_classifier_accuracy}: its target-reach verdicts would be unreliable (more or cleaner "
@@ -150,6 +152,9 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     ceiling = _per_image(_arr(classifier.vae_roundtrip(pipe.vae, src_px)), inputs, masks)
     report["vae_ceiling"] = {k: float(v.mean()) for k, v in ceiling.items()}
     tgt_feat, tgt_pix = clf.features(tgt_px), _downsample(_arr(tgt_px))
+    perc = _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log)
+    for k, v in report["optional_metrics"].items():
+        log(f"{k}: {v}")
 
     per = {}  # (strength, scale) -> dict of (seeds, N) arrays
     grid_imgs = {}
@@ -176,9 +181,12 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
             bar.update(1)
         per[(strength, scale)] = {k: np.stack(v) for k, v in acc.items()}
         per[(strength, scale)]["pix"] = _downsample(np.concatenate(outs_all))
+        per[(strength, scale)]["perceptual"] = _perceptual_row(perc, np.stack(outs_all))
     bar.close()
 
     rows = [_row(strength, scale, per[(strength, scale)], tgt_feat, tgt_pix, masks is not None) for strength, scale in runs]
+    for r in rows:
+        r.update(per[(r["strength"], r["scale"])]["perceptual"])
     base_rows = {r["strength"]: r for r in rows if r["scale"] == 0.0}
     for r in rows:
         b = base_rows.get(r["strength"])
@@ -197,12 +205,64 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
 
 _NUMERIC = ("target_reach", "detector_reach", "preservation_ssim", "preservation_psnr", "preservation_l2",
             "preservation_ssim_outside_mask", "preservation_psnr_outside_mask", "colour_drift_outside_mask",
-            "kid_features", "kid_pixels")
+            "kid_features", "kid_pixels", "fid", "intra_lpips", "preservation_lpips")
+
+
+def _weights_id(path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"computed: {path} (sha256 {h.hexdigest()[:12]})"
+
+
+def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log) -> dict:
+    """Load the FID / LPIPS weights the config names; record in report['optional_metrics'] what runs and why not."""
+    status, perc = report["optional_metrics"], {}
+    status["clip_score"] = "not computed: not implemented (CLIP image-text weights are not shipped either)"
+    if cfg.fid_inception:
+        perc["inception"] = perceptual.InceptionFeatures(cfg.fid_inception)
+        perc["tgt_incep"] = perc["inception"](tgt_px)
+        status["fid"] = _weights_id(cfg.fid_inception) + f"; {len(tgt_px)} target images as reference"
+    else:
+        status["fid"] = "not computed: set fid_inception to a TorchScript Inception file (weights are not shipped)"
+    if not cfg.lpips_backbone:
+        status["lpips"] = status["intra_lpips"] = "not computed: set lpips_backbone and lpips_linear (weights are not shipped)"
+        return perc
+    perc["lpips"] = perceptual.LPIPS(cfg.lpips_backbone, cfg.lpips_linear, cfg.lpips_net, cfg.lpips_size)
+    perc["src_px"] = src_px
+    status["lpips"] = f"{_weights_id(cfg.lpips_backbone)} + {_weights_id(cfg.lpips_linear).removeprefix('computed: ')}; net {cfg.lpips_net}"
+    train = cfg.intra_lpips_train or facts.get("dataset")
+    if not train:
+        status["intra_lpips"] = "not computed: the adapter records no training dataset; set intra_lpips_train"
+        return perc
+    split = facts.get("dataset_split", "train") if not cfg.intra_lpips_train else "train"
+    perc["train_px"], _, _ = data.load(train, res, split, logger=lambda m: None)
+    status["intra_lpips"] = f"computed: {len(perc['train_px'])} training images of {train} (split {split}) as cluster centres"
+    return perc
+
+
+def _perceptual_row(perc, outs) -> dict:
+    """fid, intra_lpips and preservation_lpips for one (strength, scale); outs: (seeds, N, H, W, 3) in [0, 1]."""
+    if not perc:
+        return {}
+    seeds, n = outs.shape[:2]
+    x = torch.from_numpy(outs.reshape(seeds * n, *outs.shape[2:])).permute(0, 3, 1, 2).float() * 2 - 1  # (S·N, 3, H, W)
+    row = {}
+    if "inception" in perc:
+        row["fid"] = perceptual.fid(perc["inception"](x), perc["tgt_incep"])
+    if "lpips" in perc:
+        src = perc["src_px"].repeat(seeds, 1, 1, 1)  # output k pairs with input k mod N
+        row["preservation_lpips"] = float(perc["lpips"](x, src).mean())
+        if "train_px" in perc:
+            row.update(perceptual.intra_lpips(perc["lpips"], x, perc["train_px"]))
+    return row
 
 
 def _row(strength, scale, m, tgt_feat, tgt_pix, has_masks) -> dict:
     """Aggregate one (strength, scale): means over seeds and images; CIs over images (seed-averaged)."""
-    img = {k: v.mean(0) for k, v in m.items() if k not in ("feat", "pix")}  # (N,) per image
+    img = {k: v.mean(0) for k, v in m.items() if k not in ("feat", "pix", "perceptual")}  # (N,) per image
     row = {"strength": strength, "scale": scale, "n_outputs": int(m["reach"].size),
            "target_reach": float(img["reach"].mean()), "target_reach_ci": metrics.bootstrap_ci(img["reach"]),
            "preservation_ssim": float(img["ssim"].mean()), "preservation_ssim_ci": metrics.bootstrap_ci(img["ssim"]),

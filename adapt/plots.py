@@ -91,6 +91,8 @@ def summary_markdown(report: dict) -> str:
               (f", SSIM outside mask {c['ssim_out']:.3f}" if masks else ""), ""]
     head = ["strength", "scale", "reach (clf)"] + (["reach (detector)", "SSIM out-mask", "drift out-mask"] if masks else []) + \
            ["SSIM", "PSNR", "KID feat", "Δreach vs base"]
+    extra = [k for k in ("fid", "intra_lpips", "preservation_lpips") if k in report["rows"][0]]  # when their weights were given
+    head += [{"fid": "FID", "intra_lpips": "Intra-LPIPS", "preservation_lpips": "LPIPS to input"}[k] for k in extra]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         cells = [f"{r['strength']:g}", f"{r['scale']:g}",
@@ -100,6 +102,7 @@ def summary_markdown(report: dict) -> str:
         d = r["delta_vs_base"].get("target_reach")
         cells += [f"{r['preservation_ssim']:.3f}", f"{r['preservation_psnr']:.1f}", f"{r['kid_features']:.4f}",
                   "—" if r["scale"] == 0 or d is None else f"{d:+.2f}"]
+        cells += [f"{r[k]:.3f}" for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
     rec = report["recommended"]
     lines += ["", f"**Recommended:** strength {rec['strength']}, scale {rec['scale']} — rule: {rec['rule']}."]

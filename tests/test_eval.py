@@ -97,12 +97,27 @@ def test_sweep_end_to_end_writes_every_file(adapter, tmp_path):
     assert {(r["strength"], r["scale"]) for r in saved["rows"]} == {(0.3, 0.0), (0.3, 1.0), (0.7, 0.0), (0.7, 1.0)}
     row = saved["rows"][0]
     assert "preservation_ssim_outside_mask" in row and row["n_outputs"] == 8
-    assert saved["optional_metrics"]["lpips"] == "not computed: weights unavailable"
+    assert saved["optional_metrics"]["lpips"].startswith("not computed: set lpips_backbone")
+    assert "fid" not in row and "intra_lpips" not in row
     assert all(r["delta_vs_base"]["target_reach"] == 0 for r in saved["rows"] if r["scale"] == 0)
     assert "Recommended" in (tmp_path / "summary.md").read_text()
-    # deterministic on CPU with fixed seeds
-    again = evaluate.run(_cfg(adapter, tmp_path / "again"), progress=False, log=lambda m: None)
+    # deterministic on CPU with fixed seeds; this time with FID and (Intra-)LPIPS weights on disk
+    from adapt import synth
+    from test_perceptual import _Detector, write_lpips
+    torch.jit.save(torch.jit.script(_Detector()), str(tmp_path / "inception.pt"))
+    backbone, lin, _, _ = write_lpips(tmp_path)
+    train = synth.build_imagefolder("sunglasses", tmp_path / "train", n=3, split="train")
+    again = evaluate.run(_cfg(adapter, tmp_path / "again", fid_inception=str(tmp_path / "inception.pt"), lpips_net="alex",
+                              lpips_backbone=str(backbone), lpips_linear=str(lin), lpips_size=None,
+                              intra_lpips_train=str(train)), progress=False, log=lambda m: None)
     assert [r["preservation_ssim"] for r in again["rows"]] == [r["preservation_ssim"] for r in report["rows"]]
+    opt = again["optional_metrics"]
+    assert opt["fid"].startswith("computed: ") and "sha256" in opt["lpips"] and "3 training images" in opt["intra_lpips"]
+    base = {r["strength"]: r for r in again["rows"] if r["scale"] == 0}
+    for r in again["rows"]:
+        assert r["fid"] > 0 and r["preservation_lpips"] > 0 and sum(r["intra_lpips_cluster_sizes"]) == r["n_outputs"]
+        assert r["delta_vs_base"]["fid"] == pytest.approx(r["fid"] - base[r["strength"]]["fid"])
+    assert "Intra-LPIPS" in (tmp_path / "again" / "summary.md").read_text()
     with pytest.raises(ValueError, match="rows"):
         evaluate.validate_report({**saved, "rows": "nope"})
 
