@@ -173,6 +173,13 @@ def test_tiny_sdxl_pipeline_trains_and_samples(tmp_path):
     lora.load_into(pipe, tmp_path / "o")
     from PIL import Image
     assert sample.img2img(pipe, [Image.open(data / "train_000000.png")], "a face", 0.5, 6, 1.0, scheduler="euler")[0].size == (64, 64)
+    from test_cli import adapt_cli  # the user-facing command: both text encoders, pooled embeddings, time ids
+    r = adapt_cli("sample", "--base", base, "--adapter", tmp_path / "o", "--image", data / "train_000000.png",
+                  "--steps", 4, "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = adapt_cli("sample", "--base", base, "--prompt", "a face", "--steps", 3, "--out", tmp_path / "t")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "s" / "img2img_000.png").size == Image.open(tmp_path / "t" / "txt2img_000.png").size == (64, 64)
     # an SDXL adapter refuses an SD base, with a message instead of a partial load
     from adapt.tiny import save_tiny_pipeline
     sd_pipe, _ = model.load_base(str(save_tiny_pipeline(tmp_path / "sd")))
