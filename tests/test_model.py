@@ -171,3 +171,27 @@ def test_hub_id_loads_through_the_hub_cache(tmp_path):
     assert f'from_pretrained("adapt-test/tiny-sd", revision="{commit}")' in (tmp_path / "o" / "README.md").read_text()
     r = run_recipe(args + ["model.revision=v9", f"out_dir={tmp_path / 'o2'}"], launcher="python", env_extra=env)
     assert r.returncode == 2 and "hub id 'adapt-test/tiny-sd'" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("encoder", ["sdxl_bigG", "sd2_vitH"])
+def test_single_file_openclip_names_on_real_configs(encoder):
+    """OpenCLIP ViT-bigG (SDXL) and ViT-H (SD 2.x) text encoders at full size: names and shapes survive diffusers' converter."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from adapt.singlefile import openclip_to_original
+    cls, kw, prefix, layers = {
+        "sdxl_bigG": (CLIPTextModelWithProjection, dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                                        projection_dim=1280), "conditioner.embedders.1.model.", 32),
+        "sd2_vitH": (CLIPTextModel, dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16), "cond_stage_model.model.", 23),
+    }[encoder]
+    with init_empty_weights():
+        te = cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, num_hidden_layers=layers, hidden_act="gelu", **kw))
+    sd = te.state_dict()
+    orig = openclip_to_original(sd, prefix)
+    width = kw["hidden_size"]
+    assert orig[f"{prefix}transformer.resblocks.{layers - 1}.attn.in_proj_weight"].shape == (3 * width, width)
+    assert len(orig) == 12 * layers + 4 + (encoder == "sdxl_bigG")  # per block 12 tensors; embeddings, ln_final, projection
+    back = convert_open_clip_checkpoint(te, orig, prefix=prefix)
+    back = back if hasattr(te, "text_model") else {k.removeprefix("text_model."): v for k, v in back.items()}
+    assert back.keys() == sd.keys() and all(back[k].shape == sd[k].shape for k in sd)
