@@ -216,6 +216,9 @@ class EvalConfig:
     lpips_size: Optional[int] = opt(256, "resize to this many pixels before LPIPS (the literature uses 256); None = native")
     intra_lpips_train: Optional[str] = opt(None, "the training images, Intra-LPIPS's cluster centres; None = the adapter's "
                                            "recorded dataset and split")
+    clip_model: Optional[str] = opt(None, "transformers CLIPModel folder or hub id for clip_score / clip_direction; None = skip")
+    clip_target_text: Optional[str] = opt(None, "text describing the target domain, e.g. 'a photo of a person wearing sunglasses'")
+    clip_source_text: Optional[str] = opt(None, "text describing the source domain, e.g. 'a photo of a person' (for clip_direction)")
     fuse: bool = opt(True, "fuse the adapter into the UNet at each scale (faster; equal to unfused within ~1e-6)")
     out: str = opt("runs/eval", "output folder")
 
@@ -223,6 +226,8 @@ class EvalConfig:
         _check(all(0 < float(s) <= 1 for s in self.strengths) and len(self.strengths) > 0, "strengths", f"each must be in (0, 1], got {self.strengths}")
         _check(all(float(s) >= 0 for s in self.scales) and len(self.scales) > 0, "scales", f"must be >= 0, got {self.scales}")
         _check(self.seeds > 0 and self.num_images > 1 and self.num_target > 1, "seeds/num_images/num_target", "must be positive (images >= 2)")
+        _check(self.clip_model is None or bool(self.clip_target_text), "clip_target_text",
+               "clip_model is set: name the target domain in words, e.g. 'a photo of a person wearing sunglasses'")
         _check((self.lpips_backbone is None) == (self.lpips_linear is None), "lpips_backbone/lpips_linear",
                "LPIPS needs both files (backbone and linear layers) or neither")
         self.strengths = sorted(float(s) for s in self.strengths)

@@ -19,9 +19,10 @@ report.json schema (REPORT_SCHEMA below is checked by `validate_report`):
                         kid_features, kid_pixels, and delta_vs_base: {metric: adapter − base}
   spearman              per scale: rho and CI of strength vs target reach and vs preservation
   recommended           {strength, scale, rule, gain_over_base}
-  optional_metrics      fid / lpips / intra_lpips / clip_score: "computed: <weights file, sha256>" or
+  optional_metrics      fid / lpips / intra_lpips / clip_score / clip_direction: "computed: <weights>" or
                         "not computed: <why>"; when computed, rows also carry fid (outputs vs the target
-                        images), intra_lpips (Ojha et al. 2021) and preservation_lpips (output vs input)
+                        images), intra_lpips (Ojha et al. 2021), preservation_lpips (output vs input),
+                        clip_score (vs clip_target_text) and clip_direction (edit vs text direction)
   warnings              e.g. evaluation images that overlap the adapter's training data
 """
 
@@ -205,7 +206,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
 
 _NUMERIC = ("target_reach", "detector_reach", "preservation_ssim", "preservation_psnr", "preservation_l2",
             "preservation_ssim_outside_mask", "preservation_psnr_outside_mask", "colour_drift_outside_mask",
-            "kid_features", "kid_pixels", "fid", "intra_lpips", "preservation_lpips")
+            "kid_features", "kid_pixels", "fid", "intra_lpips", "preservation_lpips", "clip_score", "clip_direction")
 
 
 def _weights_id(path) -> str:
@@ -220,7 +221,17 @@ def _weights_id(path) -> str:
 def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log) -> dict:
     """Load the FID / LPIPS weights the config names; record in report['optional_metrics'] what runs and why not."""
     status, perc = report["optional_metrics"], {}
-    status["clip_score"] = "not computed: not implemented (CLIP image-text weights are not shipped either)"
+    if cfg.clip_model:
+        clip = perc["clip"] = perceptual.Clip(cfg.clip_model)
+        perc["clip_src"], perc["clip_target"] = clip.images(src_px), clip.texts([cfg.clip_target_text])[0]
+        status["clip_score"] = f"computed: {cfg.clip_model} against {cfg.clip_target_text!r}"
+        if cfg.clip_source_text:
+            perc["clip_source"] = clip.texts([cfg.clip_source_text])[0]
+            status["clip_direction"] = f"computed: {cfg.clip_model}, {cfg.clip_source_text!r} -> {cfg.clip_target_text!r}"
+        else:
+            status["clip_direction"] = "not computed: set clip_source_text"
+    else:
+        status["clip_score"] = status["clip_direction"] = "not computed: set clip_model (a CLIPModel folder) and clip_target_text"
     if cfg.fid_inception:
         perc["inception"] = perceptual.InceptionFeatures(cfg.fid_inception)
         perc["tgt_incep"] = perc["inception"](tgt_px)
@@ -252,6 +263,12 @@ def _perceptual_row(perc, outs) -> dict:
     row = {}
     if "inception" in perc:
         row["fid"] = perceptual.fid(perc["inception"](x), perc["tgt_incep"])
+    if "clip" in perc:
+        emb = perc["clip"].images(x)
+        row["clip_score"] = float(perceptual.clip_score(emb, perc["clip_target"]).mean())
+        if "clip_source" in perc:
+            src = perc["clip_src"].repeat(seeds, 1)  # output k pairs with input k mod N
+            row["clip_direction"] = float(perceptual.clip_direction(emb, src, perc["clip_target"], perc["clip_source"]).mean())
     if "lpips" in perc:
         src = perc["src_px"].repeat(seeds, 1, 1, 1)  # output k pairs with input k mod N
         row["preservation_lpips"] = float(perc["lpips"](x, src).mean())

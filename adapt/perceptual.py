@@ -16,6 +16,11 @@ No package here ships these weights, and nothing may download them, so the user 
   intra_lpips       Ojha et al. 2021, "Few-shot Image Generation via Cross-domain Correspondence", sec. 4.2:
                     assign each output to its nearest training image by LPIPS, average the pairwise LPIPS inside
                     each cluster, then over clusters. Low means outputs collapse onto the few training images.
+  clip_score        Hessel et al. 2021, "CLIPScore", eq. 1 with w = 100 (as torchmetrics reports it):
+                    100 · max(cos(E_I(output), E_T(target text)), 0)
+  clip_direction    Gal et al. 2021, "StyleGAN-NADA", eq. 3 (directional CLIP similarity): cos(E_I(output) -
+                    E_I(input), E_T(target text) - E_T(source text)); did the edit move the way the text does?
+CLIP is any transformers CLIPModel folder (or hub id when online) with its tokenizer, e.g. openai/clip-vit-large-patch14.
 """
 
 from __future__ import annotations
@@ -205,3 +210,54 @@ def intra_lpips(lp: LPIPS, outputs: torch.Tensor, train_images: torch.Tensor, ba
         per_cluster.append(total / count)
     value = float(np.mean(per_cluster)) if per_cluster else float("nan")
     return {"intra_lpips": value, "intra_lpips_clusters_used": len(per_cluster), "intra_lpips_cluster_sizes": sizes}
+
+
+# CLIP's image normalisation (OpenAI's preprocessing; the same constants as transformers' OPENAI_CLIP_MEAN/STD).
+_CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+_CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
+class Clip:
+    """Normalised CLIP image and text embeddings from a transformers CLIPModel folder or hub id."""
+
+    def __init__(self, name: str):
+        from transformers import AutoTokenizer, CLIPModel
+        try:
+            self.model = CLIPModel.from_pretrained(name).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception as e:
+            raise WeightsError(f"CLIP model {name!r}: could not load a CLIPModel and its tokenizer ({type(e).__name__}: {e})") from e
+        self.size = int(self.model.config.vision_config.image_size)
+
+    @staticmethod
+    def _embed(out) -> torch.Tensor:
+        e = out if torch.is_tensor(out) else out.pooler_output  # transformers >= 5 returns the projection as pooler_output
+        return F.normalize(e.float(), dim=-1)
+
+    @torch.no_grad()
+    def images(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, D): resize the short side to CLIP's size (bicubic), centre crop, normalise."""
+        out = []
+        for x in images.float().split(batch_size):
+            h, w = x.shape[-2:]
+            scale = self.size / min(h, w)
+            x = F.interpolate((x + 1) / 2, size=(round(h * scale), round(w * scale)), mode="bicubic", align_corners=False)
+            top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+            x = x[..., top:top + self.size, left:left + self.size].clamp(0, 1)
+            out.append(self._embed(self.model.get_image_features(pixel_values=(x - _CLIP_MEAN) / _CLIP_STD)))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        return self._embed(self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
+
+
+def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """CLIPScore per image: 100 · max(cos, 0); both embeddings normalised, text_emb (D,) or (N, D)."""
+    return 100 * (image_emb * text_emb).sum(-1).clamp(min=0)
+
+
+def clip_direction(out_emb: torch.Tensor, in_emb: torch.Tensor, target_emb: torch.Tensor, source_emb: torch.Tensor) -> torch.Tensor:
+    """Directional CLIP similarity per image, in [-1, 1]: cos(E_I(out) - E_I(in), E_T(target) - E_T(source))."""
+    return F.cosine_similarity(out_emb - in_emb, (target_emb - source_emb).expand_as(out_emb), dim=-1)

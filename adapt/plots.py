@@ -91,8 +91,10 @@ def summary_markdown(report: dict) -> str:
               (f", SSIM outside mask {c['ssim_out']:.3f}" if masks else ""), ""]
     head = ["strength", "scale", "reach (clf)"] + (["reach (detector)", "SSIM out-mask", "drift out-mask"] if masks else []) + \
            ["SSIM", "PSNR", "KID feat", "Δreach vs base"]
-    extra = [k for k in ("fid", "intra_lpips", "preservation_lpips") if k in report["rows"][0]]  # when their weights were given
-    head += [{"fid": "FID", "intra_lpips": "Intra-LPIPS", "preservation_lpips": "LPIPS to input"}[k] for k in extra]
+    names = {"fid": "FID", "intra_lpips": "Intra-LPIPS", "preservation_lpips": "LPIPS to input", "clip_score": "CLIP score",
+             "clip_direction": "CLIP direction"}
+    extra = [k for k in names if k in report["rows"][0]]  # the metrics whose weights were given
+    head += [names[k] for k in extra]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         cells = [f"{r['strength']:g}", f"{r['scale']:g}",

@@ -103,13 +103,15 @@ def test_sweep_end_to_end_writes_every_file(adapter, tmp_path):
     assert "Recommended" in (tmp_path / "summary.md").read_text()
     # deterministic on CPU with fixed seeds; this time with FID and (Intra-)LPIPS weights on disk
     from adapt import synth
-    from test_perceptual import _Detector, write_lpips
+    from test_perceptual import _Detector, save_tiny_clip, write_lpips
     torch.jit.save(torch.jit.script(_Detector()), str(tmp_path / "inception.pt"))
+    clip = save_tiny_clip(tmp_path / "clip")
     backbone, lin, _, _ = write_lpips(tmp_path)
     train = synth.build_imagefolder("sunglasses", tmp_path / "train", n=3, split="train")
     again = evaluate.run(_cfg(adapter, tmp_path / "again", fid_inception=str(tmp_path / "inception.pt"), lpips_net="alex",
                               lpips_backbone=str(backbone), lpips_linear=str(lin), lpips_size=None,
-                              intra_lpips_train=str(train)), progress=False, log=lambda m: None)
+                              intra_lpips_train=str(train), clip_model=str(clip), clip_target_text="a face wearing sunglasses",
+                              clip_source_text="a face"), progress=False, log=lambda m: None)
     assert [r["preservation_ssim"] for r in again["rows"]] == [r["preservation_ssim"] for r in report["rows"]]
     opt = again["optional_metrics"]
     assert opt["fid"].startswith("computed: ") and "sha256" in opt["lpips"] and "3 training images" in opt["intra_lpips"]
@@ -117,6 +119,10 @@ def test_sweep_end_to_end_writes_every_file(adapter, tmp_path):
     for r in again["rows"]:
         assert r["fid"] > 0 and r["preservation_lpips"] > 0 and sum(r["intra_lpips_cluster_sizes"]) == r["n_outputs"]
         assert r["delta_vs_base"]["fid"] == pytest.approx(r["fid"] - base[r["strength"]]["fid"])
+        assert 0 <= r["clip_score"] <= 100 and -1 <= r["clip_direction"] <= 1
+    assert opt["clip_direction"].startswith("computed") and "CLIP direction" in (tmp_path / "again" / "summary.md").read_text()
+    with pytest.raises(config.ConfigError, match="clip_target_text"):
+        _cfg(adapter, tmp_path, clip_model=str(clip))
     assert "Intra-LPIPS" in (tmp_path / "again" / "summary.md").read_text()
     with pytest.raises(ValueError, match="rows"):
         evaluate.validate_report({**saved, "rows": "nope"})

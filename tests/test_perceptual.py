@@ -122,3 +122,41 @@ def test_lpips_weight_errors_name_file_and_key(tmp_path):
     (tmp_path / "evil.pth").write_bytes(pickle.dumps(ValueError("x")))
     with pytest.raises(P.WeightsError, match="evil.pth: not a tensor-only state dict"):
         P.LPIPS(tmp_path / "evil.pth", lin, net="alex")
+
+
+def save_tiny_clip(path):
+    """A small random transformers CLIPModel with its tokenizer, saved the way a downloaded one is."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from adapt.tiny import TINY_WORDS, build_tokenizer
+    tok = build_tokenizer(TINY_WORDS + ["photo", "person", "wearing"], max_length=32)
+    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_clip_score_and_direction_formulas():
+    t = torch.nn.functional.normalize(torch.tensor([1.0, 2.0, 0.5]), dim=0)
+    ortho = torch.nn.functional.normalize(torch.tensor([2.0, -1.0, 0.0]), dim=0)
+    assert P.clip_score(torch.stack([t, ortho, -t]), t).tolist() == pytest.approx([100.0, 0.0, 0.0], abs=1e-4)
+    src_t, tgt_t = torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0])
+    inp = torch.tensor([[0.5, 0.5, 0.0]] * 3)
+    out = inp + torch.tensor([[-1.0, 1, 0], [1.0, -1, 0], [0.0, 0, 1]])  # along, against, across the text direction
+    assert P.clip_direction(out, inp, tgt_t, src_t).tolist() == pytest.approx([1.0, -1.0, 0.0], abs=1e-6)
+
+
+def test_clip_embeddings_from_a_saved_model(tmp_path):
+    torch.set_num_threads(1)
+    clip = P.Clip(str(save_tiny_clip(tmp_path / "clip")))
+    imgs = torch.rand(3, 3, 64, 64) * 2 - 1
+    e = clip.images(imgs, batch_size=2)
+    assert e.shape == (3, 16) and torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(e, clip.images(imgs)) and not torch.allclose(e[0], e[1])
+    t = clip.texts(["a photo of a person", "a photo of a person wearing sunglasses"])
+    assert t.shape == (2, 16) and not torch.allclose(t[0], t[1])
+    with pytest.raises(P.WeightsError, match="could not load a CLIPModel"):
+        P.Clip(str(tmp_path / "missing"))
