@@ -31,6 +31,8 @@ def _add_sample(sub):
     p.add_argument("--num-images", type=int, default=1, help="txt2img images")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep adapters unfused (default: fused at the given scale, which is faster and equal within ~1e-6)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on CPU), float32, float16, bfloat16")
     p.add_argument("--out", default="runs/samples", help="output folder")
     p.add_argument("--grid", default=None, help="img2img: also write a grid PNG of input | base | adapter rows")
     p.set_defaults(func=cmd_sample)
@@ -40,7 +42,9 @@ def cmd_sample(a) -> int:
     from adapt import lora, model, sample
     if a.scale and len(a.scale) != len(a.adapter):
         raise SystemExit(f"error: {len(a.scale)} --scale values for {len(a.adapter)} adapters; give one per adapter")
-    pipe, facts = model.load_base(a.base)
+    device = model.pick_device(a.device)
+    pipe, facts = model.load_base(a.base, torch_dtype=model.pick_dtype(a.dtype, device))
+    pipe.to(device)  # noise stays on CPU generators, so a seed gives the same start on every device
     stored = lora.facts(a.adapter[0]) if a.adapter else {}
     names = [lora.load_into(pipe, ad, 1.0, adapter_name=f"a{i}") for i, ad in enumerate(a.adapter)]
     scales = a.scale or [1.0] * len(names)

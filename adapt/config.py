@@ -207,6 +207,8 @@ class EvalConfig:
     preservation_threshold: float = opt(0.9, "rule for the recommended strength: min SSIM (outside the mask when one exists)")
     min_classifier_accuracy: float = opt(0.95, "below this held-out accuracy the report is refused as unreliable")
     batch_size: int = opt(32, "img2img batch size")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = opt("auto", "base weights for sampling: auto = float16 on a GPU, float32 on CPU")
     fid_inception: Optional[str] = opt(None, "TorchScript Inception detector for FID (inception-2015-12-05.pt, as StyleGAN2-ADA "
                                        "and clean-fid use); None = FID not computed")
     lpips_net: Literal["vgg", "alex"] = opt("vgg", "LPIPS backbone; the few-shot literature's Intra-LPIPS uses vgg")

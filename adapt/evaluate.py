@@ -112,7 +112,9 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
         raise config.ConfigError("base: the adapter stores no base model; pass --base")
     steps = cfg.steps or facts.get("inference_steps") or 50
     sched = cfg.scheduler or facts.get("scheduler") or "ddim"
-    pipe, bf = model.load_base(base)
+    device = model.pick_device(cfg.device)
+    pipe, bf = model.load_base(base, torch_dtype=model.pick_dtype(cfg.dtype, device))
+    pipe.to(device)
     name = lora.load_into(pipe, cfg.adapter, 1.0, adapter_name="adapter")
     res = bf.sample_size
     warnings = []
@@ -153,7 +155,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     ceiling = _per_image(_arr(classifier.vae_roundtrip(pipe.vae, src_px)), inputs, masks)
     report["vae_ceiling"] = {k: float(v.mean()) for k, v in ceiling.items()}
     tgt_feat, tgt_pix = clf.features(tgt_px), _downsample(_arr(tgt_px))
-    perc = _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log)
+    perc = _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device)
     for k, v in report["optional_metrics"].items():
         log(f"{k}: {v}")
 
@@ -218,11 +220,11 @@ def _weights_id(path) -> str:
     return f"computed: {path} (sha256 {h.hexdigest()[:12]})"
 
 
-def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log) -> dict:
+def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device) -> dict:
     """Load the FID / LPIPS weights the config names; record in report['optional_metrics'] what runs and why not."""
     status, perc = report["optional_metrics"], {}
     if cfg.clip_model:
-        clip = perc["clip"] = perceptual.Clip(cfg.clip_model)
+        clip = perc["clip"] = perceptual.Clip(cfg.clip_model, device)
         perc["clip_src"], perc["clip_target"] = clip.images(src_px), clip.texts([cfg.clip_target_text])[0]
         status["clip_score"] = f"computed: {cfg.clip_model} against {cfg.clip_target_text!r}"
         if cfg.clip_source_text:
@@ -233,7 +235,7 @@ def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log) -> dict:
     else:
         status["clip_score"] = status["clip_direction"] = "not computed: set clip_model (a CLIPModel folder) and clip_target_text"
     if cfg.fid_inception:
-        perc["inception"] = perceptual.InceptionFeatures(cfg.fid_inception)
+        perc["inception"] = perceptual.InceptionFeatures(cfg.fid_inception, device)
         perc["tgt_incep"] = perc["inception"](tgt_px)
         status["fid"] = _weights_id(cfg.fid_inception) + f"; {len(tgt_px)} target images as reference"
     else:
@@ -241,7 +243,7 @@ def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log) -> dict:
     if not cfg.lpips_backbone:
         status["lpips"] = status["intra_lpips"] = "not computed: set lpips_backbone and lpips_linear (weights are not shipped)"
         return perc
-    perc["lpips"] = perceptual.LPIPS(cfg.lpips_backbone, cfg.lpips_linear, cfg.lpips_net, cfg.lpips_size)
+    perc["lpips"] = perceptual.LPIPS(cfg.lpips_backbone, cfg.lpips_linear, cfg.lpips_net, cfg.lpips_size, device)
     perc["src_px"] = src_px
     status["lpips"] = f"{_weights_id(cfg.lpips_backbone)} + {_weights_id(cfg.lpips_linear).removeprefix('computed: ')}; net {cfg.lpips_net}"
     train = cfg.intra_lpips_train or facts.get("dataset")

@@ -157,6 +157,35 @@ def facts_of(pipe, source: str, resolved: str) -> BaseFacts:
     )
 
 
+def pick_device(name: str | None = None) -> torch.device:
+    """'auto' (or None): cuda, then mps, then cpu. An explicit device this torch cannot use is an error."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ModelError(f"device {name!r}: {e}") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ModelError(f"device {name!r}: CUDA is not available to this torch ({torch.__version__}, "
+                         f"{torch.cuda.device_count()} GPU(s) visible); use --device cpu or install a CUDA build")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {name!r}: MPS is not available on this machine")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': float16 on a GPU (sampling only; training keeps LoRA in fp32), float32 on CPU."""
+    if name == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if name not in DTYPES:
+        raise ModelError(f"dtype {name!r}: expected auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_base(base: str, revision: str | None = None, variant: str | None = None,
               torch_dtype: torch.dtype | str = torch.float32, vae: str | None = None, architecture: str | None = None,
               config: str | None = None):

@@ -114,7 +114,7 @@ def _read(path: Path) -> dict:
 class LPIPS:
     """LPIPS v0.1 (lin) distance with an AlexNet or VGG16 backbone; images (N, 3, H, W) in [-1, 1]."""
 
-    def __init__(self, backbone: str | Path, linear: str | Path, net: str = "vgg", size: int | None = 256):
+    def __init__(self, backbone: str | Path, linear: str | Path, net: str = "vgg", size: int | None = 256, device="cpu"):
         if net not in _NETS:
             raise WeightsError(f"lpips net {net!r}: expected one of {sorted(_NETS)}")
         spec, sd, lin = _NETS[net], _read(Path(backbone).expanduser()), _read(Path(linear).expanduser())
@@ -130,7 +130,7 @@ class LPIPS:
             if w is None or b is None or tuple(w.shape) != (out_ch, in_ch, k, k):
                 got = None if w is None else tuple(w.shape)
                 raise WeightsError(f"{backbone}: features.{idx}.weight should be {(out_ch, in_ch, k, k)} for {net}, got {got}")
-            self.convs.append((idx, w.float(), b.float(), s, p))
+            self.convs.append((idx, w.float().to(device), b.float().to(device), s, p))
             in_ch = out_ch
         tap_channels = [c[1].shape[0] for c in self.convs if c is not None and c[0] in spec["taps"]]
         for i, ch in enumerate(tap_channels):
@@ -138,17 +138,18 @@ class LPIPS:
             if w is None or tuple(w.shape) != (1, ch, 1, 1):
                 raise WeightsError(f"{linear}: lin{i}.model.1.weight should be (1, {ch}, 1, 1) for {net}, "
                                    f"got {None if w is None else tuple(w.shape)}")
-            self.lins.append(w.float())
-        self.taps, self.pool = spec["taps"], spec["pool"]
+            self.lins.append(w.float().to(device))
+        self.taps, self.pool, self.device = spec["taps"], spec["pool"], device
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 32) -> list[torch.Tensor]:
         """Unit-normalised tap features: a list of 5 tensors (N, C_l, H_l, W_l)."""
         outs = []
         for x in images.float().split(batch_size):
+            x = x.to(self.device)
             if self.size and x.shape[-1] != self.size:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-            x = (x - _SHIFT) / _SCALE
+            x = (x - _SHIFT.to(x.device)) / _SCALE.to(x.device)
             taps = []
             for c in self.convs:
                 if c is None:
@@ -168,7 +169,7 @@ class LPIPS:
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """LPIPS(a[i], b[i]) for image batches (N, 3, H, W) in [-1, 1]: (N,). Features live one chunk at a time."""
-        return torch.cat([self.distance(self.features(x), self.features(y))
+        return torch.cat([self.distance(self.features(x), self.features(y)).cpu()
                           for x, y in zip(a.split(batch_size), b.split(batch_size))])
 
 
@@ -189,7 +190,7 @@ def intra_lpips(lp: LPIPS, outputs: torch.Tensor, train_images: torch.Tensor, ba
     assign = []
     for chunk in outputs.split(batch_size):
         fc = lp.features(chunk)
-        assign.append(torch.stack([lp.distance(fc, _take(ft, [j])) for j in range(k)], 1).argmin(1))  # (B, K) -> (B,)
+        assign.append(torch.stack([lp.distance(fc, _take(ft, [j])) for j in range(k)], 1).argmin(1).cpu())  # (B, K) -> (B,)
     assign = torch.cat(assign)
     per_cluster, sizes = [], []
     for j in range(k):
@@ -220,14 +221,14 @@ _CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 class Clip:
     """Normalised CLIP image and text embeddings from a transformers CLIPModel folder or hub id."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, device="cpu"):
         from transformers import AutoTokenizer, CLIPModel
         try:
-            self.model = CLIPModel.from_pretrained(name).eval()
+            self.model = CLIPModel.from_pretrained(name).eval().to(device)
             self.tokenizer = AutoTokenizer.from_pretrained(name)
         except Exception as e:
             raise WeightsError(f"CLIP model {name!r}: could not load a CLIPModel and its tokenizer ({type(e).__name__}: {e})") from e
-        self.size = int(self.model.config.vision_config.image_size)
+        self.size, self.device = int(self.model.config.vision_config.image_size), device
 
     @staticmethod
     def _embed(out) -> torch.Tensor:
@@ -239,18 +240,20 @@ class Clip:
         """(N, 3, H, W) in [-1, 1] -> (N, D): resize the short side to CLIP's size (bicubic), centre crop, normalise."""
         out = []
         for x in images.float().split(batch_size):
+            x = x.to(self.device)
             h, w = x.shape[-2:]
             scale = self.size / min(h, w)
             x = F.interpolate((x + 1) / 2, size=(round(h * scale), round(w * scale)), mode="bicubic", align_corners=False)
             top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
             x = x[..., top:top + self.size, left:left + self.size].clamp(0, 1)
-            out.append(self._embed(self.model.get_image_features(pixel_values=(x - _CLIP_MEAN) / _CLIP_STD)))
+            x = (x - _CLIP_MEAN.to(x.device)) / _CLIP_STD.to(x.device)
+            out.append(self._embed(self.model.get_image_features(pixel_values=x)).cpu())
         return torch.cat(out)
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        return self._embed(self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
+        tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return self._embed(self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)).cpu()
 
 
 def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

@@ -77,3 +77,16 @@ def test_errors_are_one_clear_line(tiny_base, tmp_path):
     assert r.returncode == 2 and "pickle" in r.stderr and "Traceback" not in r.stderr
     r = adapt_cli("sample", "--base", tmp_path / "nope", "--out", tmp_path)
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = adapt_cli("sample", "--base", tiny_base, "--prompt", "a face", "--device", "cuda", "--out", tmp_path)
+    assert r.returncode == 2 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_device_and_dtype_choice():
+    import torch
+    assert model.pick_device("auto") == model.pick_device(None) == torch.device("cpu")  # this machine has no GPU
+    assert model.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert model.pick_dtype("auto", torch.device("cuda")) == torch.float16
+    with pytest.raises(model.ModelError, match="dtype 'fp8'"):
+        model.pick_dtype("fp8", torch.device("cpu"))
+    with pytest.raises(model.ModelError, match="device 'gpu0'"):
+        model.pick_device("gpu0")
