@@ -55,10 +55,18 @@ class TrainedClassifier:
 @torch.no_grad()
 def vae_roundtrip(vae, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """Encode (posterior mode) and decode: what the VAE alone does to images (N, 3, H, W) in [-1, 1]."""
-    out = []
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch].to(vae.device, vae.dtype)
-        out.append(vae.decode(vae.encode(xb).latent_dist.mode()).sample.clamp(-1, 1).float().cpu())
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+    if upcast:  # SDXL's VAE overflows in fp16; diffusers' pipelines run it in fp32 when its config says so
+        vae.to(torch.float32)
+    try:
+        out = []
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch].to(vae.device, vae.dtype)
+            out.append(vae.decode(vae.encode(xb).latent_dist.mode()).sample.clamp(-1, 1).float().cpu())
+    finally:
+        if upcast:
+            vae.to(dtype)
     return torch.cat(out)
 
 

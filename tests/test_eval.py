@@ -132,3 +132,15 @@ def test_unreliable_classifier_refuses_the_report(adapter, tmp_path):
     report = evaluate.run(_cfg(adapter, tmp_path, min_classifier_accuracy=1.01), progress=False, log=lambda m: None)
     assert report["status"] == "refused" and "unreliable" in report["reason"]
     assert "refused" in (tmp_path / "summary.md").read_text()
+
+
+def test_vae_roundtrip_upcasts_an_fp16_vae_that_asks_for_it():
+    """SDXL's VAE (force_upcast in its config) overflows in fp16; the round trip runs it in fp32 and puts it back."""
+    import copy
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, force_upcast=True).to(torch.float16)
+    ref = copy.deepcopy(vae).to(torch.float32)  # the same fp16-rounded weights, in fp32
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(classifier.vae_roundtrip(vae, x), classifier.vae_roundtrip(ref, x)) and vae.dtype == torch.float16
