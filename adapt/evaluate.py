@@ -156,8 +156,12 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     report["vae_ceiling"] = {k: float(v.mean()) for k, v in ceiling.items()}
     tgt_feat, tgt_pix = clf.features(tgt_px), _downsample(_arr(tgt_px))
     perc = _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device)
-    for k, v in report["optional_metrics"].items():
-        log(f"{k}: {v}")
+    opt = report["optional_metrics"]
+    for k, v in opt.items():
+        if not v.startswith("not computed"):
+            log(f"{k}: {v}")
+    if any(v.startswith("not computed") for v in opt.values()):
+        log(f"not computed (no weights given): {', '.join(k for k, v in opt.items() if v.startswith('not computed'))}")
 
     per = {}  # (strength, scale) -> dict of (seeds, N) arrays
     grid_imgs = {}

@@ -115,8 +115,11 @@ def summary_markdown(report: dict) -> str:
     for scale, sp in report["spearman"].items():
         lines.append(f"- {_label(float(scale))}: reach ρ={sp['rho_strength_reach']:.2f} {_ci(sp['rho_strength_reach_ci'])}, "
                      f"preservation ρ={sp['rho_strength_preservation']:.2f} {_ci(sp['rho_strength_preservation_ci'])}")
-    for k, v in report["optional_metrics"].items():
-        lines.append(f"- {k}: {v}")
+    opt = report["optional_metrics"]
+    lines += [f"- {k}: {v}" for k, v in opt.items() if not v.startswith("not computed")]
+    skipped = [k for k, v in opt.items() if v.startswith("not computed")]
+    if skipped:
+        lines.append(f"- not computed (their weights were not given; report.json says what to set): {', '.join(skipped)}")
     for w in report["warnings"]:
         lines.append(f"- WARNING: {w}")
     lines += ["", "Files: report.json, report.csv, curves.png, pareto.png, grid.png (rows: base, adapter; columns: input, strengths)."]
