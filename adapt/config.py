@@ -163,6 +163,12 @@ class RunConfig:
             if getattr(self, f.name) is None:
                 setattr(self, f.name, _hints(type(self))[f.name]())
         _check(bool(self.data.source), "data.source", "is required (an imagefolder, hub dataset id or datasets/<name>)")
+        # Frozen weights in one half type under autocast to the other would re-cast every weight each step (and
+        # on CPU GroupNorm refuses fp16 weights under bf16 autocast): the two must agree, as in diffusers' examples.
+        half = {"float16": "fp16", "bfloat16": "bf16"}
+        mp, dt = self.train.mixed_precision, self.model.dtype
+        _check(not (dt in half and mp != "no" and half[dt] != mp), "model.dtype/train.mixed_precision",
+               f"model.dtype={dt} with train.mixed_precision={mp}: use float16 with fp16 or bfloat16 with bf16")
 
 
 @dataclass
@@ -263,6 +269,8 @@ def _coerce(value, tp, key: str):
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("no" if not value else "yes") in choices:
+            value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` / `yes` as a boolean
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
         return value

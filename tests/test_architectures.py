@@ -185,3 +185,24 @@ def test_tiny_sdxl_pipeline_trains_and_samples(tmp_path):
     sd_pipe, _ = model.load_base(str(save_tiny_pipeline(tmp_path / "sd")))
     with pytest.raises(lora.AdapterError, match="sdxl base.*this pipeline is sd"):
         lora.load_into(sd_pipe, tmp_path / "o")
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+def test_gpu_configs_run_with_their_precision_on_tiny_bases(name, tiny_base, tiny_v_base, tmp_path):
+    """The shipped GPU configs, unchanged but for base, data and size: bf16 weights under bf16 autocast,
+    gradient checkpointing, checkpoints and validation all run (on CPU here)."""
+    import yaml
+    from adapt import synth
+    from adapt.tiny import save_tiny_sdxl_pipeline
+    base = {"sd15": tiny_base, "sd21": tiny_v_base, "sdxl": None}[name] or save_tiny_sdxl_pipeline(tmp_path / "xl")
+    data = synth.build_imagefolder("sunglasses", tmp_path / "d", n=4, split="train")
+    val = synth.build_imagefolder("faces", tmp_path / "v", n=2, split="val")
+    r = run_recipe(["--config", str(ROOT / f"recipes/configs/{name}_sunglasses.yaml"), f"model.base={base}", f"data.source={data}",
+                    "data.resolution=64", "train.max_steps=2", "train.checkpointing_steps=1", f"validation.source={val}",
+                    "validation.steps=2", "validation.num_images=2", f"out_dir={tmp_path / 'o'}"], launcher="python")
+    assert r.returncode == 0, r.stderr[-2000:]
+    used = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert (used["model"]["dtype"], used["train"]["mixed_precision"], used["train"]["gradient_checkpointing"]) == ("bfloat16", "bf16", True)
+    fx = lora.facts(tmp_path / "o")
+    assert fx["prediction_type"] == ("v_prediction" if name == "sd21" else "epsilon")
+    assert fx["architecture"] == ("sdxl" if name == "sdxl" else "sd")

@@ -37,6 +37,18 @@ def test_bad_values_name_the_key(override, match):
         _load(override)
 
 
+def test_frozen_dtype_must_match_autocast():
+    with pytest.raises(ConfigError, match="model.dtype=float16 with train.mixed_precision=bf16: use float16 with fp16"):
+        _load("model.dtype=float16", "train.mixed_precision=bf16")
+    assert _load("model.dtype=bfloat16", "train.mixed_precision=bf16").model.dtype == "bfloat16"
+    assert _load("model.dtype=float16", "train.mixed_precision=no").model.dtype == "float16"
+
+
+def test_yaml_booleans_for_no_and_yes():
+    assert _load("train.mixed_precision=no").train.mixed_precision == "no"  # YAML 1.1 reads `no` as False
+    assert config.load(RunConfig, None, ["data.source=x"]).train.mixed_precision == "no"
+
+
 def test_missing_source_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="data.source"):
         config.load(RunConfig, None, [])
