@@ -253,8 +253,12 @@ def read_records(source: str, split: str = "train", image_column: str = "image",
     return records, report
 
 
-def fit(img: Image.Image, resolution: int, center_crop: bool = True, rng: np.random.Generator | None = None) -> Image.Image:
-    """Resize the short side to `resolution` (bicubic) and crop a square (center, or random with `rng`)."""
+def fit(img: Image.Image, resolution: int, center_crop: bool = True, rng: np.random.Generator | None = None,
+        with_crop: bool = False):
+    """Resize the short side to `resolution` (bicubic) and crop a square (center, or random with `rng`).
+
+    with_crop=True also returns the crop's (top, left) in resized pixels: SDXL's micro-conditioning input.
+    """
     w, h = img.size
     s = resolution / min(w, h)
     if s != 1:
@@ -264,7 +268,8 @@ def fit(img: Image.Image, resolution: int, center_crop: bool = True, rng: np.ran
         left, top = (w - resolution) // 2, (h - resolution) // 2
     else:
         left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-    return img.crop((left, top, left + resolution, top + resolution))
+    out = img.crop((left, top, left + resolution, top + resolution))
+    return (out, (top, left)) if with_crop else out
 
 
 def load_images(records: list[Record], resolution: int, report: DataReport, min_size: int | None = None,
@@ -285,7 +290,9 @@ def load_images(records: list[Record], resolution: int, report: DataReport, min_
         if min(img.size) < min_size:
             report.skip(f"smaller than {min_size} px on the short side", f"{r.name} ({img.size[0]}x{img.size[1]})")
             continue
-        arrays.append(np.asarray(fit(img, resolution, center_crop), dtype=np.uint8))
+        fitted, crop = fit(img, resolution, center_crop, with_crop=True)
+        arrays.append(np.asarray(fitted, dtype=np.uint8))
+        r.extra["original_size"], r.extra["crop_top_left"] = (img.size[1], img.size[0]), crop  # (h, w), (top, left)
         kept.append(r)
     report.kept = len(kept)
     if not kept:

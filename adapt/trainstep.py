@@ -28,17 +28,32 @@ class TrainData:
     pixels: torch.Tensor | None = None  # (N, 3, H, W) when caching is off
     pooled: torch.Tensor | None = None  # (U+1, P) for SDXL
     resolution: int = 64
+    time_ids: torch.Tensor | None = None  # (N, 6) SDXL micro-conditioning per image; None = (r, r, 0, 0, r, r)
     extras: dict = field(default_factory=dict)
 
     def __len__(self):
         return len(self.caption_index)
 
 
+def sdxl_time_ids(records, resolution: int) -> torch.Tensor:
+    """(N, 6) SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original (h, w), crop (top, left), target (r, r).
+
+    An image upscaled from a small original is conditioned on its small size, as SDXL was trained, so the adapter
+    does not learn that "native resolution" looks soft; pipelines sample with (r, r, 0, 0, r, r).
+    """
+    rows = []
+    for rec in records:
+        (h, w), (top, left) = rec.extra.get("original_size", (resolution, resolution)), rec.extra.get("crop_top_left", (0, 0))
+        rows.append([h, w, top, left, resolution, resolution])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
 def build(pipe, facts, captions: list[str], window: torch.Tensor, post: dict | None, pixels: torch.Tensor,
-          resolution: int, device="cpu") -> TrainData:
+          resolution: int, device="cpu", records=None) -> TrainData:
     """TrainData for a pipeline: one embedding per unique caption plus the empty prompt (last row).
 
     With `post` (cached posteriors) steps sample latents from it; without, steps encode `pixels`.
+    `records` (from data.load) give SDXL's per-image original sizes and crops.
     """
     uniq = sorted(set(captions))
     row = {c: i for i, c in enumerate(uniq)}
@@ -47,7 +62,8 @@ def build(pipe, facts, captions: list[str], window: torch.Tensor, post: dict | N
     return TrainData(captions=captions, caption_index=torch.tensor([row[c] for c in captions]), emb=prompts["emb"],
                      window=window, alphas_cumprod=pipe.scheduler.alphas_cumprod, scaling_factor=facts.scaling_factor,
                      shift_factor=facts.shift_factor, prediction_type=facts.prediction_type, post=post,
-                     pixels=None if post is not None else pixels, pooled=prompts.get("pooled"), resolution=resolution)
+                     pixels=None if post is not None else pixels, pooled=prompts.get("pooled"), resolution=resolution,
+                     time_ids=sdxl_time_ids(records, resolution) if records is not None and "pooled" in prompts else None)
 
 
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
@@ -90,7 +106,9 @@ def draw(data: TrainData, batch_size: int, g: torch.Generator, caption_dropout: 
     if pooled is not None:
         r = data.resolution  # SDXL micro-conditioning: original size, crop top-left, target size
         batch["pooled"] = pooled
-        batch["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]] * batch_size, dtype=torch.float32)
+        # A flipped centre crop has the same offset from the other edge, so the crop coordinates stand.
+        batch["time_ids"] = data.time_ids[idx] if data.time_ids is not None else \
+            torch.tensor([[r, r, 0, 0, r, r]] * batch_size, dtype=torch.float32)
     return batch
 
 

@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     window = objective.window_timesteps(sampler, cfg.objective.inference_steps, cfg.objective.strength, cfg.objective.window)
     say(f"window {cfg.objective.window} at strength {cfg.objective.strength} ({cfg.objective.scheduler}, "
         f"{cfg.objective.inference_steps} steps): {len(window)} timesteps in [{int(window.min())}, {int(window.max())}]")
-    td = trainstep.build(pipe, facts, captions, window, post if cfg.data.cache else None, pixels, cfg.data.resolution, acc.device)
+    td = trainstep.build(pipe, facts, captions, window, post if cfg.data.cache else None, pixels, cfg.data.resolution,
+                         acc.device, records=records)
 
     # 5. LoRA on the UNet (cross-attention by default); everything else stays frozen.
     pipe.vae.requires_grad_(False)

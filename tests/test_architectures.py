@@ -206,3 +206,28 @@ def test_gpu_configs_run_with_their_precision_on_tiny_bases(name, tiny_base, tin
     fx = lora.facts(tmp_path / "o")
     assert fx["prediction_type"] == ("v_prediction" if name == "sd21" else "epsilon")
     assert fx["architecture"] == ("sdxl" if name == "sdxl" else "sd")
+
+
+def test_sdxl_time_ids_carry_each_images_original_size_and_crop(tmp_path):
+    """SDXL micro-conditioning: original (h, w), crop (top, left) in resized pixels, target (r, r), per image."""
+    from PIL import Image
+    from diffusers import StableDiffusionXLPipeline
+    from adapt import data
+    from adapt.tiny import build_tiny_sdxl_components
+    (tmp_path / "d").mkdir()
+    for name, size in (("wide.png", (96, 48)), ("tall.png", (40, 80)), ("square.png", (64, 64))):  # PIL sizes are (w, h)
+        Image.new("RGB", size, (120, 80, 60)).save(tmp_path / "d" / name)
+    pixels, records, _ = data.load(str(tmp_path / "d"), 32, default_caption="a face")
+    want = {"wide.png": [48, 96, 0, 16, 32, 32], "tall.png": [80, 40, 16, 0, 32, 32], "square.png": [64, 64, 0, 0, 32, 32]}
+    pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components())
+    td = trainstep.build(pipe, _facts(pipe), [r.caption for r in records], torch.tensor([500]), None,
+                         pixels, 32, records=records)
+    assert {r.name: row.tolist() for r, row in zip(records, td.time_ids)} == want
+    batch = trainstep.draw(td, 6, torch.Generator().manual_seed(0), pipe=pipe)
+    idx = torch.randint(0, len(td), (6,), generator=torch.Generator().manual_seed(0))  # draw's first use of g
+    assert torch.equal(batch["time_ids"], td.time_ids[idx])
+
+
+def _facts(pipe):
+    from adapt import model
+    return model.facts_of(pipe, "tiny-xl", "tiny-xl")
