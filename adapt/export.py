@@ -3,8 +3,10 @@
 kohya keys: `lora_unet_<module path with '_'>.lora_down.weight` (r, in), `.lora_up.weight` (out, r) and a
 scalar `.alpha`; the WebUI and ComfyUI apply up @ down * alpha / r. For SD 1.x/2.x the module path is
 diffusers' own (sd-scripts trains diffusers UNets); for SDXL it is the original SGM layout
-(input_blocks / middle_block / output_blocks), which is what SDXL tools expect. Import goes through
-diffusers' own kohya converter (`lora_state_dict`), the same code `pipe.load_lora_weights` runs.
+(input_blocks / middle_block / output_blocks), which is what SDXL tools expect. Import maps the names
+back by the same rules; the tests check both directions against diffusers' own kohya converter (the code
+`pipe.load_lora_weights(kohya_file)` runs). Import keeps UNet LoRA only and says what it leaves out
+(text-encoder keys) or cannot take (LoHa/LoKr/DoRA/convolution LoRA).
 """
 
 from __future__ import annotations
@@ -105,7 +107,14 @@ def kohya_to_module(name: str, architecture: str) -> str:
     return path
 
 
-def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = "sd") -> Path:
+def kohya_architecture(names: list[str], header: dict) -> str:
+    """'sdxl' when the keys use SGM block names (or sd-scripts says SDXL), else 'sd'."""
+    if any(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for n in names):
+        return "sdxl"
+    return "sdxl" if "sdxl" in str(header.get("ss_base_model_version", "")) else "sd"
+
+
+def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = "auto", log=print) -> Path:
     """Import a kohya-format file as a diffusers-format adapter with the same per-module alpha/rank."""
     from safetensors import safe_open
     path = Path(kohya_file)
@@ -117,6 +126,19 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
     names = sorted({k.split(".")[0] for k in tensors if k.startswith("lora_unet_")})
     if not names:
         raise lora.AdapterError(f"{path}: no lora_unet_* keys; not a kohya-format UNet LoRA")
+    other = [k for k in tensors if k.split(".")[0] in names and not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
+    if other:  # LyCORIS LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale) carry other tensors than down/up/alpha
+        raise lora.AdapterError(f"{path}: {len(other)} keys of a format adapt cannot import (only plain LoRA down/up/alpha), "
+                                f"e.g. {other[:3]}")
+    conv = [n for n in names if tensors[f"{n}.lora_down.weight"].ndim != 2]
+    if conv:
+        raise lora.AdapterError(f"{path}: {len(conv)} convolution LoRA layers (LoCon), e.g. {conv[:2]}; adapt adapts "
+                                "attention Linear layers only (load the file with diffusers' pipe.load_lora_weights instead)")
+    dropped = sorted({k.split(".")[0] for k in tensors if k.startswith("lora_te")})
+    if dropped:
+        log(f"warning: {len(dropped)} text-encoder LoRA layers (lora_te*) not imported: adapt adapters change the UNet "
+            f"only, so outputs will differ from the original file (e.g. {dropped[0]})")
+    architecture = kohya_architecture(names, header) if architecture == "auto" else architecture
     out, alphas, ranks = {}, {}, {}
     for n in names:
         mod = kohya_to_module(n, architecture)
@@ -132,7 +154,7 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
             "unet.alpha_pattern": {re.escape(m) + "$": v for m, v in alphas.items() if v != base_alpha},
             "unet.init_lora_weights": True, "unet.lora_dropout": 0.0, "unet.bias": "none"}
     facts = json.loads(header.get(lora.FACTS_KEY, "{}"))
-    facts.update(architecture=architecture, imported_from=str(path))
+    facts.update(architecture=architecture, imported_from=str(path), dropped_text_encoder_layers=len(dropped))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(out, str(out_dir / lora.WEIGHTS_NAME),
@@ -145,7 +167,8 @@ def add_parser(sub):
     p.add_argument("adapter", help="adapter folder or .safetensors file")
     p.add_argument("--format", choices=["kohya", "diffusers"], required=True)
     p.add_argument("--out", default=None, help="output file (kohya) or folder (diffusers)")
-    p.add_argument("--architecture", choices=["sd", "sdxl"], default="sd", help="for kohya import: the base's architecture")
+    p.add_argument("--architecture", choices=["auto", "sd", "sdxl"], default="auto",
+                   help="for kohya import: the base's architecture (auto: SGM block names mean SDXL)")
     p.set_defaults(func=cmd_export)
 
 

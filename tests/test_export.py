@@ -70,3 +70,35 @@ def test_missing_alpha_is_refused(tiny_base, tmp_path):
               str(tmp_path / lora.WEIGHTS_NAME))
     with pytest.raises(lora.AdapterError, match="lora_alpha"):
         export.to_kohya(tmp_path, tmp_path / "k.safetensors")
+
+
+def test_import_keeps_unet_only_says_so_and_refuses_other_formats(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+    ad, _ = trained
+    k = load_file(str(export.to_kohya(ad, tmp_path / "k.safetensors")))
+    te = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 32),
+          "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 4),
+          "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(4.0)}
+    save_file({**k, **te}, str(tmp_path / "with_te.safetensors"))
+    said = []
+    out = export.from_kohya(tmp_path / "with_te.safetensors", tmp_path / "imported", log=said.append)
+    assert len(said) == 1 and "1 text-encoder LoRA layers (lora_te*) not imported" in said[0]
+    assert lora.facts(out.parent)["dropped_text_encoder_layers"] == 1 and lora.facts(out.parent)["architecture"] == "sd"
+    name = next(n for n in k if n.endswith(".lora_down.weight")).split(".")[0]
+    save_file({**k, f"{name}.dora_scale": torch.ones(1, 32)}, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(lora.AdapterError, match="format adapt cannot import.*dora_scale"):
+        export.from_kohya(tmp_path / "dora.safetensors", tmp_path / "x")
+    save_file({**k, f"{name}.lora_down.weight": torch.zeros(4, 32, 3, 3)}, str(tmp_path / "locon.safetensors"))
+    with pytest.raises(lora.AdapterError, match="convolution LoRA layers"):
+        export.from_kohya(tmp_path / "locon.safetensors", tmp_path / "y")
+
+
+def test_import_tells_sdxl_from_its_block_names(tmp_path):
+    from safetensors.torch import save_file
+    n = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    save_file({f"{n}.lora_down.weight": torch.zeros(4, 2048), f"{n}.lora_up.weight": torch.zeros(640, 4), f"{n}.alpha": torch.tensor(4.0)},
+              str(tmp_path / "xl.safetensors"))
+    out = export.from_kohya(tmp_path / "xl.safetensors", tmp_path / "imported", log=lambda m: None)
+    tensors, _ = lora.read(out.parent)
+    assert lora.facts(out.parent)["architecture"] == "sdxl"
+    assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight" in tensors
