@@ -362,3 +362,10 @@ def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def keys_help(cls) -> str:
+    """Every key with its default and help, for an argparse epilog."""
+    rows = describe(cls)
+    width = max(len(k) for k, _, _ in rows)
+    return "config keys (key=value overrides):\n" + "\n".join(f"  {k:<{width}}  {h} [default {d}]" for k, d, h in rows)

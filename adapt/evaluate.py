@@ -354,7 +354,9 @@ def _write(out: Path, report: dict, rows: list) -> None:
 
 
 def add_parser(sub):
-    p = sub.add_parser("eval", help="strength x scale sweep of an adapter against the base, with a report")
+    import argparse
+    p = sub.add_parser("eval", help="strength x scale sweep of an adapter against the base, with a report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config.keys_help(config.EvalConfig))
     p.add_argument("--config", default=None, help="YAML with EvalConfig keys (see adapt/config.py)")
     p.add_argument("--adapter")
     p.add_argument("--base")

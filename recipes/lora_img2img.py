@@ -29,7 +29,8 @@ from adapt.card import write_model_card
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=config.keys_help(config.RunConfig))
     ap.add_argument("--config", help="YAML run config (recipes/configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100 lora.rank=4")
     args = ap.parse_args(argv)

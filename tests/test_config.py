@@ -79,3 +79,9 @@ def test_every_field_has_help():
     rows = config.describe(RunConfig)
     assert len(rows) > 40
     assert all(help_ for _, _, help_ in rows), [k for k, _, h in rows if not h]
+
+
+def test_help_lists_every_key():
+    text = config.keys_help(config.EvalConfig)
+    assert all(f"  {k} " in text for k, _, _ in config.describe(config.EvalConfig))
+    assert "fid_inception" in text and "train.mixed_precision" in config.keys_help(RunConfig)
