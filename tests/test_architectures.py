@@ -78,32 +78,44 @@ def _randomize_lora_b(unet, std: float) -> torch.Generator:
     return g
 
 
+def _kohya_roundtrip(unet, cross_dim, tmp_path, sdxl=False, prediction_type="epsilon", b_scale=0.05) -> float:
+    """Random non-zero LoRA -> kohya file -> diffusers' own kohya loader into a fresh pipeline; max abs diff of the UNet."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from adapt.tiny import build_tiny_components, build_tiny_sdxl_components
+    g = _randomize_lora_b(unet, b_scale)
+    x, e = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, cross_dim, generator=g)
+    kw = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 1280, generator=g),
+                                "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}} if sdxl else {}
+    run = lambda u: u(x, torch.tensor([500]), e, **kw).sample
+    with torch.no_grad():
+        want = run(unet)
+    arch = "sdxl" if sdxl else "sd"
+    lora.save(tmp_path / "ad", unet, {"architecture": arch}, architecture=arch)
+    kohya = export.to_kohya(tmp_path / "ad", tmp_path / "k.safetensors")  # SDXL: SGM names (input_blocks / output_blocks)
+    if sdxl:
+        from safetensors import safe_open
+        with safe_open(str(kohya), "pt") as f:
+            assert any("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q" in k for k in f.keys())
+    unet.delete_adapters("default")
+    with torch.no_grad():  # the adapter must matter, or a dropped load would pass
+        assert (run(unet) - want).abs().max() > 1e-3
+    c = build_tiny_sdxl_components() if sdxl else build_tiny_components(prediction_type=prediction_type)
+    c["unet"] = unet
+    pipe = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline)(**c)
+    pipe.load_lora_weights(str(kohya))  # diffusers' own kohya conversion (SD 1.x/2.x: diffusers module paths)
+    with torch.no_grad():
+        diff = float((run(pipe.unet) - want).abs().max())
+    print(f"kohya round trip max abs diff: {diff:.2e}")  # reported in the closing note (pytest -s)
+    return diff
+
+
 @pytest.mark.slow
-def test_sd15_step_and_kohya_roundtrip_at_8x8(tmp_path, tiny_base):
+def test_sd15_step_and_kohya_roundtrip_at_8x8(tmp_path):
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(_cfg("sd15"))
     loss, _ = _step(unet, 768)
     assert torch.isfinite(torch.tensor(loss))
-    g = _randomize_lora_b(unet, 0.05)
-    x, e = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g)
-    with torch.no_grad():
-        want = unet(x, torch.tensor([500]), e).sample
-    lora.save(tmp_path / "ad", unet, {"architecture": "sd"})
-    kohya = export.to_kohya(tmp_path / "ad", tmp_path / "k.safetensors")
-    from diffusers import StableDiffusionPipeline
-    from adapt.tiny import build_tiny_components
-    c = build_tiny_components()
-    unet.delete_adapters("default")
-    with torch.no_grad():  # the adapter must matter, or a dropped load would pass
-        assert (unet(x, torch.tensor([500]), e).sample - want).abs().max() > 1e-3
-    c["unet"] = unet
-    pipe = StableDiffusionPipeline(**c)
-    pipe.load_lora_weights(str(kohya))  # diffusers' own kohya loader
-    with torch.no_grad():
-        got = pipe.unet(x, torch.tensor([500]), e).sample
-    diff = float((got - want).abs().max())
-    print(f"kohya round trip max abs diff: {diff:.2e}")  # reported in the closing note (pytest -s)
-    assert diff <= 1e-5
+    assert _kohya_roundtrip(unet, 768, tmp_path) <= 1e-5
 
 
 @pytest.mark.slow
@@ -112,30 +124,7 @@ def test_sdxl_step_and_kohya_roundtrip_at_8x8(tmp_path):
     unet = UNet2DConditionModel.from_config(_cfg("sdxl"))
     loss, _ = _step(unet, 2048, sdxl=True)
     assert torch.isfinite(torch.tensor(loss))
-    g = _randomize_lora_b(unet, 0.02)
-    x, e = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 2048, generator=g)
-    cond = {"text_embeds": torch.randn(1, 1280, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
-    with torch.no_grad():
-        want = unet(x, torch.tensor([500]), e, added_cond_kwargs=cond).sample
-    lora.save(tmp_path / "ad", unet, {"architecture": "sdxl"}, architecture="sdxl")
-    kohya = export.to_kohya(tmp_path / "ad", tmp_path / "k.safetensors")  # SGM names: input_blocks / output_blocks
-    from safetensors import safe_open
-    with safe_open(str(kohya), "pt") as f:
-        assert any("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q" in k for k in f.keys())
-    from diffusers import StableDiffusionXLPipeline
-    from adapt.tiny import build_tiny_sdxl_components
-    c = build_tiny_sdxl_components()
-    unet.delete_adapters("default")
-    with torch.no_grad():  # the adapter must matter, or a dropped load would pass
-        assert (unet(x, torch.tensor([500]), e, added_cond_kwargs=cond).sample - want).abs().max() > 1e-3
-    c["unet"] = unet
-    pipe = StableDiffusionXLPipeline(**c)
-    pipe.load_lora_weights(str(kohya))  # diffusers' own kohya/SGM conversion
-    with torch.no_grad():
-        got = pipe.unet(x, torch.tensor([500]), e, added_cond_kwargs=cond).sample
-    diff = float((got - want).abs().max())
-    print(f"kohya round trip max abs diff: {diff:.2e}")  # reported in the closing note (pytest -s)
-    assert diff <= 1e-5
+    assert _kohya_roundtrip(unet, 2048, tmp_path, sdxl=True, b_scale=0.02) <= 1e-5
 
 
 @pytest.mark.slow
@@ -144,24 +133,7 @@ def test_sd21_v_prediction_step_and_kohya_roundtrip_at_8x8(tmp_path):
     unet = UNet2DConditionModel.from_config(_cfg("sd21"))
     loss, _ = _step(unet, 1024, prediction_type="v_prediction")
     assert torch.isfinite(torch.tensor(loss))
-    g = _randomize_lora_b(unet, 0.05)
-    x, e = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 1024, generator=g)
-    with torch.no_grad():
-        want = unet(x, torch.tensor([500]), e).sample
-    lora.save(tmp_path / "ad", unet, {"architecture": "sd"})
-    kohya = export.to_kohya(tmp_path / "ad", tmp_path / "k.safetensors")
-    from diffusers import StableDiffusionPipeline
-    from adapt.tiny import build_tiny_components
-    c = build_tiny_components(prediction_type="v_prediction")
-    unet.delete_adapters("default")
-    c["unet"] = unet
-    pipe = StableDiffusionPipeline(**c)
-    pipe.load_lora_weights(str(kohya))  # SD 2.x kohya names are diffusers' module paths, as for SD 1.x
-    with torch.no_grad():
-        got = pipe.unet(x, torch.tensor([500]), e).sample
-    diff = float((got - want).abs().max())
-    print(f"kohya round trip max abs diff: {diff:.2e}")
-    assert diff <= 1e-5
+    assert _kohya_roundtrip(unet, 1024, tmp_path, prediction_type="v_prediction") <= 1e-5
 
 
 def test_v_prediction_tiny_pipeline_trains_and_samples(tiny_v_base, tmp_path):
