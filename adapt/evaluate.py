@@ -221,11 +221,11 @@ def _weights_id(path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return f"computed: {path} (sha256 {h.hexdigest()[:12]})"
+    return f"{path} (sha256 {h.hexdigest()[:12]})"
 
 
 def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device) -> dict:
-    """Load the FID / LPIPS weights the config names; record in report['optional_metrics'] what runs and why not."""
+    """Load the CLIP / FID / LPIPS weights the config names; record in report['optional_metrics'] what runs and why not."""
     status, perc = report["optional_metrics"], {}
     if cfg.clip_model:
         clip = perc["clip"] = perceptual.Clip(cfg.clip_model, device)
@@ -241,7 +241,7 @@ def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device) -> d
     if cfg.fid_inception:
         perc["inception"] = perceptual.InceptionFeatures(cfg.fid_inception, device)
         perc["tgt_incep"] = perc["inception"](tgt_px)
-        status["fid"] = _weights_id(cfg.fid_inception) + f"; {len(tgt_px)} target images as reference"
+        status["fid"] = f"computed: {_weights_id(cfg.fid_inception)}; {len(tgt_px)} target images as reference"
     else:
         status["fid"] = "not computed: set fid_inception to a TorchScript Inception file (weights are not shipped)"
     if not cfg.lpips_backbone:
@@ -249,7 +249,7 @@ def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device) -> d
         return perc
     perc["lpips"] = perceptual.LPIPS(cfg.lpips_backbone, cfg.lpips_linear, cfg.lpips_net, cfg.lpips_size, device)
     perc["src_px"] = src_px
-    status["lpips"] = f"{_weights_id(cfg.lpips_backbone)} + {_weights_id(cfg.lpips_linear).removeprefix('computed: ')}; net {cfg.lpips_net}"
+    status["lpips"] = f"computed: {_weights_id(cfg.lpips_backbone)} + {_weights_id(cfg.lpips_linear)}; net {cfg.lpips_net}"
     train = cfg.intra_lpips_train or facts.get("dataset")
     if not train:
         status["intra_lpips"] = "not computed: the adapter records no training dataset; set intra_lpips_train"
@@ -261,7 +261,7 @@ def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device) -> d
 
 
 def _perceptual_row(perc, outs) -> dict:
-    """fid, intra_lpips and preservation_lpips for one (strength, scale); outs: (seeds, N, H, W, 3) in [0, 1]."""
+    """fid, clip_*, preservation_lpips and intra_lpips for one (strength, scale); outs: (seeds, N, H, W, 3) in [0, 1]."""
     if not perc:
         return {}
     seeds, n = outs.shape[:2]

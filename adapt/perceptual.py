@@ -1,6 +1,7 @@
-"""FID and Intra-LPIPS, the few-shot adaptation literature's metrics, computed when their weights are on disk.
+"""Metrics that need pretrained weights: FID and Intra-LPIPS (the few-shot literature's), LPIPS and CLIP.
 
-No package here ships these weights, and nothing may download them, so the user points at files:
+They run when their weights are on disk. No package here ships them and nothing may download them, so the
+user points at files:
   FID           a TorchScript Inception-v3 called as `model(x_uint8, return_features=True)` -> (N, 2048), the
                 detector StyleGAN2-ADA and clean-fid use (`inception-2015-12-05.pt`; it resizes to 299 inside).
   LPIPS         the backbone's ImageNet weights in torchvision's key layout (`vgg16-397923af.pth` or
