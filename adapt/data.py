@@ -253,27 +253,22 @@ def read_records(source: str, split: str = "train", image_column: str = "image",
     return records, report
 
 
-def fit(img: Image.Image, resolution: int, center_crop: bool = True, rng: np.random.Generator | None = None,
-        with_crop: bool = False):
-    """Resize the short side to `resolution` (bicubic) and crop a square (center, or random with `rng`).
+def fit(img: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize the short side to `resolution` (bicubic) and centre-crop a square.
 
-    with_crop=True also returns the crop's (top, left) in resized pixels: SDXL's micro-conditioning input.
+    Returns the crop and its (top, left) in resized pixels, which SDXL's micro-conditioning takes.
     """
     w, h = img.size
     s = resolution / min(w, h)
     if s != 1:
         img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
     w, h = img.size
-    if center_crop or rng is None:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    else:
-        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-    out = img.crop((left, top, left + resolution, top + resolution))
-    return (out, (top, left)) if with_crop else out
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution)), (top, left)
 
 
-def load_images(records: list[Record], resolution: int, report: DataReport, min_size: int | None = None,
-                center_crop: bool = True) -> tuple[torch.Tensor, list[Record]]:
+def load_images(records: list[Record], resolution: int, report: DataReport,
+                min_size: int | None = None) -> tuple[torch.Tensor, list[Record]]:
     """Decode, convert and size every record: (N, 3, R, R) in [-1, 1] and the records kept.
 
     Images whose short side is below `min_size` (default resolution/2) are skipped: upscaling them
@@ -290,7 +285,7 @@ def load_images(records: list[Record], resolution: int, report: DataReport, min_
         if min(img.size) < min_size:
             report.skip(f"smaller than {min_size} px on the short side", f"{r.name} ({img.size[0]}x{img.size[1]})")
             continue
-        fitted, crop = fit(img, resolution, center_crop, with_crop=True)
+        fitted, crop = fit(img, resolution)
         arrays.append(np.asarray(fitted, dtype=np.uint8))
         r.extra["original_size"], r.extra["crop_top_left"] = (img.size[1], img.size[0]), crop  # (h, w), (top, left)
         kept.append(r)
@@ -317,12 +312,12 @@ def image_fingerprints(pixels: torch.Tensor) -> list[str]:
 
 
 def load(source: str, resolution: int, split: str = "train", image_column: str = "image", caption_column: str = "text",
-         default_caption: str = "", num_images: int | None = None, cache_dir=None, center_crop: bool = True,
+         default_caption: str = "", num_images: int | None = None, cache_dir=None,
          logger=None) -> tuple[torch.Tensor, list[Record], DataReport]:
     """Read, decode and size a dataset; logs what was skipped or converted. Returns (pixels, records, report)."""
     records, report = read_records(source, split, image_column, caption_column, default_caption, num_images, cache_dir)
     if not records and not report.num_skipped:
         raise DataError(f"no images found in {source!r} (split {split!r})")
-    pixels, kept = load_images(records, resolution, report, center_crop=center_crop)
+    pixels, kept = load_images(records, resolution, report)
     (logger or log.info)(f"data {source}: {report.summary()}")
     return pixels, kept, report

@@ -123,10 +123,11 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         header = dict(f.metadata() or {})
-    names = sorted({k.split(".")[0] for k in tensors if k.startswith("lora_unet_")})
+    unet_keys = [k for k in tensors if k.startswith("lora_unet_")]
+    names = sorted({k.split(".")[0] for k in unet_keys})
     if not names:
         raise lora.AdapterError(f"{path}: no lora_unet_* keys; not a kohya-format UNet LoRA")
-    other = [k for k in tensors if k.split(".")[0] in names and not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
+    other = [k for k in unet_keys if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
     if other:  # LyCORIS LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale) carry other tensors than down/up/alpha
         raise lora.AdapterError(f"{path}: {len(other)} keys of a format adapt cannot import (only plain LoRA down/up/alpha), "
                                 f"e.g. {other[:3]}")

@@ -6,7 +6,7 @@ batches, noise and timesteps an uninterrupted run would, and every DDP rank draw
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +29,6 @@ class TrainData:
     pooled: torch.Tensor | None = None  # (U+1, P) for SDXL
     resolution: int = 64
     time_ids: torch.Tensor | None = None  # (N, 6) SDXL micro-conditioning per image; None = (r, r, 0, 0, r, r)
-    extras: dict = field(default_factory=dict)
 
     def __len__(self):
         return len(self.caption_index)

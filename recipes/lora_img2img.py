@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     # 2. Data: decode, convert, size; every skipped file is named in the log.
     pixels, records, report = data.load(cfg.data.source, cfg.data.resolution, cfg.data.split, cfg.data.image_column,
                                         cfg.data.caption_column, cfg.data.default_caption, cfg.data.num_images,
-                                        cfg.data.cache_dir, cfg.data.center_crop, logger=say)
+                                        cfg.data.cache_dir, logger=say)
     fingerprint = data.fingerprint(records, pixels)
     captions = [r.caption for r in records]
     too_long = cache.count_truncated(pipe.tokenizer, captions)
