@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapt import config
+from adapt import atomic, config
 
 
 def write_model_card(out: Path, facts: dict, cfg) -> Path:
     f = facts
     fig = f.get("figures", {})
     ls = f.get("latent_stats", {})
+    prompt = str(f.get("example_prompt", "")).replace('"', "'")
     text = f"""---
 library_name: diffusers
 tags: [lora, img2img, adapt, domain-adaptation]
@@ -32,14 +33,18 @@ Trained by `adapt` to move images toward the domain of **{f['dataset']}** (split
 | target latents | scaled std {ls.get('overall_std', float('nan')):.3f} (1.0 is what the base expects) |
 
 ## Use it
+With adapt (`source.png`: any image; it is resized on its short side and centre-cropped to the base's size):
 ```bash
-adapt sample --base {f['base']} --adapter {out} --image source.png --strength {f['strength']} --steps {f['inference_steps']}
+adapt sample --base {f['base']} --adapter {out} --image source.png --prompt "{prompt}" --seed 0 --no-fuse --out adapted
 ```
-Plain diffusers:
+Plain diffusers, the same image (same scheduler, steps, strength, guidance and seed; a square source.png):
 ```python
 {_load_lines(f)}
 pipe.load_lora_weights("{out}")
-image = pipe(prompt, image=source, strength={f['strength']}, num_inference_steps={f['inference_steps']}).images[0]
+source = load_image("source.png").resize(({f['resolution']}, {f['resolution']}))
+image = pipe("{prompt}", image=source, strength={f['strength']}, num_inference_steps={f['inference_steps']},
+             guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+image.save("adapted.png")
 ```
 The strength it was trained for is {f['strength']}: at that strength img2img runs exactly the timesteps it learned.
 
@@ -48,14 +53,14 @@ The strength it was trained for is {f['strength']}: at that strength img2img run
 {_yaml(cfg)}
 ```
 """
-    path = out / "README.md"
-    path.write_text(text)
-    return path
+    return atomic.write_text(out / "README.md", text)
 
 
 def _load_lines(f: dict) -> str:
-    """The plain-diffusers lines that load the exact base this adapter was trained on."""
+    """The plain-diffusers lines that load the exact base this adapter was trained on, with its scheduler."""
+    from adapt.sample import SCHEDULERS
     cls = "StableDiffusionXLImg2ImgPipeline" if f["architecture"] == "sdxl" else "StableDiffusionImg2ImgPipeline"
+    sched = SCHEDULERS[f["scheduler"]]
     where = str(f["base_resolved"])
     if where.endswith(".safetensors"):
         call = f'from_single_file("{where}")'
@@ -64,7 +69,9 @@ def _load_lines(f: dict) -> str:
         call = f'from_pretrained("{repo}", revision="{commit}")'
     else:
         call = f'from_pretrained("{where}")'
-    return f"from diffusers import {cls}\npipe = {cls}.{call}"
+    return (f"import torch\nfrom diffusers import {sched}, {cls}\nfrom diffusers.utils import load_image\n\n"
+            f"pipe = {cls}.{call}\n"
+            f"pipe.scheduler = {sched}.from_config(pipe.scheduler.config)  # the scheduler it was trained for")
 
 
 def _yaml(cfg) -> str:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from adapt import atomic
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 FACTS_KEY = "adapt"
@@ -79,24 +80,16 @@ def state_dict(unet, adapter_name: str = "default") -> dict:
 
 
 def save(out_dir: str | Path, unet, facts: dict, adapter_name: str = "default", architecture: str = "sd") -> Path:
-    """Write `pytorch_lora_weights.safetensors` (diffusers format, peft metadata, adapt facts)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    out = Path(out_dir)
-    cls = StableDiffusionXLPipeline if architecture == "sdxl" else StableDiffusionPipeline
-    layers = {k: v.detach().float().cpu().contiguous() for k, v in state_dict(unet, adapter_name).items()}
-    meta = unet.peft_config[adapter_name].to_dict()
-    cls.save_lora_weights(out, unet_lora_layers=layers, unet_lora_adapter_metadata=meta, safe_serialization=True)
-    path = out / WEIGHTS_NAME
-    # Re-write once with adapt's facts added to the safetensors header (atomic rename).
-    with safe_open(str(path), "pt") as f:
-        header = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    header[FACTS_KEY] = json.dumps(facts, sort_keys=True, default=str)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    tmp.chmod(0o644)  # safetensors creates files 0600; an adapter is meant to be shared
-    tmp.replace(path)
-    return path
+    """Write `pytorch_lora_weights.safetensors` atomically: diffusers' layout (what `save_lora_weights` writes:
+    'unet.'-prefixed keys, peft's LoraConfig under 'lora_adapter_metadata') plus adapt's facts under 'adapt'.
+
+    `architecture` is kept for callers; SD and SDXL adapters have the same layout.
+    """
+    layers = {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in state_dict(unet, adapter_name).items()}
+    meta = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config[adapter_name].to_dict().items()}
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True),
+              FACTS_KEY: json.dumps(facts, sort_keys=True, default=str)}
+    return atomic.write_safetensors(layers, Path(out_dir) / WEIGHTS_NAME, header)
 
 
 def weights_path(adapter: str | Path) -> Path:
@@ -207,8 +200,8 @@ def applied(pipe, names: list[str], scales: list[float], fuse: bool = True):
 
 
 def check_keys(unet, tensors: dict, path) -> None:
-    """Every adapter key must name a Linear of the UNet; adapters of another architecture fail here."""
-    modules = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "base_layer")}
+    """Every adapter key must name a Linear or Conv2d of the UNet; adapters of another architecture fail here."""
+    modules = {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or hasattr(m, "base_layer")}
     unmatched = []
     for k, v in tensors.items():
         if not k.startswith("unet."):

@@ -186,6 +186,21 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def unet_config(base: str, revision: str | None = None) -> dict:
+    """The UNet config of a base (folder, embedded name or cached hub id), without loading any weights."""
+    kind, where = resolve(base)
+    try:
+        if kind == "folder":
+            return json.loads((Path(where) / "unet" / "config.json").read_text())
+        if kind == "hub":
+            from huggingface_hub import hf_hub_download
+            return json.loads(Path(hf_hub_download(where, "unet/config.json", revision=revision)).read_text())
+    except Exception as e:
+        raise ModelError(f"{base}: no readable unet/config.json ({type(e).__name__}: {e})") from e
+    raise ModelError(f"{base}: a single-file checkpoint carries no UNet config; name its family instead "
+                     "(--architecture sd15|sd21|sdxl) or pass its diffusers folder")
+
+
 def load_base(base: str, revision: str | None = None, variant: str | None = None,
               torch_dtype: torch.dtype | str = torch.float32, vae: str | None = None, architecture: str | None = None,
               config: str | None = None):

@@ -203,7 +203,7 @@ def main(argv=None) -> int:
               "inference_steps": cfg.objective.inference_steps, "steps_trained": cfg.train.max_steps,
               "resolution": cfg.data.resolution, "dataset": cfg.data.source, "dataset_split": cfg.data.split,
               "dataset_fingerprint": fingerprint, "image_fingerprints": data.image_fingerprints(pixels),
-              "num_images": len(records), "latent_stats": stats, "audit": {k: v for k, v in audit.items() if k != "modules"},
+              "num_images": len(records), "example_prompt": captions[0] if captions else "", "latent_stats": stats, "audit": {k: v for k, v in audit.items() if k != "modules"},
               "figures": figures, "adapt_version": adapt.__version__}
         path = lora.save(out, base_unet, fx, architecture=facts.architecture)
         hist_all = hist.nonzero().flatten()

@@ -12,7 +12,7 @@ Follows the latent diffusion recipe (Rombach et al. 2022) at toy scale:
      learns to read the (injective) random features of the caption vocabulary.
   4. UNet: UNet2DConditionModel with cross-attention, ε-prediction on DDPM noise (SD's scaled-linear
      betas), Min-SNR-5 weighting, EMA, caption dropout for classifier-free guidance.
-  5. Export: StableDiffusionPipeline folder, fp16 safetensors, plus stats.json.
+  5. Export: StableDiffusionPipeline folder, fp16 safetensors (text encoder fp32), plus stats.json.
 
 Every stage checkpoints atomically every `checkpoint_every` steps and resumes from its last
 checkpoint when run again, so the job can be stopped at any time.
@@ -266,7 +266,9 @@ def main(argv=None):
     out = Path(cfg.export_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    pipe.to(torch.float16)
+    text_encoder.to(torch.float32)  # transformers loads the stored dtype: fp16 here would break plain from_pretrained
+    pipe.save_pretrained(tmp, safe_serialization=True)
     stats.update(vae_psnr_db=vae_psnr, vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps,
                  wall_s=time.time() - t_start, threads=cfg.num_threads, torch=torch.__version__)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))

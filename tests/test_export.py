@@ -24,7 +24,7 @@ def trained(tiny_base, tmp_path_factory):
     for n, p in pipe.unet.named_parameters():
         if "lora_" in n:
             p.data = torch.randn(p.shape, generator=g) * 0.3
-    lora.save(out, pipe.unet, {"base": str(tiny_base), "architecture": "sd", "strength": 0.5})
+    lora.save(out, pipe.unet, {"base": str(tiny_base), "base_resolved": str(tiny_base), "architecture": "sd", "strength": 0.5})
     return out, _out(pipe.unet)
 
 
@@ -55,12 +55,15 @@ def test_roundtrip_through_diffusers_kohya_loader_is_exact(trained, tiny_base, t
 
 
 def test_sdxl_names_map_both_ways():
+    from adapt import archs, kohya
+    cfg = archs.unet_config("sdxl")
+    table = kohya.kohya_names(cfg)
     for path in ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q", "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0",
                  "up_blocks.0.attentions.2.transformer_blocks.3.attn2.to_v", "mid_block.attentions.0.transformer_blocks.5.attn2.to_k"]:
-        sgm = export.sdxl_to_sgm(path)
-        assert export.kohya_to_module("lora_unet_" + sgm.replace(".", "_"), "sdxl") == path
-    assert export.sdxl_to_sgm("down_blocks.1.attentions.0.x") == "input_blocks.4.1.x"
-    assert export.sdxl_to_sgm("up_blocks.0.attentions.0.x") == "output_blocks.0.1.x"
+        sgm = kohya.sdxl_to_sgm(path)
+        assert sgm == kohya.compvis_path(path, cfg) and table["lora_unet_" + sgm.replace(".", "_")] == (path, "compvis")
+    assert kohya.sdxl_to_sgm("down_blocks.1.attentions.0.x") == "input_blocks.4.1.x"
+    assert kohya.sdxl_to_sgm("up_blocks.0.attentions.0.x") == "output_blocks.0.1.x"
 
 
 def test_missing_alpha_is_refused(tiny_base, tmp_path):
@@ -70,35 +73,3 @@ def test_missing_alpha_is_refused(tiny_base, tmp_path):
               str(tmp_path / lora.WEIGHTS_NAME))
     with pytest.raises(lora.AdapterError, match="lora_alpha"):
         export.to_kohya(tmp_path, tmp_path / "k.safetensors")
-
-
-def test_import_keeps_unet_only_says_so_and_refuses_other_formats(trained, tmp_path):
-    from safetensors.torch import load_file, save_file
-    ad, _ = trained
-    k = load_file(str(export.to_kohya(ad, tmp_path / "k.safetensors")))
-    te = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 32),
-          "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 4),
-          "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(4.0)}
-    save_file({**k, **te}, str(tmp_path / "with_te.safetensors"))
-    said = []
-    out = export.from_kohya(tmp_path / "with_te.safetensors", tmp_path / "imported", log=said.append)
-    assert len(said) == 1 and "1 text-encoder LoRA layers (lora_te*) not imported" in said[0]
-    assert lora.facts(out.parent)["dropped_text_encoder_layers"] == 1 and lora.facts(out.parent)["architecture"] == "sd"
-    name = next(n for n in k if n.endswith(".lora_down.weight")).split(".")[0]
-    save_file({**k, f"{name}.dora_scale": torch.ones(1, 32)}, str(tmp_path / "dora.safetensors"))
-    with pytest.raises(lora.AdapterError, match="format adapt cannot import.*dora_scale"):
-        export.from_kohya(tmp_path / "dora.safetensors", tmp_path / "x")
-    save_file({**k, f"{name}.lora_down.weight": torch.zeros(4, 32, 3, 3)}, str(tmp_path / "locon.safetensors"))
-    with pytest.raises(lora.AdapterError, match="convolution LoRA layers"):
-        export.from_kohya(tmp_path / "locon.safetensors", tmp_path / "y")
-
-
-def test_import_tells_sdxl_from_its_block_names(tmp_path):
-    from safetensors.torch import save_file
-    n = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
-    save_file({f"{n}.lora_down.weight": torch.zeros(4, 2048), f"{n}.lora_up.weight": torch.zeros(640, 4), f"{n}.alpha": torch.tensor(4.0)},
-              str(tmp_path / "xl.safetensors"))
-    out = export.from_kohya(tmp_path / "xl.safetensors", tmp_path / "imported", log=lambda m: None)
-    tensors, _ = lora.read(out.parent)
-    assert lora.facts(out.parent)["architecture"] == "sdxl"
-    assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight" in tensors

@@ -1,0 +1,72 @@
+"""Atomic, checked writes: a file is either its old self or its complete new self, never half written.
+
+Every writer goes to a temporary file in the same folder, is fsynced, then renamed over the target
+(rename is atomic within one filesystem). Any failure, including safetensors' `SafetensorError` on a full
+disk (it is not an OSError), becomes one `WriteError` that names the path and says the previous file is
+intact; the temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FILE_MODE = 0o644  # adapters and reports are meant to be shared (safetensors alone creates files 0600)
+
+
+class WriteError(RuntimeError):
+    """A file could not be written; the message names it, and the previous version (if any) is intact."""
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _write(path: Path, fill) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fill(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        state = "the previous version is intact" if path.exists() else "nothing was written"
+        raise WriteError(f"could not write {path}: {_reason(e)}; {state}") from e
+    return path
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if "No space left" in text or getattr(e, "errno", None) == 28:
+        return "no space left on the device"
+    return f"{type(e).__name__}: {text}"
+
+
+def write_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+    return _write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return _write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return _write(Path(path), lambda tmp: tmp.write_bytes(data))

@@ -1,0 +1,265 @@
+"""kohya / sd-scripts / WebUI / ComfyUI LoRA files: names, architecture detection, export and exact import.
+
+A kohya file holds, per adapted module, `lora_unet_<path with '_'>.lora_down.weight` (r, in[, kh, kw]),
+`.lora_up.weight` (out, r[, 1, 1]) and an optional scalar `.alpha` (default r); clients apply
+W + alpha/r · up @ down. The module path comes in two namings: diffusers' (sd-scripts trains diffusers
+UNets, so its SD 1.x/2.x files use these) and the original CompVis/SGM one (input_blocks / middle_block /
+output_blocks; SDXL tools and some SD 1.x files). Rather than guessing names from underscores, both
+namings are generated from the UNet's own module list (built on the meta device from its config), so a
+name maps only if the layer exists, and its shape is checked against that layer.
+
+Import converts to adapt's diffusers-format adapter with per-module rank and alpha in peft's
+rank_pattern / alpha_pattern, which diffusers' `load_lora_weights` and peft apply exactly. (diffusers'
+own kohya loader collapses per-module alphas in some files; the tests compare against the formula.)
+Linear layers and Conv2d layers of any kernel (1x1 proj_in/proj_out in SD 1.x, 3x3 LoCon) import;
+LoHa / LoKr / DoRA are refused by name; text-encoder layers are counted and reported, not applied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from adapt import atomic, lora
+
+WIDTHS = {768: "sd15", 1024: "sd21", 2048: "sdxl"}  # cross-attention width of the published families
+VERSIONS = {"sd15": "sd_v1", "sd21": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # sd-scripts' ss_base_model_version
+COMPVIS_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A UNet layer a LoRA can sit on: Linear (kernel ()) or Conv2d (kernel (kh, kw))."""
+    module: str  # diffusers module path, e.g. down_blocks.0.attentions.0.proj_in
+    in_features: int
+    out_features: int
+    kernel: tuple
+
+    def shapes(self, r: int) -> tuple[tuple, tuple]:
+        """(down, up) weight shapes of a rank-r LoRA on this layer."""
+        if self.kernel:
+            return (r, self.in_features, *self.kernel), (self.out_features, r, 1, 1)
+        return (r, self.in_features), (self.out_features, r)
+
+
+def unet_layers(cfg: dict) -> dict[str, Layer]:
+    """Every Linear and Conv2d of a UNet2DConditionModel config, built on the meta device (no weights, < 1 s)."""
+    return dict(_layers(json.dumps(cfg, sort_keys=True)))
+
+
+@lru_cache(maxsize=8)
+def _layers(cfg_json: str) -> tuple:
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(json.loads(cfg_json))
+    out = []
+    for n, m in unet.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            out.append((n, Layer(n, m.in_features, m.out_features, ())))
+        elif isinstance(m, torch.nn.Conv2d):
+            out.append((n, Layer(n, m.in_channels, m.out_channels, tuple(m.kernel_size))))
+    return tuple(out)
+
+
+def compvis_path(module: str, cfg: dict) -> str:
+    """diffusers module path -> original CompVis/SGM path (down_blocks.1.attentions.0.x -> input_blocks.4.1.x)."""
+    from adapt.singlefile import unet_to_original
+    (key,) = unet_to_original({module + ".weight": None}, cfg)
+    return key[len("model.diffusion_model."):-len(".weight")]
+
+
+def kohya_names(cfg: dict) -> dict[str, tuple[str, str]]:
+    """kohya name -> (diffusers module, naming) for every layer, in both namings."""
+    out = {}
+    for m in unet_layers(cfg):
+        out["lora_unet_" + m.replace(".", "_")] = (m, "diffusers")
+        out["lora_unet_" + compvis_path(m, cfg).replace(".", "_")] = (m, "compvis")
+    return out
+
+
+def published_config(arch: str) -> dict:
+    from adapt import archs
+    return archs.unet_config(arch)
+
+
+def _metadata_arch(header: dict) -> str | None:
+    """The family sd-scripts' metadata names, if any (ss_v2 wins over an sd_v1 version string)."""
+    v, v2 = str(header.get("ss_base_model_version", "")), str(header.get("ss_v2", "")).lower() == "true"
+    if v.startswith("sdxl"):
+        return "sdxl"
+    if v.startswith("sd_v2") or v2:
+        return "sd21"
+    return "sd15" if v.startswith("sd_v1") else None
+
+
+def detect(path, names: list[str], tensors: dict, header: dict, base_cfg: dict | None = None,
+           architecture: str = "auto") -> tuple[str, dict]:
+    """(family, UNet config) from the file's cross-attention width, metadata and naming; conflicts are errors."""
+    widths = [int(tensors[f"{n}.lora_down.weight"].shape[1]) for n in names
+              if re.search(r"attn2_to_[kv]$", n) and f"{n}.lora_down.weight" in tensors]
+    width = max(set(widths), key=widths.count) if widths else None  # a stray bad layer fails its own shape check
+    by_shape, by_meta = WIDTHS.get(width), _metadata_arch(header)
+    if base_cfg is not None:
+        want = base_cfg["cross_attention_dim"]
+        if width is not None and width != want:
+            raise lora.AdapterError(f"{path}: its cross-attention layers take {width}-wide text features "
+                                    f"({by_shape or 'an unpublished family'}), the given base's take {want}")
+        return "base", base_cfg
+    if architecture != "auto":
+        if by_shape and by_shape != architecture:
+            raise lora.AdapterError(f"{path}: --architecture {architecture} but the file's cross-attention width is "
+                                    f"{width}, which is {by_shape}")
+        return architecture, published_config(architecture)
+    if by_shape and by_meta and by_shape != by_meta:
+        raise lora.AdapterError(
+            f"{path}: the tensors say {by_shape} (cross-attention width {width}) but the metadata says {by_meta} "
+            f"(ss_base_model_version={header.get('ss_base_model_version')!r}, ss_v2={header.get('ss_v2')!r}); "
+            f"pass --architecture {by_shape} if the metadata is wrong (adapt before 0.3 wrote sd_v1 for SD 2.x)")
+    arch = by_shape or (by_meta if width is None else None)
+    if arch is None:
+        raise lora.AdapterError(
+            f"{path}: cannot tell the base architecture: cross-attention width {width} is none of the published "
+            f"families {WIDTHS} and the metadata names none; pass --base <the base it was trained on>")
+    return arch, published_config(arch)
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    if path.suffix in lora.PICKLE_SUFFIXES:
+        raise lora.AdapterError(f"{path}: {lora.refuse_pickle_reason()}")
+    if not path.is_file():
+        raise lora.AdapterError(f"kohya file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises SafetensorError (not OSError) on truncated or foreign files
+        raise lora.AdapterError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
+
+
+def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = "auto", base_cfg: dict | None = None,
+               log=print) -> Path:
+    """Import a kohya-format UNet LoRA as a diffusers-format adapter that reproduces W + alpha/r · up @ down per layer."""
+    path = Path(kohya_file)
+    tensors, header = _read(path)
+    unet_keys = [k for k in tensors if k.startswith("lora_unet_")]
+    names = sorted({k.split(".")[0] for k in unet_keys})
+    if not names:
+        raise lora.AdapterError(f"{path}: no lora_unet_* keys; not a kohya-format UNet LoRA")
+    other = [k for k in unet_keys if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
+    if other:  # LyCORIS LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale) carry other tensors than down/up/alpha
+        kind = "DoRA" if any("dora_scale" in k for k in other) else "LoHa" if any(".hada_" in k for k in other) else \
+            "LoKr" if any(".lokr_" in k for k in other) else "not plain LoRA"
+        raise lora.AdapterError(f"{path}: a {kind} file ({len(other)} keys other than lora_down/lora_up/alpha, e.g. "
+                                f"{other[:3]}); adapt imports plain LoRA (Linear and Conv2d) only")
+    for n in names:
+        for part in ("lora_down.weight", "lora_up.weight"):
+            if f"{n}.{part}" not in tensors:
+                raise lora.AdapterError(f"{path}: {n} has no {part} (the file is incomplete)")
+    dropped = sorted({k.split(".")[0] for k in tensors if k.startswith("lora_te")})
+    if dropped:
+        log(f"warning: {len(dropped)} text-encoder LoRA layers (lora_te*) not imported: adapt adapters change the UNet "
+            f"only, so outputs will differ from the original file (e.g. {', '.join(dropped[:2])})")
+    facts = json.loads(header.get(lora.FACTS_KEY, "{}"))
+    if base_cfg is None and architecture == "auto" and facts.get("base_resolved"):  # exported by adapt: its own base
+        from adapt import model
+        try:
+            base_cfg = model.unet_config(facts["base_resolved"])
+        except model.ModelError:
+            pass  # not on this machine: fall back to the published families
+    arch, cfg = detect(path, names, tensors, header, base_cfg, architecture)
+    table, layers = kohya_names(cfg), unet_layers(cfg)
+    naming = "compvis" if any(n.startswith(COMPVIS_PREFIXES) for n in names) else "diffusers"
+    unmapped = [n for n in names if n not in table]
+    if unmapped:
+        raise lora.AdapterError(f"{path}: {len(unmapped)} of {len(names)} UNet layers name no layer of the {arch} UNet "
+                                f"({naming} naming), e.g. {unmapped[:3]}")
+    out, alphas, ranks = {}, {}, {}
+    for n in names:
+        mod = table[n][0]
+        down, up = tensors[f"{n}.lora_down.weight"], tensors[f"{n}.lora_up.weight"]
+        want = layers[mod].shapes(down.shape[0])
+        if (tuple(down.shape), tuple(up.shape)) != want:
+            raise lora.AdapterError(f"{path}: {n}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit "
+                                    f"{mod} of the {arch} UNet, which needs {want[0]} / {want[1]}")
+        out[f"unet.{mod}.lora.down.weight"] = down.float().contiguous()  # fp16 files: fp32 is exact
+        out[f"unet.{mod}.lora.up.weight"] = up.float().contiguous()
+        ranks[mod] = int(down.shape[0])
+        alphas[mod] = float(tensors[f"{n}.alpha"]) if f"{n}.alpha" in tensors else float(down.shape[0])
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    base_alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    meta = {"unet.r": r, "unet.lora_alpha": base_alpha, "unet.peft_type": "LORA", "unet.target_modules": sorted(alphas),
+            "unet.rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
+            "unet.alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != base_alpha},
+            "unet.init_lora_weights": True, "unet.lora_dropout": 0.0, "unet.bias": "none"}
+    facts.update(architecture="sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd", imported_from=str(path),
+                 kohya_architecture=arch, kohya_naming=naming, dropped_text_encoder_layers=len(dropped),
+                 kohya_metadata={k: v for k, v in header.items() if k.startswith("ss_") and len(v) < 2000})
+    log(f"imported {len(names)} UNet layers ({arch}, {naming} names; ranks {sorted(set(ranks.values()))}, "
+        f"alphas {sorted(set(alphas.values()))})")
+    out_dir = Path(out_dir)
+    target = out_dir / lora.WEIGHTS_NAME
+    atomic.write_safetensors(out, target, {"format": "pt", "lora_adapter_metadata": json.dumps(meta),
+                                         lora.FACTS_KEY: json.dumps(facts, sort_keys=True)})
+    return target
+
+
+def sdxl_to_sgm(path: str, layers_per_block: int = 2) -> str:
+    """diffusers SDXL attention path -> SGM path when no UNet config is known (unpublished geometries)."""
+    n = layers_per_block + 1
+    for rx, fmt in ((r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", lambda i, j: f"input_blocks.{n * i + j + 1}.1."),
+                    (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", lambda i, j: f"output_blocks.{n * i + j}.1.")):
+        m = re.match(rx, path)
+        if m:
+            return fmt(int(m[1]), int(m[2])) + m[3]
+    if path.startswith("mid_block.attentions.0."):
+        return "middle_block.1." + path[len("mid_block.attentions.0."):]
+    raise lora.AdapterError(f"no SGM name for SDXL module {path!r} (only attention-block layers are mapped "
+                            "without a published UNet config)")
+
+
+def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 2) -> Path:
+    """Write a kohya-format .safetensors (lora_unet_* keys with .alpha and sd-scripts' ss_* metadata)."""
+    from adapt.export import alphas_of
+    tensors, header = lora.read(adapter)
+    facts = header.get(lora.FACTS_KEY, {})
+    downs = {k[len("unet."):-len(".lora.down.weight")]: v for k, v in tensors.items() if k.endswith(".lora.down.weight")}
+    ups = {k[len("unet."):-len(".lora.up.weight")]: v for k, v in tensors.items() if k.endswith(".lora.up.weight")}
+    if not downs or downs.keys() != ups.keys():
+        raise lora.AdapterError(f"{adapter}: expected paired unet.*.lora.down/up weights, found {len(downs)} down, {len(ups)} up")
+    alphas = alphas_of(header, list(downs))
+    widths = {int(v.shape[1]) for m, v in downs.items() if re.search(r"attn2\.to_[kv]$", m)}
+    family = WIDTHS.get(next(iter(widths))) if len(widths) == 1 else None
+    sdxl = family == "sdxl" or facts.get("architecture") == "sdxl"
+    cfg = published_config(family) if family else None
+
+    def name(m: str) -> str:
+        if not sdxl:
+            return m
+        return compvis_path(m, cfg) if cfg else sdxl_to_sgm(m, layers_per_block)
+
+    out = {}
+    for m in sorted(downs):
+        k = "lora_unet_" + name(m).replace(".", "_")
+        out[f"{k}.lora_down.weight"] = downs[m].contiguous()
+        out[f"{k}.lora_up.weight"] = ups[m].contiguous()
+        out[f"{k}.alpha"] = torch.tensor(alphas[m], dtype=torch.float32)
+    rank = max(v.shape[0] for v in downs.values())
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+            "ss_network_alpha": str(max(set(alphas.values()), key=list(alphas.values()).count)),
+            "ss_base_model_version": VERSIONS.get(family) or ("sdxl_base_v1-0" if sdxl else "sd_v1"),
+            "ss_v2": str(family == "sd21"),
+            "ss_v_parameterization": str(facts.get("prediction_type") == "v_prediction"),
+            lora.FACTS_KEY: json.dumps(facts, sort_keys=True)}
+    for key, src in (("ss_resolution", "resolution"), ("ss_max_train_steps", "steps_trained"), ("ss_sd_model_name", "base")):
+        if facts.get(src) is not None:
+            meta[key] = str(facts[src])
+    convs = [m for m, v in downs.items() if v.ndim == 4]
+    if convs:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(max(downs[m].shape[0] for m in convs))})
+    return atomic.write_safetensors(out, Path(out_file), meta)
