@@ -169,7 +169,8 @@ def main(argv=None) -> int:
             raise FloatingPointError(f"loss is {mean_loss} at step {step + 1}; stopping. Last good checkpoint: "
                                      f"{last[-1] if last else 'none'}. Lower optim.lr, or use fp32/bf16 instead of fp16.")
         if acc.is_main_process and (step + 1) % cfg.train.log_every == 0:
-            row = {"step": step + 1, "loss": mean_loss, "lr": lr_sched.get_last_lr()[0], "timesteps": batch["t"].tolist()}
+            row = {"step": step + 1, "loss": mean_loss, "lr": lr_sched.get_last_lr()[0], "timesteps": batch["t"].tolist(),
+                   "time": round(time.time(), 3)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if trackers:
@@ -196,6 +197,8 @@ def main(argv=None) -> int:
         figures = {"train_seconds": round(train_s, 1), "steps_per_s": round(steps_run / max(train_s, 1e-9), 3),
                    "samples_per_s": round(steps_run * cfg.train.batch_size * cfg.train.grad_accum * world / max(train_s, 1e-9), 2),
                    "total_seconds": round(time.time() - t_start, 1)}
+        if acc.device.type == "cuda":
+            figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**20)
         fx = {"base": cfg.model.base, "base_revision": cfg.model.revision, "base_resolved": facts.resolved, "architecture": facts.architecture,
               "prediction_type": facts.prediction_type, "preset": cfg.lora.preset, "rank": cfg.lora.rank,
               "alpha": cfg.lora.alpha or cfg.lora.rank, "strength": cfg.objective.strength, "window": cfg.objective.window,

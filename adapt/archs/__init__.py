@@ -39,3 +39,34 @@ def build_sd15_pipeline(seed: int = 0, dtype=torch.float32):
                                    feature_extractor=None, requires_safety_checker=False).to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_sdxl_pipeline(seed: int = 0, dtype=torch.float32, device: str = "cpu"):
+    """StableDiffusionXLPipeline with SDXL's UNet, VAE, CLIP ViT-L and OpenCLIP bigG shapes, random weights.
+
+    About 3.5 B parameters: build it on a GPU (`device="cuda"`) where one is available; on CPU it takes minutes.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from adapt.tiny import TINY_WORDS, build_tokenizer
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(unet_config("sdxl"))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025,
+                            force_upcast=True)
+        te1 = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                           num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                           projection_dim=768))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                                                         num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+                                                         hidden_act="gelu", projection_dim=1280))
+    tok = build_tokenizer(TINY_WORDS, max_length=77)
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched).to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
