@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="sd15,sdxl")
     ap.add_argument("--tiny", action="store_true", help="tiny models, 64 px, 3 steps, CPU: the path, not the speed")
     ap.add_argument("--all-attn", action="store_true", help="also run adapt with the reference's layers (all_attn)")
+    ap.add_argument("--steps", type=int, default=None, help="override every case's step count")
+    ap.add_argument("--no-reference", action="store_true", help="run adapt only")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per trainer run")
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
@@ -164,21 +166,23 @@ def main(argv=None) -> int:
     from adapt import synth
     import torch
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    data = out / "data"
-    if not (data / "metadata.jsonl").is_file():
-        synth.build_imagefolder("sunglasses", data, n=8 if a.tiny else 32, split="train")
     results = {"device": device, "torch": torch.__version__, "cases": {}}
     peer = Path(a.peer).resolve() if a.peer else None
     for case in a.cases.split(","):
         c = dict(CASES[case])
         if a.tiny:
             c.update(res=64, steps=3, batch=2)
+        if a.steps:
+            c.update(steps=a.steps)
+        data = out / f"data_{c['res']}"  # rendered at the training size: adapt skips images under half of it
+        if not (data / "metadata.jsonl").is_file():
+            synth.build_imagefolder("sunglasses", data, n=8 if a.tiny else 32, split="train", size=c["res"])
         t0 = time.time()
         base = build_base(case, out / f"base_{case}", a.tiny)
         print(f"[gpu_check] {case}: base built in {time.time() - t0:.0f}s", flush=True)
         runs = [run_adapt(case, c, base, data, out, a.tiny, timeout=a.timeout)]
         print(f"[gpu_check] {case}: {runs[-1]}", flush=True)
-        if peer and (peer / c["ref"]).is_file():
+        if peer and not a.no_reference and (peer / c["ref"]).is_file():
             try:
                 runs.append(run_reference(case, c, base, data, out, a.tiny, peer, timeout=a.timeout))
             except subprocess.TimeoutExpired:
