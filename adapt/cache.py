@@ -17,7 +17,9 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from adapt import atomic
 
 log = logging.getLogger("adapt.cache")
 
@@ -39,16 +41,19 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def load_or_compute(path: Path | None, compute) -> dict[str, torch.Tensor]:
-    """Read `path` if it exists, else run `compute()` and write it atomically. `path=None` disables caching."""
+def load_or_compute(path: Path | None, compute, log=print) -> dict[str, torch.Tensor]:
+    """Read `path` if it exists, else run `compute()` and write it atomically. `path=None` disables caching.
+
+    A cache file that cannot be read (truncated, garbage) is recomputed and replaced, with a warning.
+    """
     if path is not None and path.is_file():
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type on damaged files
+            log(f"warning: latent cache {path} is unreadable ({type(e).__name__}: {e}); recomputing it")
     tensors = compute()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{torch.randint(0, 1 << 30, ()).item()}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path)
+        atomic.write_safetensors({k: v.contiguous() for k, v in tensors.items()}, path)
         return load_file(str(path))  # train on exactly what later runs will read back
     return tensors
 

@@ -5,48 +5,48 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapt import atomic, config
+from adapt.facts import AdapterFacts
 
 
-def write_model_card(out: Path, facts: dict, cfg) -> Path:
-    f = facts
-    fig = f.get("figures", {})
-    ls = f.get("latent_stats", {})
-    prompt = str(f.get("example_prompt", "")).replace('"', "'")
+def write_model_card(out: Path, f: AdapterFacts, cfg) -> Path:
+    fig, ls = f.figures, f.latent_stats
+    prompt = f.example_prompt.replace('"', "'")
     text = f"""---
 library_name: diffusers
 tags: [lora, img2img, adapt, domain-adaptation]
-base_model: {f['base']}
+base_model: {f.base}
 ---
-# LoRA adapter: {Path(str(f['dataset'])).name} ({f['preset']}, rank {f['rank']})
+# LoRA adapter: {Path(str(f.dataset)).name} ({f.preset}, rank {f.rank})
 
-Trained by `adapt` to move images toward the domain of **{f['dataset']}** (split `{f['dataset_split']}`,
-{f['num_images']} images, fingerprint `{f['dataset_fingerprint']}`) with img2img at **strength {f['strength']}**.
+Trained by `adapt` to move images toward the domain of **{f.dataset}** (split `{f.dataset_split}`,
+{f.num_images} images, fingerprint `{f.dataset_fingerprint}`) with img2img at **strength {f.strength}**.
 
 | fact | value |
 |---|---|
-| base model | `{f['base']}` ({f['architecture']}, {f['prediction_type']}) |
-| adapted layers | `{f['preset']}`: {f['audit']['num_modules']} modules, {f['audit']['trainable_params']:,} params |
-| rank / alpha | {f['rank']} / {f['alpha']} (scale alpha/rank = {f['alpha'] / f['rank']:g}) |
-| objective | window `{f['window']}`, timesteps {f['window_range']}, for `{f['scheduler']}` with {f['inference_steps']} steps |
-| steps | {f['steps_trained']} at resolution {f['resolution']} |
+| base model | `{f.base}` ({f.architecture}, {f.prediction_type}) |
+| adapted layers | `{f.preset}`: {f.audit['num_modules']} modules, {f.audit['trainable_params']:,} params |
+| rank / alpha | {f.rank} / {f.alpha} (scale alpha/rank = {f.alpha / f.rank:g}) |
+| objective | window `{f.window}`, timesteps {f.window_range}, for `{f.scheduler}` with {f.inference_steps} steps |
+| steps | {f.steps_trained} at resolution {f.resolution} |
 | speed | {fig.get('steps_per_s')} steps/s, {fig.get('samples_per_s')} samples/s |
 | target latents | scaled std {ls.get('overall_std', float('nan')):.3f} (1.0 is what the base expects) |
-
+| optimizer | {_optim(f.optim)} |
+{_resumes(f.resumes)}
 ## Use it
 With adapt (`source.png`: any image; it is resized on its short side and centre-cropped to the base's size):
 ```bash
-adapt sample --base {f['base']} --adapter {out} --image source.png --prompt "{prompt}" --seed 0 --no-fuse --out adapted
+adapt sample --base {f.base} --adapter {out} --image source.png --prompt "{prompt}" --seed 0 --no-fuse --out adapted
 ```
 Plain diffusers, the same image (same scheduler, steps, strength, guidance and seed; a square source.png):
 ```python
 {_load_lines(f)}
 pipe.load_lora_weights("{out}")
-source = load_image("source.png").resize(({f['resolution']}, {f['resolution']}))
-image = pipe("{prompt}", image=source, strength={f['strength']}, num_inference_steps={f['inference_steps']},
+source = load_image("source.png").resize(({f.resolution}, {f.resolution}))
+image = pipe("{prompt}", image=source, strength={f.strength}, num_inference_steps={f.inference_steps},
              guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(0)).images[0]
 image.save("adapted.png")
 ```
-The strength it was trained for is {f['strength']}: at that strength img2img runs exactly the timesteps it learned.
+The strength it was trained for is {f.strength}: at that strength img2img runs exactly the timesteps it learned.
 
 ## Config
 ```yaml
@@ -56,12 +56,22 @@ The strength it was trained for is {f['strength']}: at that strength img2img run
     return atomic.write_text(out / "README.md", text)
 
 
-def _load_lines(f: dict) -> str:
+def _optim(o: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in o.items()) if o else "not recorded"
+
+
+def _resumes(resumes: list) -> str:
+    """One row per resume, with what changed (an allowed optimizer key, or the step budget)."""
+    return "".join(f"| resumed at step {r['step']} | from {r['checkpoint']}; changed: "
+                   f"{', '.join(f'{k} {a} -> {b}' for k, (a, b) in r['changed'].items()) or 'nothing'} |\n" for r in resumes)
+
+
+def _load_lines(f: AdapterFacts) -> str:
     """The plain-diffusers lines that load the exact base this adapter was trained on, with its scheduler."""
     from adapt.sample import SCHEDULERS
-    cls = "StableDiffusionXLImg2ImgPipeline" if f["architecture"] == "sdxl" else "StableDiffusionImg2ImgPipeline"
-    sched = SCHEDULERS[f["scheduler"]]
-    where = str(f["base_resolved"])
+    cls = "StableDiffusionXLImg2ImgPipeline" if f.architecture == "sdxl" else "StableDiffusionImg2ImgPipeline"
+    sched = SCHEDULERS[f.scheduler]
+    where = str(f.base_resolved)
     if where.endswith(".safetensors"):
         call = f'from_single_file("{where}")'
     elif "@" in where:  # hub id pinned to the commit that was loaded

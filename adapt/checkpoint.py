@@ -1,12 +1,18 @@
-"""Resumable training checkpoints: safetensors + JSON only, written atomically.
+"""Resumable training checkpoints: safetensors + JSON only, written atomically, kept as one line of history.
 
 A checkpoint folder `checkpoint-<step>/` holds
   lora.safetensors       peft LoRA weights of the UNet
   optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
-  state.json             step, optimizer param_groups, LR-scheduler state, anything else the recipe adds
+  state.json             step, write time, optimizer param_groups, LR-scheduler state, the run record, anything
+                         else the recipe adds
 The recipe derives data order, noise and timesteps from (seed, step, rank), so no RNG state is stored
-and nothing is unpickled on resume. Writes go to `.checkpoint-<step>.tmp` and are renamed into place;
-a crash mid-write leaves the previous checkpoint untouched and the temporary folder is ignored.
+and nothing is unpickled on resume. Writes go to `.checkpoint-<step>.<pid>.tmp`, are fsynced and renamed into
+place; any failure (safetensors' own `SafetensorError` on a full disk included) removes the temporary folder and
+raises `CheckpointError` naming the previous intact checkpoint.
+
+History: `latest` is the newest *intact* checkpoint by write time (a damaged one is skipped with a warning);
+pruning keeps the newest by write time; resuming from an older checkpoint moves the newer ones aside into
+`abandoned/`, so the next `latest` cannot continue the abandoned branch.
 """
 
 from __future__ import annotations
@@ -15,25 +21,58 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from adapt.atomic import fsync_dir
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
+FILES = ("lora.safetensors", "optimizer.safetensors", "state.json")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the previous one is intact."""
 
 
+def _written(p: Path) -> tuple[int, int]:
+    """Sort key: write time (ns) recorded in state.json, then step; folders from before the field sort by step."""
+    step = int(PATTERN.match(p.name).group(1))
+    try:
+        return json.loads((p / "state.json").read_text()).get("written_ns", 0), step
+    except (OSError, ValueError):
+        return 0, step
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in `out_dir`, oldest first."""
+    """Checkpoint folders with a state.json in `out_dir`, oldest written first (not checked for damage)."""
     d = Path(out_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := PATTERN.match(p.name)) and (p / "state.json").is_file()]
-    return [p for _, p in sorted(found)]
+    found = [p for p in d.iterdir() if PATTERN.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=_written)
+
+
+def damage(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None when it is intact)."""
+    from safetensors import safe_open
+    for f in FILES:
+        if not (path / f).is_file():
+            return f"{f} is missing"
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"]), state["optimizer"]["param_groups"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"state.json is unreadable ({type(e).__name__}: {e})"
+    for f in FILES[:2]:
+        try:
+            with safe_open(str(path / f), "pt") as h:
+                for k in h.keys():
+                    h.get_slice(k)
+        except Exception as e:  # SafetensorError on truncated or garbage files
+            return f"{f} is unreadable ({type(e).__name__}: {e})"
+    return None
 
 
 def optimizer_tensors(optimizer) -> tuple[dict, dict]:
@@ -60,43 +99,35 @@ def restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def save(out_dir: str | Path, step: int, lora_state: dict, optimizer, state: dict, total_limit: int | None = None,
-         writer=save_file, before_rename=None) -> Path:
-    """Write checkpoint-<step> atomically; prune to `total_limit`. `writer` and `before_rename` are test seams."""
+def save(out_dir: str | Path, step: int, lora_state: dict, optimizer, state: dict, total_limit: int | None = None) -> Path:
+    """Write checkpoint-<step> atomically; prune to the newest `total_limit` by write time."""
+    from safetensors.torch import save_file
     out = Path(out_dir)
     final = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
+    tmp = out / f".checkpoint-{step}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        writer({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(tmp / "lora.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(tmp / "lora.safetensors"))
         opt_t, opt_meta = optimizer_tensors(optimizer)
-        writer(opt_t, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1))
+        save_file(opt_t, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "written_ns": time.time_ns(),
+                                                    "optimizer": opt_meta}, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if before_rename is not None:
-            before_rename(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        _fsync_dir(out)
-    except OSError as e:
+        fsync_dir(out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        prev = list_checkpoints(out)
-        raise CheckpointError(f"could not write checkpoint at step {step} in {out}: {e}. "
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        prev = [p for p in list_checkpoints(out) if p != final]
+        reason = "no space left on the device" if "No space left" in str(e) or getattr(e, "errno", None) == 28 else \
+            f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"could not write checkpoint at step {step} in {out}: {reason}. "
                               f"Previous checkpoint intact: {prev[-1] if prev else 'none'}") from e
     if total_limit is not None:
         for old in list_checkpoints(out)[:-total_limit]:
@@ -106,23 +137,77 @@ def save(out_dir: str | Path, step: int, lora_state: dict, optimizer, state: dic
 
 def load(path: str | Path) -> tuple[dict, dict, dict]:
     """(lora_state, optimizer_tensors, state) of a checkpoint folder."""
+    from safetensors.torch import load_file
     p = Path(path)
-    if not (p / "state.json").is_file():
-        raise CheckpointError(f"{p} is not a complete checkpoint (no state.json)")
     for bad in ("optimizer.bin", "random_states_0.pkl", "pytorch_model.bin"):
         if (p / bad).exists() and not (p / "optimizer.safetensors").exists():
             raise CheckpointError(f"{p}: pickle-based checkpoint ({bad}); adapt resumes only from its safetensors checkpoints")
+    why = damage(p)
+    if why:
+        raise CheckpointError(f"{p} cannot be resumed from: {why}")
     return load_file(str(p / "lora.safetensors")), load_file(str(p / "optimizer.safetensors")), json.loads((p / "state.json").read_text())
 
 
-def resolve(out_dir: str | Path, resume: str | None) -> Path | None:
-    """'latest' -> newest complete checkpoint in out_dir (None if there is none); a path -> that folder."""
+def resolve(out_dir: str | Path, resume: str | None, log=print) -> Path | None:
+    """'latest' -> newest intact checkpoint in out_dir (damaged ones are named and skipped); a path -> that folder.
+
+    'latest' with no checkpoint at all is an error: a resume that silently starts over would overwrite nothing
+    but still surprise; drop the key to start a new run.
+    """
     if resume is None:
         return None
     if resume == "latest":
         found = list_checkpoints(out_dir)
-        return found[-1] if found else None
+        for p in reversed(found):
+            why = damage(p)
+            if why is None:
+                return p
+            log(f"warning: skipping damaged checkpoint {p}: {why}")
+        raise CheckpointError(f"train.resume_from_checkpoint=latest: no intact checkpoint in {out_dir} "
+                              f"({len(found)} damaged); drop the key to start a new run")
     p = Path(resume)
-    if not (p / "state.json").is_file():
-        raise CheckpointError(f"resume_from_checkpoint={resume!r}: not a complete checkpoint folder")
+    if not p.is_dir():
+        raise CheckpointError(f"train.resume_from_checkpoint={resume!r}: no such checkpoint folder")
+    why = damage(p)
+    if why:
+        raise CheckpointError(f"train.resume_from_checkpoint={resume!r} cannot be resumed from: {why}")
     return p
+
+
+def abandon_newer(out_dir: str | Path, resume: Path, log=print) -> list[Path]:
+    """Move checkpoints written after `resume` into out_dir/abandoned/, so `latest` continues this branch."""
+    out = Path(out_dir)
+    key = _written(resume)
+    newer = [p for p in list_checkpoints(out) if p.resolve() != resume.resolve() and _written(p) > key]
+    newer += [p for p in out.iterdir() if PATTERN.match(p.name) and not (p / "state.json").is_file()]  # half-dead ones
+    moved = []
+    if newer:
+        dest = out / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in newer:
+            shutil.move(str(p), dest / p.name)
+            moved.append(dest / p.name)
+        log(f"resuming from {resume.name}: moved the {len(moved)} checkpoint(s) written after it into {dest} "
+            f"({', '.join(p.name for p in newer)}), so 'latest' now follows this run")
+    return moved
+
+
+def remove_stale_tmp(out_dir: str | Path) -> int:
+    """Remove temporary folders left by a killed writer (only those whose pid is gone)."""
+    n = 0
+    for p in Path(out_dir).glob(".checkpoint-*.tmp"):
+        m = re.match(r"^\.checkpoint-\d+\.(\d+)\.tmp$", p.name)
+        if m is None or not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

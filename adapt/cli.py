@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -40,28 +41,32 @@ def _add_sample(sub):
 
 def cmd_sample(a) -> int:
     from adapt import lora, model, sample
-    if a.scale and len(a.scale) != len(a.adapter):
-        raise SystemExit(f"error: {len(a.scale)} --scale values for {len(a.adapter)} adapters; give one per adapter")
+    _check_sample_args(a)
+    stored = [lora.facts(ad) for ad in a.adapter]  # reads (and checks) every adapter before the base loads
+    first = stored[0] if stored else None
+    strength = a.strength if a.strength is not None else (first.strength if first is not None else None)
+    if a.image and strength is None:
+        raise CliError("--strength is required (no adapter with a stored strength was given)")
+    steps = a.steps or (first.inference_steps if first is not None else None) or 50
+    if a.image and int(steps * strength) < 1:
+        raise CliError(f"--strength {strength} x {steps} steps visits no timestep (img2img runs int(steps x strength) "
+                       f"steps); raise --steps or --strength")
+    sched = a.scheduler or (first.scheduler if first is not None else None) or "ddim"
+    if sched not in sample.SCHEDULERS:
+        raise CliError(f"--scheduler {sched!r}: choose from {sorted(sample.SCHEDULERS)}")
+    prompts = [_prompt(a.prompt, p) for p in a.image] if a.image else [_prompt(a.prompt, None)]
+    out = _writable_dir(a.out, "--out")
     device = model.pick_device(a.device)
     pipe, facts = model.load_base(a.base, torch_dtype=model.pick_dtype(a.dtype, device))
     pipe.to(device)  # noise stays on CPU generators, so a seed gives the same start on every device
-    stored = lora.facts(a.adapter[0]) if a.adapter else {}
-    names = [lora.load_into(pipe, ad, 1.0, adapter_name=f"a{i}") for i, ad in enumerate(a.adapter)]
+    names = [lora.load_into(pipe, ad, 1.0, adapter_name=f"a{i}", base_resolved=facts.resolved) for i, ad in enumerate(a.adapter)]
     scales = a.scale or [1.0] * len(names)
     with_adapters = lambda: lora.applied(pipe, names, scales, fuse=a.fuse) if names else nullcontext()
-    steps = a.steps or stored.get("inference_steps") or 50
-    sched = a.scheduler or stored.get("scheduler") or "ddim"
-    out = Path(a.out)
     t0 = time.time()
     if a.image:
-        strength = a.strength
-        if strength is None:
-            if not stored.get("strength"):
-                raise SystemExit("error: --strength is required (no adapter with a stored strength was given)")
-            strength = stored["strength"]
+        if a.strength is None:
             print(f"using strength {strength} stored in adapter {a.adapter[0]} (trained for it); pass --strength to override")
         images = [sample.to_pil(p, facts.sample_size) for p in a.image]
-        prompts = [a.prompt.format(caption=_caption_of(p)) for p in a.image]
         with with_adapters():
             imgs = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched)
         paths = sample.save_images(imgs, out, "img2img")
@@ -72,11 +77,60 @@ def cmd_sample(a) -> int:
             print(f"wrote grid {a.grid} (rows: input | base | adapter at strength {strength})")
     else:
         with with_adapters():
-            imgs = sample.txt2img(pipe, a.prompt, a.num_images, steps, a.guidance, a.seed, sched)
+            imgs = sample.txt2img(pipe, prompts[0], a.num_images, steps, a.guidance, a.seed, sched)
         paths = sample.save_images(imgs, out, "txt2img")
     dt = time.time() - t0
     print(f"wrote {len(paths)} image(s) to {out} ({dt / len(paths):.2f} s/image): {', '.join(p.name for p in paths)}")
     return 0
+
+
+class CliError(ValueError):
+    """A command-line value is wrong; the message names the flag and the value."""
+
+
+def _check_sample_args(a) -> None:
+    """Every flag of `adapt sample` checked before anything loads."""
+    from adapt.data import DataError, open_image
+    if a.scale and len(a.scale) != len(a.adapter):
+        raise CliError(f"{len(a.scale)} --scale values for {len(a.adapter)} adapters; give one per adapter")
+    if a.steps is not None and a.steps < 1:
+        raise CliError(f"--steps must be >= 1, got {a.steps}")
+    if a.strength is not None and not 0 < a.strength <= 1:
+        raise CliError(f"--strength must be in (0, 1], got {a.strength}")
+    if a.num_images < 1:
+        raise CliError(f"--num-images must be >= 1, got {a.num_images}")
+    for s in a.scale:
+        if s < 0:
+            raise CliError(f"--scale must be >= 0, got {s}")
+    for p in a.image:
+        if Path(p).is_dir():
+            raise CliError(f"--image {p} is a folder; pass image files (e.g. {p}/*.png)")
+        try:
+            open_image(p)
+        except (DataError, OSError, ValueError) as e:
+            raise CliError(f"--image {p}: not a readable image ({e})") from e
+
+
+def _prompt(template: str, image: str | None) -> str:
+    """The prompt with '{caption}' expanded; any other brace is refused with the fix named."""
+    try:
+        return template.format(caption=_caption_of(image) if image else "")
+    except (KeyError, IndexError, ValueError) as e:
+        raise CliError(f"--prompt {template!r}: only '{{caption}}' may appear in braces ({type(e).__name__}: {e}); "
+                       "write literal braces as '{{' and '}}'") from e
+
+
+def _writable_dir(path: str, flag: str) -> Path:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CliError(f"{flag} {p} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"{flag} {p}: cannot create it ({e.strerror})") from e
+    if not os.access(p, os.W_OK):
+        raise CliError(f"{flag} {p}: not writable")
+    return p
 
 
 def _caption_of(image: str) -> str:
@@ -101,23 +155,24 @@ def _add_inspect(sub):
 
 
 def cmd_inspect(a) -> int:
+    import dataclasses
     from adapt import lora
     tensors, header = lora.read(a.adapter)
-    facts = header.get(lora.FACTS_KEY, {})
+    facts = header[lora.FACTS_KEY]
     meta = header.get("lora_adapter_metadata", {})
     modules = sorted({k.rsplit(".lora", 1)[0] for k in tensors if ".lora" in k})
+    shown = {k: v for k, v in dataclasses.asdict(facts).items() if k != "image_fingerprints"} if facts else {}
     info = {"file": str(lora.weights_path(a.adapter)), "num_tensors": len(tensors), "num_modules": len(modules),
             "num_params": sum(t.numel() for t in tensors.values()),
             "self_attention_modules": sum(".attn1." in m for m in modules),
             "cross_attention_modules": sum(".attn2." in m for m in modules),
-            "rank": meta.get("unet.r"), "alpha": meta.get("unet.lora_alpha"),
-            "facts": {k: v for k, v in facts.items() if k != "image_fingerprints"}}
+            "rank": meta.get("unet.r"), "alpha": meta.get("unet.lora_alpha"), "facts": shown}
     if a.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
     print(f"adapter {info['file']}: {info['num_modules']} modules ({info['cross_attention_modules']} cross-attn, "
           f"{info['self_attention_modules']} self-attn), {info['num_params']:,} params, rank {info['rank']}, alpha {info['alpha']}")
-    for k, v in info["facts"].items():
+    for k, v in shown.items():
         print(f"  {k}: {v}")
     if not facts:
         print("  (no adapt facts: trained elsewhere; strength and base unknown)")
@@ -132,6 +187,7 @@ def _add_data(sub):
     b.add_argument("--out", required=True)
     b.add_argument("--n", type=int, required=True)
     b.add_argument("--split", default="train", help="pretrain | train | classifier | eval | val (disjoint seed ranges)")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     b.set_defaults(func=cmd_data_build)
 
 
@@ -140,11 +196,20 @@ def cmd_data_build(a) -> int:
     from adapt import synth
     folder = Path(a.name) if Path(a.name).is_dir() else Path("datasets") / a.name
     if not (folder / "dataset.yaml").is_file():
-        raise SystemExit(f"error: no dataset definition {folder / 'dataset.yaml'}")
+        raise CliError(f"no dataset definition {folder / 'dataset.yaml'}")
     spec = yaml.safe_load((folder / "dataset.yaml").read_text())
     if spec.get("builder") != "synth":
-        raise SystemExit(f"error: {folder} is built by {spec.get('builder')!r}; see its README.md for how to prepare it")
-    out = synth.build_imagefolder(spec["domain"], a.out, a.n, a.split, spec.get("size", 64))
+        raise CliError(f"{folder} is built by {spec.get('builder')!r}; see its README.md for how to prepare it")
+    if a.n < 1 or a.n > synth.SPLIT_SIZE:
+        raise CliError(f"--n must be in [1, {synth.SPLIT_SIZE}], got {a.n}")
+    if a.split not in synth.SPLITS:
+        raise CliError(f"--split {a.split!r}: choose from {sorted(synth.SPLITS)}")
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not a.overwrite:
+            raise CliError(f"--out {out} exists and is not empty; pass --overwrite to replace it (adapt never mixes "
+                           "two builds in one folder)")
+    out = synth.build_imagefolder(spec["domain"], out, a.n, a.split, spec.get("size", 64), replace=True)
     print(f"wrote {a.n} {spec['domain']} images of split {a.split!r} to {out} (metadata.jsonl with captions and eye boxes)")
     return 0
 
@@ -171,10 +236,11 @@ def main(argv=None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    from adapt import config, data, lora, model
+    from adapt import atomic, config, data, lora, model
     try:
         return args.func(args)
-    except (config.ConfigError, data.DataError, model.ModelError, lora.AdapterError, FileNotFoundError) as e:
+    except (CliError, config.ConfigError, data.DataError, model.ModelError, lora.AdapterError, atomic.WriteError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

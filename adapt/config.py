@@ -28,6 +28,15 @@ def opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def _fields(template: str) -> set:
+    """Names a str.format template uses; a malformed template counts as {'<malformed>'}."""
+    import string
+    try:
+        return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError:
+        return {"<malformed>"}
+
+
 def _check(cond: bool, key: str, msg: str):
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -63,6 +72,8 @@ class DataConfig:
         _check(self.resolution > 0 and self.resolution % 8 == 0, "data.resolution", f"must be a positive multiple of 8, got {self.resolution}")
         _check(self.num_images is None or self.num_images > 0, "data.num_images", f"must be > 0, got {self.num_images}")
         _check(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
+        _check(_fields(self.default_caption) <= {"name"}, "data.default_caption",
+               f"{self.default_caption!r}: only '{{name}}' (the file stem) may appear in braces; write literal braces as '{{{{' and '}}}}'")
         _check(self.center_crop, "data.center_crop", "false (random crops) is not supported: images are center-cropped once and their latents cached")
 
 
@@ -122,9 +133,12 @@ class TrainSection:
     seed: int = opt(0, "seed for init, data order, noise and timesteps")
     mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision; LoRA weights stay fp32")
     gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward: less memory, ~30% slower")
-    checkpointing_steps: int = opt(0, "save a resumable checkpoint every N steps; 0 = only at the end")
+    checkpointing_steps: int = opt(0, "save a resumable checkpoint every N steps; a final one is always written (so a "
+                                   "finished run can be extended by raising max_steps); 0 = only the final one")
     checkpoints_total_limit: Optional[int] = opt(2, "keep at most N checkpoints")
-    resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint folder")
+    resume_from_checkpoint: Optional[str] = opt(None, "'latest' (the newest intact checkpoint) or a checkpoint folder")
+    resume_allow: list = opt([], "optimizer keys a resume may change, e.g. [optim.lr]; identity keys (base, data, LoRA "
+                             "shape, objective, seed) can never change on resume")
     log_every: int = opt(1, "log loss every N steps")
     num_threads: Optional[int] = opt(None, "torch CPU threads; None = torch's default")
     overwrite: bool = opt(False, "allow writing into an out_dir that already holds a finished run")
@@ -134,6 +148,9 @@ class TrainSection:
             _check(getattr(self, k) > 0, f"train.{k}", f"must be > 0, got {getattr(self, k)}")
         _check(self.checkpointing_steps >= 0, "train.checkpointing_steps", f"must be >= 0, got {self.checkpointing_steps}")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "train.checkpoints_total_limit", "must be > 0")
+        _check(self.num_threads is None or self.num_threads > 0, "train.num_threads", f"must be > 0, got {self.num_threads}")
+        bad = [k for k in self.resume_allow if not str(k).startswith("optim.")]
+        _check(not bad, "train.resume_allow", f"only optim.* keys can be allowed to change on resume, got {bad}")
 
 
 @dataclass
@@ -145,6 +162,13 @@ class ValidationConfig:
     prompt: Optional[str] = opt(None, "prompt for validation img2img; None = each image's caption")
     seed: int = opt(1234, "seed for validation noise")
     guidance_scale: float = opt(1.0, "classifier-free guidance during validation")
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "validation.steps", f"must be >= 0, got {self.steps}")
+        _check(self.num_images >= 1, "validation.num_images", f"must be >= 1, got {self.num_images} "
+               "(to turn validation off, set validation.source=null)")
+        _check(self.prompt is None or _fields(self.prompt) <= {"caption"}, "validation.prompt",
+               f"{self.prompt!r}: only '{{caption}}' may appear in braces")
 
 
 @dataclass
@@ -234,6 +258,10 @@ class EvalConfig:
         _check(all(0 < float(s) <= 1 for s in self.strengths) and len(self.strengths) > 0, "strengths", f"each must be in (0, 1], got {self.strengths}")
         _check(all(float(s) >= 0 for s in self.scales) and len(self.scales) > 0, "scales", f"must be >= 0, got {self.scales}")
         _check(self.seeds > 0 and self.num_images > 1 and self.num_target > 1, "seeds/num_images/num_target", "must be positive (images >= 2)")
+        _check(self.steps is None or self.steps > 0, "steps", f"must be > 0, got {self.steps}")
+        _check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        _check(_fields(self.prompt) <= {"caption"}, "prompt", f"{self.prompt!r}: only '{{caption}}' may appear in braces; "
+               "write literal braces as '{{' and '}}'")
         _check(self.clip_model is None or bool(self.clip_target_text), "clip_target_text",
                "clip_model is set: name the target domain in words, e.g. 'a photo of a person wearing sunglasses'")
         _check((self.lpips_backbone is None) == (self.lpips_linear is None), "lpips_backbone/lpips_linear",
@@ -311,7 +339,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({' '.join(str(e).split())})") from None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -336,7 +367,10 @@ def load(cls, path: str | Path | None = None, overrides: list[str] | tuple = ())
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:  # e.g. a tab used for indentation
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     data = _merge(data, parse_overrides(list(overrides)))
@@ -347,8 +381,12 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def dump(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def dump(cfg, path: str | Path, notes: list[str] = ()) -> None:
+    """Write the resolved config atomically; `notes` (e.g. the resume history) go on top as comments, so the
+    file still loads as a config."""
+    from adapt import atomic
+    head = "".join(f"# {line}\n" for line in notes)
+    atomic.write_text(path, head + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -119,7 +119,11 @@ def _read_metadata(root: Path, report: DataReport) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     if not meta.exists():
         return rows
-    for lineno, raw in enumerate(meta.read_bytes().splitlines(), 1):
+    content = meta.read_bytes()
+    if content.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Notepad) would hide the first row
+        content = content[3:]
+        report.note("UTF-8 byte-order mark at the start of metadata.jsonl ignored", "metadata.jsonl")
+    for lineno, raw in enumerate(content.splitlines(), 1):
         if not raw.strip():
             continue
         where = f"metadata.jsonl:{lineno}"
@@ -158,9 +162,14 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
         raise DataError(f"dataset folder not found: {root}")
     rows = _read_metadata(root, report)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    inside = root.resolve()
+    for p in [p for p in files if not p.resolve().is_relative_to(inside)]:  # a symlink to elsewhere: never trained on
+        report.skip("symlink points outside the dataset folder", p.relative_to(root).as_posix())
+        files.remove(p)
     listed = {p.relative_to(root).as_posix(): p for p in files}
+    outside = set(report.skipped.get("symlink points outside the dataset folder", []))
     for key in rows:
-        if key not in listed:
+        if key not in listed and key not in outside:
             report.skip("metadata names a file that does not exist", key)
     records = []
     for key, path in listed.items():
@@ -231,14 +240,30 @@ def read_definition(folder: Path, split: str, num_images: int | None, cache_dir:
 
 
 def default_cache_dir() -> Path:
+    """$ADAPT_CACHE or ~/.cache/adapt, checked to be a writable folder (created if missing)."""
     import os
-    return Path(os.environ.get("ADAPT_CACHE", Path.home() / ".cache" / "adapt"))
+    return usable_cache_dir(Path(os.environ.get("ADAPT_CACHE", Path.home() / ".cache" / "adapt")),
+                            "ADAPT_CACHE" if "ADAPT_CACHE" in os.environ else "the default cache")
+
+
+def usable_cache_dir(path: Path, what: str) -> Path:
+    """`path` as a writable folder, or a DataError naming `what` (the variable or key that set it)."""
+    import os
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{what} {path}: cannot create it ({e.strerror})") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(f"{what} {path} is not writable; point it at a writable folder")
+    return path
 
 
 def read_records(source: str, split: str = "train", image_column: str = "image", caption_column: str = "text",
                  default_caption: str = "", num_images: int | None = None, cache_dir: str | Path | None = None):
     """Dispatch on the source form; returns (records, report). Raises DataError when nothing is usable."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = usable_cache_dir(Path(cache_dir), "data.cache_dir") if cache_dir else default_cache_dir()
     p = Path(source).expanduser()
     if p.is_dir() and (p / "dataset.yaml").is_file():
         records, report = read_definition(p, split, num_images, cache)

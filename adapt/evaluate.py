@@ -29,6 +29,7 @@ report.json schema (REPORT_SCHEMA below is checked by `validate_report`):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapt import classifier, config, data, lora, metrics, model, perceptual, sample, synth
+from adapt import atomic, classifier, config, data, lora, metrics, model, perceptual, sample, synth
+from adapt.facts import AdapterFacts
 
 REPORT_SCHEMA = {
     "status": str, "settings": dict, "versions": dict, "classifier_accuracy": float, "vae_ceiling": dict,
@@ -106,27 +108,33 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    facts = lora.facts(cfg.adapter)
-    base = cfg.base or facts.get("base")
+    facts = lora.facts(cfg.adapter) or AdapterFacts(architecture="sd")  # trained elsewhere: nothing recorded
+    base = cfg.base or facts.base
     if not base:
         raise config.ConfigError("base: the adapter stores no base model; pass --base")
-    steps = cfg.steps or facts.get("inference_steps") or 50
-    sched = cfg.scheduler or facts.get("scheduler") or "ddim"
+    steps = cfg.steps or facts.inference_steps or 50
+    sched = cfg.scheduler or facts.scheduler or "ddim"
+    empty = [s for s in cfg.strengths if int(steps * s) < 1]
+    if empty:
+        raise config.ConfigError(f"strengths {empty}: img2img at {steps} steps runs int(steps x strength) = 0 steps; "
+                                 f"the smallest usable strength is {1 / steps:g}")
     device = model.pick_device(cfg.device)
     pipe, bf = model.load_base(base, torch_dtype=model.pick_dtype(cfg.dtype, device))
     pipe.to(device)
-    name = lora.load_into(pipe, cfg.adapter, 1.0, adapter_name="adapter")
+    name = lora.load_into(pipe, cfg.adapter, 1.0, adapter_name="adapter", base_resolved=bf.resolved, log=log)
     res = bf.sample_size
     warnings = []
 
     src_px, src_rec, _ = data.load(cfg.source, res, cfg.source_split, num_images=cfg.num_images, logger=log)
     tgt_px, _, _ = data.load(cfg.target, res, cfg.target_split, num_images=cfg.num_target, logger=log)
-    trained = set(facts.get("image_fingerprints", []))
+    if len(tgt_px) < 2:
+        raise data.DataError(f"target {cfg.target} (split {cfg.target_split}): {len(tgt_px)} usable image(s); KID needs at least 2")
+    trained = set(facts.image_fingerprints)
     for label, px in (("source", src_px), ("target", tgt_px)):
         overlap = trained & set(data.image_fingerprints(px))
         if overlap:
             warnings.append(f"{len(overlap)} {label} evaluation images are identical to the adapter's training images "
-                            f"(dataset fingerprint {facts.get('dataset_fingerprint')}); use a held-out split")
+                            f"(dataset fingerprint {facts.dataset_fingerprint}); use a held-out split")
     for w in warnings:
         log("WARNING: " + w)
 
@@ -250,11 +258,11 @@ def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device) -> d
     perc["lpips"] = perceptual.LPIPS(cfg.lpips_backbone, cfg.lpips_linear, cfg.lpips_net, cfg.lpips_size, device)
     perc["src_px"] = src_px
     status["lpips"] = f"computed: {_weights_id(cfg.lpips_backbone)} + {_weights_id(cfg.lpips_linear)}; net {cfg.lpips_net}"
-    train = cfg.intra_lpips_train or facts.get("dataset")
+    train = cfg.intra_lpips_train or facts.dataset
     if not train:
         status["intra_lpips"] = "not computed: the adapter records no training dataset; set intra_lpips_train"
         return perc
-    split = facts.get("dataset_split", "train") if not cfg.intra_lpips_train else "train"
+    split = (facts.dataset_split or "train") if not cfg.intra_lpips_train else "train"
     perc["train_px"], _, _ = data.load(train, res, split, logger=lambda m: None)
     status["intra_lpips"] = f"computed: {len(perc['train_px'])} training images of {train} (split {split}) as cluster centres"
     return perc
@@ -342,15 +350,16 @@ def _versions() -> dict:
 
 def _write(out: Path, report: dict, rows: list) -> None:
     validate_report(report)
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    atomic.write_text(out / "report.json", json.dumps(report, indent=1, default=float))
     flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()} for r in rows]
-    with open(out / "report.csv", "w", newline="") as f:
-        if flat:
-            w = csv.DictWriter(f, fieldnames=list(flat[0]))
-            w.writeheader()
-            w.writerows(flat)
+    buf = io.StringIO(newline="")
+    if flat:
+        w = csv.DictWriter(buf, fieldnames=list(flat[0]))
+        w.writeheader()
+        w.writerows(flat)
+    atomic.write_text(out / "report.csv", buf.getvalue())
     from adapt.plots import summary_markdown
-    (out / "summary.md").write_text(summary_markdown(report))
+    atomic.write_text(out / "summary.md", summary_markdown(report))
 
 
 def add_parser(sub):

@@ -17,6 +17,7 @@ LoHa / LoKr / DoRA are refused by name; text-encoder layers are counted and repo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from adapt import atomic, lora
+from adapt.facts import AdapterFacts, FactsError
 
 WIDTHS = {768: "sd15", 1024: "sd21", 2048: "sdxl"}  # cross-attention width of the published families
 VERSIONS = {"sd15": "sd_v1", "sd21": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # sd-scripts' ss_base_model_version
@@ -165,11 +167,14 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
     if dropped:
         log(f"warning: {len(dropped)} text-encoder LoRA layers (lora_te*) not imported: adapt adapters change the UNet "
             f"only, so outputs will differ from the original file (e.g. {', '.join(dropped[:2])})")
-    facts = json.loads(header.get(lora.FACTS_KEY, "{}"))
-    if base_cfg is None and architecture == "auto" and facts.get("base_resolved"):  # exported by adapt: its own base
+    try:  # a file adapt exported carries its record: keep it, and map against its own base when that is here
+        prior = AdapterFacts.from_header(header.get(lora.FACTS_KEY), str(path))
+    except FactsError as e:
+        raise lora.AdapterError(str(e)) from e
+    if base_cfg is None and architecture == "auto" and prior is not None and prior.base_resolved:
         from adapt import model
         try:
-            base_cfg = model.unet_config(facts["base_resolved"])
+            base_cfg = model.unet_config(prior.base_resolved)
         except model.ModelError:
             pass  # not on this machine: fall back to the published families
     arch, cfg = detect(path, names, tensors, header, base_cfg, architecture)
@@ -197,15 +202,16 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
             "unet.rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
             "unet.alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != base_alpha},
             "unet.init_lora_weights": True, "unet.lora_dropout": 0.0, "unet.bias": "none"}
-    facts.update(architecture="sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd", imported_from=str(path),
-                 kohya_architecture=arch, kohya_naming=naming, dropped_text_encoder_layers=len(dropped),
-                 kohya_metadata={k: v for k, v in header.items() if k.startswith("ss_") and len(v) < 2000})
+    kohya_info = {"family": arch, "naming": naming, "dropped_text_encoder_layers": len(dropped),
+                  "metadata": {k: v for k, v in header.items() if k.startswith("ss_") and len(v) < 2000}}
+    facts = dataclasses.replace(prior or AdapterFacts(architecture="sd"), imported_from=str(path), kohya=kohya_info,
+                                architecture="sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd")
     log(f"imported {len(names)} UNet layers ({arch}, {naming} names; ranks {sorted(set(ranks.values()))}, "
         f"alphas {sorted(set(alphas.values()))})")
     out_dir = Path(out_dir)
     target = out_dir / lora.WEIGHTS_NAME
     atomic.write_safetensors(out, target, {"format": "pt", "lora_adapter_metadata": json.dumps(meta),
-                                         lora.FACTS_KEY: json.dumps(facts, sort_keys=True)})
+                                         lora.FACTS_KEY: facts.to_header()})
     return target
 
 
@@ -227,7 +233,7 @@ def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 
     """Write a kohya-format .safetensors (lora_unet_* keys with .alpha and sd-scripts' ss_* metadata)."""
     from adapt.export import alphas_of
     tensors, header = lora.read(adapter)
-    facts = header.get(lora.FACTS_KEY, {})
+    facts = header[lora.FACTS_KEY]
     downs = {k[len("unet."):-len(".lora.down.weight")]: v for k, v in tensors.items() if k.endswith(".lora.down.weight")}
     ups = {k[len("unet."):-len(".lora.up.weight")]: v for k, v in tensors.items() if k.endswith(".lora.up.weight")}
     if not downs or downs.keys() != ups.keys():
@@ -235,7 +241,7 @@ def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 
     alphas = alphas_of(header, list(downs))
     widths = {int(v.shape[1]) for m, v in downs.items() if re.search(r"attn2\.to_[kv]$", m)}
     family = WIDTHS.get(next(iter(widths))) if len(widths) == 1 else None
-    sdxl = family == "sdxl" or facts.get("architecture") == "sdxl"
+    sdxl = family == "sdxl" or (facts is not None and facts.architecture == "sdxl")
     cfg = published_config(family) if family else None
 
     def name(m: str) -> str:
@@ -254,11 +260,12 @@ def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 
             "ss_network_alpha": str(max(set(alphas.values()), key=list(alphas.values()).count)),
             "ss_base_model_version": VERSIONS.get(family) or ("sdxl_base_v1-0" if sdxl else "sd_v1"),
             "ss_v2": str(family == "sd21"),
-            "ss_v_parameterization": str(facts.get("prediction_type") == "v_prediction"),
-            lora.FACTS_KEY: json.dumps(facts, sort_keys=True)}
-    for key, src in (("ss_resolution", "resolution"), ("ss_max_train_steps", "steps_trained"), ("ss_sd_model_name", "base")):
-        if facts.get(src) is not None:
-            meta[key] = str(facts[src])
+            "ss_v_parameterization": str(facts is not None and facts.prediction_type == "v_prediction")}
+    if facts is not None:
+        meta[lora.FACTS_KEY] = facts.to_header()
+        for key, src in (("ss_resolution", "resolution"), ("ss_max_train_steps", "steps_trained"), ("ss_sd_model_name", "base")):
+            if getattr(facts, src) is not None:
+                meta[key] = str(getattr(facts, src))
     convs = [m for m, v in downs.items() if v.ndim == 4]
     if convs:
         meta["ss_network_args"] = json.dumps({"conv_dim": str(max(downs[m].shape[0] for m in convs))})

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from adapt import atomic
+from adapt.facts import AdapterFacts, FactsError
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 FACTS_KEY = "adapt"
@@ -50,6 +51,11 @@ def attach(unet, preset: str = "cross_attn", rank: int = 8, alpha: float | None 
     names = target_modules(unet, preset)
     if not names:
         raise AdapterError(f"LoRA preset {preset!r} (regex {PRESETS[preset]}) matches no Linear layer of this UNet")
+    widths = {n: min(m.in_features, m.out_features) for n, m in unet.named_modules() if n in set(names)}
+    narrow = min(widths, key=widths.get)
+    if rank > widths[narrow]:
+        raise AdapterError(f"lora.rank {rank} exceeds the narrowest adapted layer ({narrow}: min(in, out) = "
+                           f"{widths[narrow]}); a higher rank adds parameters but no capacity. Use lora.rank <= {widths[narrow]}")
     unet.requires_grad_(False)
     cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                      init_lora_weights=True if init == "default" else init, target_modules=PRESETS[preset])
@@ -79,16 +85,14 @@ def state_dict(unet, adapter_name: str = "default") -> dict:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
 
 
-def save(out_dir: str | Path, unet, facts: dict, adapter_name: str = "default", architecture: str = "sd") -> Path:
+def save(out_dir: str | Path, unet, facts: AdapterFacts, adapter_name: str = "default") -> Path:
     """Write `pytorch_lora_weights.safetensors` atomically: diffusers' layout (what `save_lora_weights` writes:
     'unet.'-prefixed keys, peft's LoraConfig under 'lora_adapter_metadata') plus adapt's facts under 'adapt'.
-
-    `architecture` is kept for callers; SD and SDXL adapters have the same layout.
     """
     layers = {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in state_dict(unet, adapter_name).items()}
     meta = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config[adapter_name].to_dict().items()}
     header = {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True),
-              FACTS_KEY: json.dumps(facts, sort_keys=True, default=str)}
+              FACTS_KEY: facts.to_header()}
     return atomic.write_safetensors(layers, Path(out_dir) / WEIGHTS_NAME, header)
 
 
@@ -121,36 +125,49 @@ def refuse_pickle_reason() -> str:
 
 
 def read(adapter: str | Path) -> tuple[dict, dict]:
-    """(tensors, header) of an adapter; header['adapt'] and header['lora_adapter_metadata'] are parsed."""
+    """(tensors, header) of an adapter; header['adapt'] is an AdapterFacts (or None), header['lora_adapter_metadata']
+    a dict. A truncated or foreign file is an AdapterError naming it (safetensors raises its own error type)."""
     path = weights_path(adapter)
-    with safe_open(str(path), "pt") as f:
-        header = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for k in (FACTS_KEY, "lora_adapter_metadata"):
-        if k in header:
-            header[k] = json.loads(header[k])
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise AdapterError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
+    try:
+        if "lora_adapter_metadata" in header:
+            header["lora_adapter_metadata"] = json.loads(header["lora_adapter_metadata"])
+        header[FACTS_KEY] = AdapterFacts.from_header(header.get(FACTS_KEY), str(path))
+    except (ValueError, FactsError) as e:
+        raise AdapterError(f"{path}: unreadable header: {e}") from e
     return tensors, header
 
 
-def facts(adapter: str | Path) -> dict:
-    """adapt's facts stored with the adapter ({} for adapters trained elsewhere)."""
-    return read(adapter)[1].get(FACTS_KEY, {})
+def facts(adapter: str | Path) -> AdapterFacts | None:
+    """adapt's record stored with the adapter (None for adapters trained elsewhere)."""
+    return read(adapter)[1][FACTS_KEY]
 
 
-def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str | None = None, check: bool = True) -> str:
+def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str | None = None, check: bool = True,
+              base_resolved: str | None = None, log=print) -> str:
     """Load an adapter into a diffusers pipeline with diffusers' own loader, then audit the load.
 
     Checks: every key maps to a UNet module (else lists the unmatched ones), the stored alpha
-    survived (effective scale alpha/rank as trained), and the architecture matches.
+    survived (effective scale alpha/rank as trained), and the architecture matches. With `base_resolved`
+    (what the pipeline was loaded from), an adapter recorded on another base is a warning: same shapes
+    load fine, but the adapter learned a correction to different weights.
     """
     path = weights_path(adapter)
     tensors, header = read(path)
     name = adapter_name or f"adapter_{len(pipe.get_list_adapters().get('unet', [])) if hasattr(pipe, 'get_list_adapters') else 0}"
-    f = header.get(FACTS_KEY, {})
+    f = header[FACTS_KEY]
     arch = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
-    if f.get("architecture") and f["architecture"] != arch:
-        raise AdapterError(f"{path}: adapter was trained on a {f['architecture']} base ({f.get('base')}), "
+    if f is not None and f.architecture != arch:
+        raise AdapterError(f"{path}: adapter was trained on a {f.architecture} base ({f.base}), "
                            f"this pipeline is {arch}; load it into a matching base")
+    if f is not None and base_resolved and f.base_resolved and not _same_base(f.base_resolved, base_resolved):
+        log(f"warning: {path} was trained on {f.base_resolved}, this pipeline is {base_resolved}; the shapes match, "
+            "but the adapter learned a correction to other weights, so outputs may not be what it was trained for")
     if check:
         check_keys(pipe.unet, tensors, path)
         ups = [v for k, v in tensors.items() if k.endswith((".lora.up.weight", ".lora_B.weight"))]
@@ -166,6 +183,19 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
         if "lora_alpha" in meta and float(got.lora_alpha) != float(meta["lora_alpha"]):
             raise AdapterError(f"{path}: alpha {meta['lora_alpha']} was stored but {got.lora_alpha} was loaded")
     return name
+
+
+def _same_base(a: str, b: str) -> bool:
+    """Whether two resolved base locations name the same model. A folder that does not exist here (an adapter
+    trained on another machine) is compared by its name; hub ids by id and commit."""
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    if "@" in a and "@" in b:
+        return False
+    return pa.name.split("@")[0] == pb.name.split("@")[0]
 
 
 @contextmanager

@@ -8,6 +8,7 @@ region the target domain is allowed to change). Splits are disjoint seed ranges.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -183,25 +184,41 @@ def make(domain: str, split: str, index: int, size: int = 64) -> tuple[Image.Ima
     return render(face, glasses, size), face.caption(glasses), face
 
 
-def build_imagefolder(domain: str, out: str | Path, n: int, split: str, size: int = 64, start: int = 0) -> Path:
+def build_imagefolder(domain: str, out: str | Path, n: int, split: str, size: int = 64, start: int = 0,
+                      replace: bool = False) -> Path:
     """Write `n` images of `split` as an imagefolder: PNGs plus metadata.jsonl.
 
     Each metadata row holds `file_name`, `text`, `seed`, `face_box` and `eye_boxes`, so
-    evaluation can rebuild the eye-band mask of every image.
+    evaluation can rebuild the eye-band mask of every image. The folder is built beside `out` and renamed
+    into place, so a failure (a full disk) leaves no half-built dataset; a non-empty `out` is refused
+    unless `replace`.
     """
+    import shutil
+
+    from adapt.atomic import WriteError, fsync_dir
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(start, start + n):
-        img, caption, face = make(domain, split, i, size)
-        name = f"{split}_{i:06d}.png"
-        img.save(out / name)
-        rows.append({"file_name": name, "text": caption, "seed": face.seed,
-                     "face_box": face.face_box, "eye_boxes": face.eye_boxes,
-                     "attributes": {k: v for k, v in asdict(face).items() if k not in ("seed", "face_box", "eye_boxes")}})
-    with open(out / "metadata.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not replace:
+        raise ValueError(f"{out} exists and is not empty")
+    tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        rows = []
+        for i in range(start, start + n):
+            img, caption, face = make(domain, split, i, size)
+            name = f"{split}_{i:06d}.png"
+            img.save(tmp / name)
+            rows.append({"file_name": name, "text": caption, "seed": face.seed,
+                         "face_box": face.face_box, "eye_boxes": face.eye_boxes,
+                         "attributes": {k: v for k, v in asdict(face).items() if k not in ("seed", "face_box", "eye_boxes")}})
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+        fsync_dir(out.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(f"could not build {out}: {e.strerror or e}; nothing was written there") from e
     return out
 
 

@@ -1,7 +1,11 @@
 """Adapt a latent diffusion model to a target domain with cross-attention LoRA, for img2img at strength s.
 
-    accelerate launch --config_file accelerate_config.yaml recipes/lora_img2img.py \
+    accelerate launch -q --config_file accelerate_config.yaml recipes/lora_img2img.py \
         --config recipes/configs/tiny_sunglasses.yaml [key=value ...]
+
+(-q: on an error, accelerate's launcher adds its own CalledProcessError trace after adapt's one-line
+`error: ...`; -q keeps only adapt's line.) Ctrl-C or SIGTERM finishes the current step, writes a checkpoint
+and says how to resume; `train.resume_from_checkpoint=latest` continues exactly.
 
 Reads top to bottom: config -> base -> data -> cached latents and prompts -> strength window ->
 LoRA -> loop (loss, checkpoints, validation) -> adapter files. Training draws timesteps only from
@@ -14,6 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -24,8 +31,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import adapt
-from adapt import cache, checkpoint, config, data, lora, model, objective, sample, trainstep
+from adapt import atomic, cache, checkpoint, config, data, lora, model, objective, runguard, sample, trainstep
+from adapt import facts as facts_mod
 from adapt.card import write_model_card
+from adapt.facts import AdapterFacts
 
 
 def main(argv=None) -> int:
@@ -40,17 +49,23 @@ def main(argv=None) -> int:
         torch.set_num_threads(cfg.train.num_threads)
 
     out = Path(cfg.out_dir)
+    _check_out_dir(out)
     trackers = "tensorboard" if _has("tensorboard") else None
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers, project_dir=str(out))
     say = _printer(acc, out)
-    resume = checkpoint.resolve(out, cfg.train.resume_from_checkpoint)
-    if acc.is_main_process:
-        finished = (out / lora.WEIGHTS_NAME).exists() or checkpoint.list_checkpoints(out)
-        if finished and resume is None and not cfg.train.overwrite:
-            raise config.ConfigError(f"out_dir {out} already holds a run ({lora.WEIGHTS_NAME} or checkpoints); "
-                                     "pass train.overwrite=true to replace it or train.resume_from_checkpoint=latest to continue")
-        out.mkdir(parents=True, exist_ok=True)
-        config.dump(cfg, out / "config.yaml")
+    lock = runguard.OutDirLock(out)
+    _together(acc, lambda: lock.acquire(say) if acc.is_main_process else None)
+    stopper = runguard.Stopper(say)
+    try:
+        return train(cfg, acc, out, say, stopper, trackers)
+    finally:
+        stopper.close()
+        lock.release()
+
+
+def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
+    resume = _together(acc, lambda: _preflight(cfg, out, say, acc.is_main_process))
+    saved = json.loads((resume / "state.json").read_text()) if resume else None
     set_seed(cfg.train.seed)
     t_start = time.time()
 
@@ -67,6 +82,17 @@ def main(argv=None) -> int:
                                         cfg.data.caption_column, cfg.data.default_caption, cfg.data.num_images,
                                         cfg.data.cache_dir, logger=say)
     fingerprint = data.fingerprint(records, pixels)
+    run = {"config": facts_mod.flat(config.to_dict(cfg)), "data_fingerprint": fingerprint,
+           "base_fingerprint": cache.module_fingerprint(pipe.unet) + cache.module_fingerprint(pipe.vae)}
+    resumes = list(saved["run"]["resumes"]) if saved else []
+    if saved is not None:
+        changes = _check_resume_fingerprints(cfg, saved, run, resume)
+        resumes.append({"step": saved["step"], "checkpoint": resume.name, "changed": changes})
+    if acc.is_main_process:
+        if resume is not None:
+            checkpoint.abandon_newer(out, resume, log=say)
+        checkpoint.remove_stale_tmp(out)
+        config.dump(cfg, out / "config.yaml", _resume_notes(resumes))
     captions = [r.caption for r in records]
     too_long = cache.count_truncated(pipe.tokenizer, captions)
     if too_long:
@@ -74,7 +100,7 @@ def main(argv=None) -> int:
             f"{[records[i].name for i in too_long[:5]]}")
 
     # 3. Cache posteriors (and flipped ones, if flipping) and prompt embeddings once.
-    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else data.default_cache_dir()
+    cache_root = data.usable_cache_dir(Path(cfg.data.cache_dir), "data.cache_dir") if cfg.data.cache_dir else data.default_cache_dir()
     key = cache.cache_key(base=facts.resolved, vae=cache.module_fingerprint(pipe.vae), dtype=cfg.model.dtype, data=fingerprint,
                           res=cfg.data.resolution, flip=cfg.data.random_flip)
 
@@ -88,7 +114,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     cache_file = cache_root / "latents" / f"{key}.safetensors" if cfg.data.cache else None
     reused = cache_file is not None and cache_file.is_file()
-    post = cache.load_or_compute(cache_file, encode)
+    post = cache.load_or_compute(cache_file, encode, log=say)
     stats = cache.latent_stats(post, facts.scaling_factor, facts.shift_factor)
     say(f"latents {'loaded from cache' if reused else 'encoded'} ({time.time() - t0:.1f}s{', ' + str(cache_file) if cache_file else ''}): scaled per-channel mean {_r(stats['channel_mean'])}, "
         f"std {_r(stats['channel_std'])}, overall std {stats['overall_std']:.3f}")
@@ -125,10 +151,12 @@ def main(argv=None) -> int:
         lora_sd, opt_t, state = checkpoint.load(resume)
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(base_unet, lora_sd)
-        checkpoint.restore_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, opt_t, state["optimizer"])
+        opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        checkpoint.restore_optimizer(opt, opt_t, state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
+        _apply_optim_settings(opt, lr_sched, cfg)  # the settings in force now (identical unless resume_allow changed them)
         start = state["step"]
-        say(f"resumed from {resume} at step {start}")
+        say(f"resumed from {resume} at step {start}" + (f"; changed: {resumes[-1]['changed']}" if resumes[-1]["changed"] else ""))
     log_path = out / "logs" / "train_log.jsonl"
     if acc.is_main_process:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +169,9 @@ def main(argv=None) -> int:
     world, rank = acc.num_processes, acc.process_index
     hist = torch.zeros(facts.num_train_timesteps, dtype=torch.long)
     dtype = torch.float32 if cfg.model.dtype == "float32" else model.DTYPES[cfg.model.dtype]
+    if (sig := stopper.requested(acc)) is not None:
+        say(f"{signal.Signals(sig).name} before the first step: nothing trained, nothing to resume")
+        return 128 + sig
     say(f"training {cfg.train.max_steps - start} steps, {world} process(es) x batch {cfg.train.batch_size} x accum {cfg.train.grad_accum}")
     unet.train()
     progress = _progress(acc, start, cfg.train.max_steps)
@@ -176,12 +207,17 @@ def main(argv=None) -> int:
             if trackers:
                 acc.log({"loss": mean_loss, "lr": row["lr"]}, step=step + 1)
         progress(step + 1, mean_loss)
-        if cfg.train.checkpointing_steps and (step + 1) % cfg.train.checkpointing_steps == 0:
-            _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched)
+        last = step + 1 == cfg.train.max_steps
+        if last or (cfg.train.checkpointing_steps and (step + 1) % cfg.train.checkpointing_steps == 0):
+            _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes)
         if validator and cfg.validation.steps and (step + 1) % cfg.validation.steps == 0:
             validator(step + 1)
-        _fault("sigkill_after_step", step + 1)
-        _fault(f"raise_on_rank{rank}_at_step", step + 1)
+        if not last and (sig := stopper.requested(acc)) is not None:
+            if not (cfg.train.checkpointing_steps and (step + 1) % cfg.train.checkpointing_steps == 0):
+                _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes)
+            say(f"interrupted at step {step + 1}; checkpoint-{step + 1} written. Resume with the same command plus "
+                f"train.resume_from_checkpoint=latest")
+            return 128 + sig
     train_s = time.time() - t_loop
     # DDP keeps ranks in lockstep; prove it: every rank's LoRA weights must have the same checksum.
     checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(acc.device)
@@ -193,41 +229,148 @@ def main(argv=None) -> int:
     if validator and not (cfg.validation.steps and cfg.train.max_steps % cfg.validation.steps == 0):
         validator(cfg.train.max_steps)  # (not twice when the last periodic validation fell on the last step)
     if acc.is_main_process:
-        steps_run = cfg.train.max_steps - start
+        steps_run = max(cfg.train.max_steps - start, 0)
         figures = {"train_seconds": round(train_s, 1), "steps_per_s": round(steps_run / max(train_s, 1e-9), 3),
                    "samples_per_s": round(steps_run * cfg.train.batch_size * cfg.train.grad_accum * world / max(train_s, 1e-9), 2),
                    "total_seconds": round(time.time() - t_start, 1)}
         if acc.device.type == "cuda":
             figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**20)
-        fx = {"base": cfg.model.base, "base_revision": cfg.model.revision, "base_resolved": facts.resolved, "architecture": facts.architecture,
-              "prediction_type": facts.prediction_type, "preset": cfg.lora.preset, "rank": cfg.lora.rank,
-              "alpha": cfg.lora.alpha or cfg.lora.rank, "strength": cfg.objective.strength, "window": cfg.objective.window,
-              "window_range": [int(window.min()), int(window.max())], "scheduler": cfg.objective.scheduler,
-              "inference_steps": cfg.objective.inference_steps, "steps_trained": cfg.train.max_steps,
-              "resolution": cfg.data.resolution, "dataset": cfg.data.source, "dataset_split": cfg.data.split,
-              "dataset_fingerprint": fingerprint, "image_fingerprints": data.image_fingerprints(pixels),
-              "num_images": len(records), "example_prompt": captions[0] if captions else "", "latent_stats": stats, "audit": {k: v for k, v in audit.items() if k != "modules"},
-              "figures": figures, "adapt_version": adapt.__version__}
-        path = lora.save(out, base_unet, fx, architecture=facts.architecture)
+        fx = AdapterFacts(
+            base=cfg.model.base, base_revision=cfg.model.revision, base_resolved=facts.resolved, architecture=facts.architecture,
+            prediction_type=facts.prediction_type, preset=cfg.lora.preset, rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha or cfg.lora.rank, strength=cfg.objective.strength, window=cfg.objective.window,
+            window_range=[int(window.min()), int(window.max())], scheduler=cfg.objective.scheduler,
+            inference_steps=cfg.objective.inference_steps, steps_trained=cfg.train.max_steps, resolution=cfg.data.resolution,
+            seed=cfg.train.seed, dataset=cfg.data.source, dataset_split=cfg.data.split, dataset_fingerprint=fingerprint,
+            image_fingerprints=data.image_fingerprints(pixels), num_images=len(records),
+            example_prompt=captions[0] if captions else "", latent_stats=stats,
+            audit={k: v for k, v in audit.items() if k != "modules"}, figures=figures, optim=config.to_dict(cfg.optim),
+            resumes=resumes, adapt_version=adapt.__version__)
+        try:
+            path = lora.save(out, base_unet, fx)
+        except atomic.WriteError as e:
+            raise atomic.WriteError(f"{e}. Training is not lost: checkpoint-{cfg.train.max_steps} is intact; free space and "
+                                    "rerun with train.resume_from_checkpoint=latest to write the adapter") from e
         hist_all = hist.nonzero().flatten()
-        (out / "logs" / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+        drawn = f"timesteps drawn in [{int(hist_all.min())}, {int(hist_all.max())}]" if len(hist_all) else "no steps trained"
+        atomic.write_text(out / "logs" / "data_report.json", json.dumps(report.to_dict(), indent=1))
         write_model_card(out, fx, cfg)
         if world > 1:
             say(f"all {world} ranks hold identical LoRA weights (checksum {sums[0]:.10g})")
-        say(f"adapter: {path} ({path.stat().st_size / 1e3:.1f} kB); timesteps drawn in [{int(hist_all.min())}, {int(hist_all.max())}]; "
+        say(f"adapter: {path} ({path.stat().st_size / 1e3:.1f} kB); {drawn}; "
             f"{figures['steps_per_s']} steps/s, {figures['samples_per_s']} samples/s")
     acc.wait_for_everyone()
     acc.end_training()
     return 0
 
 
-def _save_checkpoint(acc, cfg, out, step, base_unet, optimizer, lr_sched):
+def _preflight(cfg, out: Path, say, main: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run), after every check that needs no model loaded."""
+    resume = checkpoint.resolve(out, cfg.train.resume_from_checkpoint, log=say)
+    if resume is None:
+        finished = (out / lora.WEIGHTS_NAME).exists() or checkpoint.list_checkpoints(out)
+        if finished and not cfg.train.overwrite:
+            raise config.ConfigError(f"out_dir {out} already holds a run ({lora.WEIGHTS_NAME} or checkpoints); "
+                                     "pass train.overwrite=true to replace it or train.resume_from_checkpoint=latest to continue")
+        if finished and main:  # overwrite: the old run's checkpoints must not mix with this one's
+            for p in checkpoint.list_checkpoints(out):
+                shutil.rmtree(p)
+    else:
+        _check_resume_config(cfg, json.loads((resume / "state.json").read_text()), resume)
+    if cfg.data.cache:
+        data.usable_cache_dir(Path(cfg.data.cache_dir), "data.cache_dir") if cfg.data.cache_dir else data.default_cache_dir()
+    return resume
+
+
+def _save_checkpoint(acc, cfg, out, step, base_unet, optimizer, lr_sched, run, resumes):
     if acc.is_main_process:
         from peft.utils import get_peft_model_state_dict
         opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        checkpoint.save(out, step, get_peft_model_state_dict(base_unet), opt, {"lr_scheduler": lr_sched.state_dict()},
-                        cfg.train.checkpoints_total_limit, before_rename=lambda tmp: _fault("sigkill_in_checkpoint", step))
+        checkpoint.save(out, step, get_peft_model_state_dict(base_unet), opt,
+                        {"lr_scheduler": lr_sched.state_dict(), "run": {**run, "resumes": resumes}},
+                        cfg.train.checkpoints_total_limit)
     acc.wait_for_everyone()
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise config.ConfigError(f"out_dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise config.ConfigError(f"out_dir {out}: cannot create it ({e.strerror})") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise config.ConfigError(f"out_dir {out} is not writable")
+
+
+def _together(acc, fn):
+    """Run fn on every process; if it fails anywhere, every process stops (no rank left in a collective).
+    The failing process re-raises its own error; the others exit quietly."""
+    err = None
+    try:
+        result = fn()
+    except Exception as e:
+        err, result = e, None
+    if acc.num_processes > 1:
+        bad = acc.reduce(torch.tensor([1 if err else 0], device=acc.device), "max").item()
+        if bad and err is None:
+            raise SystemExit(2)
+    if err is not None:
+        raise err
+    return result
+
+
+def _check_resume_config(cfg, saved: dict, resume: Path) -> None:
+    """Refuse a resume that would change what the run is (naming each key with both values)."""
+    if "run" not in saved:
+        raise checkpoint.CheckpointError(f"{resume} was written by an older adapt without a run record; "
+                                         "start a new run (or resume with that adapt version)")
+    step = saved["step"]
+    if step > cfg.train.max_steps:
+        raise config.ConfigError(f"train.max_steps={cfg.train.max_steps} is below the checkpoint's step {step} "
+                                 f"({resume}); raise train.max_steps to continue training")
+    if step == cfg.train.max_steps and (resume.parent / lora.WEIGHTS_NAME).is_file():
+        raise config.ConfigError(f"{resume} is at step {step} = train.max_steps and the adapter is written: nothing "
+                                 "to train; raise train.max_steps to continue training")
+    now = facts_mod.flat(config.to_dict(cfg))
+    changes, refused = facts_mod.resume_changes(saved["run"]["config"], now, list(cfg.train.resume_allow))
+    if refused:
+        lines = "; ".join(f"{k}: checkpoint {changes[k][0]!r}, now {changes[k][1]!r}" for k in refused)
+        opt = [k for k in refused if facts_mod.classify(k) == "optimizer"]
+        hint = (f" Optimizer settings may change if you say so: train.resume_allow=[{','.join(opt)}]." if opt else "")
+        raise config.ConfigError(f"resuming from {resume} would change what this run is: {lines}. Start a new run "
+                                 f"(another out_dir) for a different setting.{hint}")
+
+
+def _check_resume_fingerprints(cfg, saved: dict, run: dict, resume: Path) -> dict:
+    """The base and data must be the very ones the checkpoint trained on; returns the allowed config changes."""
+    old = saved["run"]
+    for key, what in (("base_fingerprint", "base model weights"), ("data_fingerprint", "training data")):
+        if old.get(key) != run[key]:
+            raise config.ConfigError(f"resuming from {resume}: the {what} differ from the checkpoint's ({key} "
+                                     f"{old.get(key)} vs {run[key]}); the same settings now read other content")
+    changes, _ = facts_mod.resume_changes(old["config"], run["config"], list(cfg.train.resume_allow))
+    return {k: v for k, v in changes.items() if facts_mod.classify(k) != "free" or k == "train.max_steps"}
+
+
+def _apply_optim_settings(opt, lr_sched, cfg) -> None:
+    """Put this run's optimizer settings into the restored state (load_state_dict brings the checkpoint's back)."""
+    o = cfg.optim
+    for g in opt.param_groups:
+        g.update(weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, initial_lr=o.lr)
+    lr_sched.base_lrs = [o.lr] * len(opt.param_groups)
+    for g, lam in zip(opt.param_groups, lr_sched.lr_lambdas):
+        g["lr"] = o.lr * lam(lr_sched.last_epoch)
+    lr_sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+def _resume_notes(resumes: list[dict]) -> list[str]:
+    if not resumes:
+        return []
+    lines = ["resumed run: the settings below are the ones in force now"]
+    for r in resumes:
+        lines.append(f"resumed at step {r['step']} from {r['checkpoint']}; changed: {r['changed'] or 'nothing'}")
+    return lines
 
 
 class _Validator:
@@ -266,16 +409,6 @@ class _Validator:
         self.acc.wait_for_everyone()
 
 
-def _fault(point: str, step: int):
-    """Crash-test seam: ADAPT_FAULT=<point>:<step> kills this process with SIGKILL there (tests only)."""
-    import os
-    import signal
-    if os.environ.get("ADAPT_FAULT") == f"{point}:{step}":
-        if point.startswith("raise"):
-            raise RuntimeError(f"injected fault {point}:{step}")
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _printer(acc, out: Path):
     def say(msg: str):
         if acc.is_main_process:
@@ -303,7 +436,7 @@ def _truncate_log(path: Path, step: int):
     if not path.exists():
         return
     rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+    atomic.write_text(path, "".join(r + "\n" for r in rows))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -326,6 +459,10 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (config.ConfigError, data.DataError, model.ModelError, lora.AdapterError, cache.LatentError,
-            checkpoint.CheckpointError, FloatingPointError) as e:
+            checkpoint.CheckpointError, atomic.WriteError, runguard.LockError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("aborted (second interrupt) without a new checkpoint; the last complete one is still there: "
+              "resume with train.resume_from_checkpoint=latest", file=sys.stderr)
+        sys.exit(130)

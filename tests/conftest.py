@@ -46,6 +46,8 @@ def run_recipe(args, cwd=ROOT, launcher="accelerate", nproc=1, timeout=600, env_
     import subprocess
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.update(env_extra or {})
+    if "ADAPT_FAULT" in env:  # test-only fault hooks (tests/faults/sitecustomize.py), never in the user's code path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), env.get("PYTHONPATH")]))
     bindir = Path(sys.executable).parent
     if launcher == "accelerate" and nproc == 1:
         cmd = [str(bindir / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_config.yaml")]

@@ -9,6 +9,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
+from adapt.facts import AdapterFacts
 from adapt import export, lora, objective, trainstep
 from conftest import run_recipe, ROOT
 
@@ -90,7 +91,7 @@ def _kohya_roundtrip(unet, cross_dim, tmp_path, sdxl=False, prediction_type="eps
     with torch.no_grad():
         want = run(unet)
     arch = "sdxl" if sdxl else "sd"
-    lora.save(tmp_path / "ad", unet, {"architecture": arch}, architecture=arch)
+    lora.save(tmp_path / "ad", unet, AdapterFacts(architecture=arch))
     kohya = export.to_kohya(tmp_path / "ad", tmp_path / "k.safetensors")  # SDXL: SGM names (input_blocks / output_blocks)
     if sdxl:
         from safetensors import safe_open
@@ -142,7 +143,7 @@ def test_v_prediction_tiny_pipeline_trains_and_samples(tiny_v_base, tmp_path):
     r = run_recipe(["--config", str(ROOT / "recipes/configs/tiny_test.yaml"), f"model.base={tiny_v_base}",
                     f"data.source={data}", f"out_dir={tmp_path / 'o'}", "train.max_steps=2"], launcher="python")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "v_prediction" in r.stdout and lora.facts(tmp_path / "o")["prediction_type"] == "v_prediction"
+    assert "v_prediction" in r.stdout and lora.facts(tmp_path / "o").prediction_type == "v_prediction"
     from adapt import model, sample
     pipe, _ = model.load_base(str(tiny_v_base))
     lora.load_into(pipe, tmp_path / "o")
@@ -159,7 +160,7 @@ def test_tiny_sdxl_pipeline_trains_and_samples(tmp_path):
     r = run_recipe(["--config", str(ROOT / "recipes/configs/tiny_test.yaml"), f"model.base={base}", f"data.source={data}",
                     f"out_dir={tmp_path / 'o'}", "train.max_steps=2", "objective.scheduler=euler"], launcher="python")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert lora.facts(tmp_path / "o")["architecture"] == "sdxl"
+    assert lora.facts(tmp_path / "o").architecture == "sdxl"
     pipe, _ = model.load_base(str(base))
     lora.load_into(pipe, tmp_path / "o")
     from PIL import Image
@@ -195,8 +196,8 @@ def test_gpu_configs_run_with_their_precision_on_tiny_bases(name, tiny_base, tin
     used = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
     assert (used["model"]["dtype"], used["train"]["mixed_precision"], used["train"]["gradient_checkpointing"]) == ("bfloat16", "bf16", True)
     fx = lora.facts(tmp_path / "o")
-    assert fx["prediction_type"] == ("v_prediction" if name == "sd21" else "epsilon")
-    assert fx["architecture"] == ("sdxl" if name == "sdxl" else "sd")
+    assert fx.prediction_type == ("v_prediction" if name == "sd21" else "epsilon")
+    assert fx.architecture == ("sdxl" if name == "sdxl" else "sd")
 
 
 def test_sdxl_time_ids_carry_each_images_original_size_and_crop(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from adapt.facts import AdapterFacts
 from adapt import lora, model
 from conftest import ROOT
 
@@ -29,8 +30,8 @@ def adapter_dir(tiny_base, tmp_path_factory):
     for n, p in pipe.unet.named_parameters():
         if "lora_B" in n:
             p.data = torch.randn(p.shape, generator=g) * 0.5
-    lora.save(out, pipe.unet, {"base": str(tiny_base), "strength": 0.5, "inference_steps": 10, "scheduler": "ddim",
-                               "architecture": "sd", "rank": 4, "alpha": 4})
+    lora.save(out, pipe.unet, AdapterFacts(base=str(tiny_base), strength=0.5, inference_steps=10, scheduler="ddim",
+                               architecture="sd", rank=4, alpha=4))
     return out
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from adapt.facts import AdapterFacts
 from adapt import classifier, config, evaluate, lora, metrics, model, synth
 
 
@@ -76,7 +77,7 @@ def adapter(tiny_base, tmp_path_factory):
     for n, p in pipe.unet.named_parameters():
         if "lora_B" in n:
             p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3
-    lora.save(out, pipe.unet, {"base": str(tiny_base), "strength": 0.5, "inference_steps": 10, "scheduler": "ddim", "architecture": "sd"})
+    lora.save(out, pipe.unet, AdapterFacts(base=str(tiny_base), strength=0.5, inference_steps=10, scheduler="ddim", architecture="sd"))
     return out
 
 

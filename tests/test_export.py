@@ -5,6 +5,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
+from adapt.facts import AdapterFacts
 from adapt import export, lora, model
 
 
@@ -24,7 +25,7 @@ def trained(tiny_base, tmp_path_factory):
     for n, p in pipe.unet.named_parameters():
         if "lora_" in n:
             p.data = torch.randn(p.shape, generator=g) * 0.3
-    lora.save(out, pipe.unet, {"base": str(tiny_base), "base_resolved": str(tiny_base), "architecture": "sd", "strength": 0.5})
+    lora.save(out, pipe.unet, AdapterFacts(base=str(tiny_base), base_resolved=str(tiny_base), architecture="sd", strength=0.5))
     return out, _out(pipe.unet)
 
 

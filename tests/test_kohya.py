@@ -103,8 +103,8 @@ def test_published_architectures_import_every_layer(case, arch, naming, metadata
     said = []
     out = kohya.from_kohya(f, tmp_path / "imported", log=said.append)
     facts = lora.facts(out)
-    assert facts["kohya_architecture"] == family and facts["kohya_naming"] == naming
-    assert facts["architecture"] == ("sdxl" if family == "sdxl" else "sd") and facts["dropped_text_encoder_layers"] == 2
+    assert facts.kohya["family"] == family and facts.kohya["naming"] == naming and facts.imported_from == str(f)
+    assert facts.architecture == ("sdxl" if family == "sdxl" else "sd") and facts.kohya["dropped_text_encoder_layers"] == 2
     assert "2 text-encoder LoRA layers" in said[0]
     _check_metadata_reproduces(out, f, truth, every=9 if arch == "sdxl" else 1)
     print(f"{case}: {len(truth)} layers imported")
@@ -162,7 +162,7 @@ def test_metadata_and_shapes_conflicts_are_named(tmp_path):
     with pytest.raises(lora.AdapterError, match=r"tensors say sd21 \(cross-attention width 1024\).*metadata says sd15"):
         kohya.from_kohya(f, tmp_path / "x", log=lambda m: None)
     out = kohya.from_kohya(f, tmp_path / "y", architecture="sd21", log=lambda m: None)  # the user overrides the metadata
-    assert lora.facts(out)["kohya_architecture"] == "sd21"
+    assert lora.facts(out).kohya["family"] == "sd21"
     with pytest.raises(lora.AdapterError, match="--architecture sdxl but the file's cross-attention width is 1024"):
         kohya.from_kohya(f, tmp_path / "z", architecture="sdxl", log=lambda m: None)
 
@@ -220,7 +220,7 @@ def test_export_writes_the_metadata_clients_filter_on(width, facts, want, tmp_pa
     if width == 2048:
         assert keys[0].startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k")
     back = kohya.from_kohya(f, tmp_path / "back", log=lambda m: None)  # and our own files import back, family intact
-    assert lora.facts(back)["kohya_architecture"] == {768: "sd15", 1024: "sd21", 2048: "sdxl"}[width]
+    assert lora.facts(back).kohya["family"] == {768: "sd15", 1024: "sd21", 2048: "sdxl"}[width]
 
 
 def test_cli_import_and_never_overwriting_the_input(tmp_path):

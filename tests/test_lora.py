@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from adapt.facts import AdapterFacts
 from adapt import lora, model
 
 
@@ -62,9 +63,9 @@ def test_save_then_plain_diffusers_load_is_exact(tiny_base, tmp_path):
     _randomize(pipe.unet)
     trained = _out(pipe.unet)
     assert (trained - base_out).abs().max() > 1e-3
-    lora.save(tmp_path, pipe.unet, {"base": str(tiny_base), "rank": 4, "alpha": 2, "strength": 0.6, "architecture": "sd"})
+    lora.save(tmp_path, pipe.unet, AdapterFacts(base=str(tiny_base), rank=4, alpha=2, strength=0.6, architecture="sd"))
     assert (tmp_path / lora.WEIGHTS_NAME).is_file()
-    assert lora.facts(tmp_path)["strength"] == 0.6
+    assert lora.facts(tmp_path).strength == 0.6
 
     plain = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
     plain.load_lora_weights(str(tmp_path))
@@ -103,7 +104,7 @@ def test_applied_fused_matches_unfused_and_restores(tiny_base, tmp_path):
     base_out = _out(pipe.unet)
     lora.attach(pipe.unet, "cross_attn", rank=4, alpha=2)
     _randomize(pipe.unet)
-    lora.save(tmp_path, pipe.unet, {"architecture": "sd"})
+    lora.save(tmp_path, pipe.unet, AdapterFacts(architecture="sd"))
     ours, _ = model.load_base(str(tiny_base))
     name = lora.load_into(ours, tmp_path)
     with lora.applied(ours, [name], [0.7], fuse=False):
@@ -121,7 +122,7 @@ def test_many_fuse_cycles_leave_the_base_bit_identical(tiny_base, tmp_path, dtyp
     pipe, _ = model.load_base(str(tiny_base))
     lora.attach(pipe.unet, "cross_attn", rank=4)
     _randomize(pipe.unet)
-    lora.save(tmp_path, pipe.unet, {"architecture": "sd"})
+    lora.save(tmp_path, pipe.unet, AdapterFacts(architecture="sd"))
     ours, _ = model.load_base(str(tiny_base), torch_dtype=dtype)
     before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
     name = lora.load_into(ours, tmp_path)
@@ -135,7 +136,7 @@ def test_many_fuse_cycles_leave_the_base_bit_identical(tiny_base, tmp_path, dtyp
 def test_noop_adapter_is_refused(tiny_base, tmp_path):
     pipe, _ = model.load_base(str(tiny_base))
     lora.attach(pipe.unet, "cross_attn", rank=4)  # fresh: B = 0
-    lora.save(tmp_path, pipe.unet, {"architecture": "sd"})
+    lora.save(tmp_path, pipe.unet, AdapterFacts(architecture="sd"))
     other, _ = model.load_base(str(tiny_base))
     with pytest.raises(lora.AdapterError, match="changes nothing"):
         lora.load_into(other, tmp_path)

@@ -112,7 +112,7 @@ def test_single_file_sd2_openclip_and_sdxl_load_exactly(tmp_path, family):
                         f"model.config={tmp_path / 'folder'}", f"data.source={data}",
                         f"out_dir={tmp_path / 'o'}", "train.max_steps=2", "objective.scheduler=euler"], launcher="python")
         assert r.returncode == 0, r.stderr[-2000:]
-        assert lora.facts(tmp_path / "o")["architecture"] == "sdxl"
+        assert lora.facts(tmp_path / "o").architecture == "sdxl"
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
@@ -167,7 +167,7 @@ def test_hub_id_loads_through_the_hub_cache(tmp_path):
     r = run_recipe(args + [f"model.revision={commit}", f"out_dir={tmp_path / 'o'}"], launcher="python", env_extra=env)
     assert r.returncode == 0, r.stderr[-2000:]
     fx = lora.facts(tmp_path / "o")  # the adapter records the commit it was trained on
-    assert (fx["base"], fx["base_revision"], fx["base_resolved"]) == ("adapt-test/tiny-sd", commit, f"adapt-test/tiny-sd@{commit}")
+    assert (fx.base, fx.base_revision, fx.base_resolved) == ("adapt-test/tiny-sd", commit, f"adapt-test/tiny-sd@{commit}")
     assert f'from_pretrained("adapt-test/tiny-sd", revision="{commit}")' in (tmp_path / "o" / "README.md").read_text()
     r = run_recipe(args + ["model.revision=v9", f"out_dir={tmp_path / 'o2'}"], launcher="python", env_extra=env)
     assert r.returncode == 2 and "hub id 'adapt-test/tiny-sd'" in r.stderr, r.stderr[-2000:]

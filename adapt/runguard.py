@@ -1,0 +1,121 @@
+"""What keeps a training run safe around it: one writer per out_dir, and a graceful stop.
+
+- `OutDirLock`: a pid file `out_dir/.adapt.lock` (pid, host, start time) created with O_EXCL. A second run
+  into the same folder is refused naming the running pid; a lock whose process is gone (killed, machine
+  rebooted) is stale and taken over with a note.
+- `Stopper`: SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) ask the loop to stop after the current step; the
+  recipe then writes a checkpoint and exits 130 / 143. A second signal aborts at once. If the launcher that
+  started this process dies (e.g. `accelerate launch` killed), the trainer stops the same way instead of
+  running on orphaned. Under DDP every rank takes the decision together (`requested` all-reduces it), so
+  no rank waits forever in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+LOCK_NAME = ".adapt.lock"
+
+
+class LockError(RuntimeError):
+    """Another live process holds the out_dir."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutDirLock:
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / LOCK_NAME
+        self.held = False
+
+    def acquire(self, log=print) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    other = {}
+                pid, host = other.get("pid"), other.get("host")
+                if isinstance(pid, int) and host == me["host"] and _alive(pid):
+                    raise LockError(f"{self.path.parent} is in use by another training run (pid {pid}, started "
+                                    f"{other.get('started')}); wait for it, stop it, or choose another out_dir")
+                if isinstance(pid, int) and host not in (None, me["host"]):
+                    raise LockError(f"{self.path.parent} is locked by pid {pid} on host {host}; if that run is "
+                                    f"gone, delete {self.path}")
+                log(f"note: removing the stale lock of pid {pid} (no longer running) in {self.path.parent}")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise LockError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                    self.path.unlink()
+            except (OSError, ValueError):
+                pass
+            self.held = False
+
+
+class Stopper:
+    """Turns SIGINT / SIGTERM / launcher death into a request to stop after the current step."""
+
+    def __init__(self, say=print, poll_s: float = 1.0):
+        self.signum: int | None = None
+        self.say = say
+        self._parent = os.getppid()
+        self._prev = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._prev[s] = signal.signal(s, self._handle)
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch_parent, args=(poll_s,), daemon=True).start()
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt  # a second signal: abort now, without a checkpoint
+        self.signum = signum
+        self.say(f"{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint "
+                 "(send it again to abort without one)")
+
+    def _watch_parent(self, poll_s: float):
+        while not self._stop.wait(poll_s):
+            if os.getppid() != self._parent and self.signum is None:
+                self.signum = signal.SIGTERM
+                self.say(f"the launcher (pid {self._parent}) is gone: stopping after this step and writing a checkpoint")
+                return
+
+    def requested(self, acc=None) -> int | None:
+        """The signal to stop for, agreed by every process (max over ranks), or None."""
+        if acc is not None and acc.num_processes > 1:
+            flag = torch.tensor([self.signum or 0], device=acc.device)
+            agreed = int(acc.reduce(flag, "max").item())
+            return agreed or None
+        return self.signum
+
+    def close(self):
+        self._stop.set()
+        for s, h in self._prev.items():
+            signal.signal(s, h)

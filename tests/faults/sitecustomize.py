@@ -1,0 +1,66 @@
+"""Test-only fault injection, loaded through PYTHONPATH by tests (never by users): ADAPT_FAULT=<point>:<step>.
+
+  sigkill_after_step:N     SIGKILL when step N+1 starts drawing its batch (the state of "killed right after step N")
+  sigkill_in_checkpoint:N  SIGKILL after checkpoint-N is fully written to its temporary folder, before the rename
+  raise_on_rank<R>_at_step:N  RuntimeError on DDP rank R when step N+1 starts
+  sigint_after_step:N      SIGINT to this process after step N (a real Ctrl-C at that moment)
+
+The hooks wrap adapt's functions when their modules are imported, so the recipe carries no test seams.
+"""
+import importlib.abc
+import importlib.machinery
+import os
+import pathlib
+import signal
+import sys
+
+FAULT = os.environ.get("ADAPT_FAULT", "")
+point, _, at = FAULT.partition(":")
+at = int(at) if at.isdigit() else -1
+
+
+def _patch_trainstep(mod):
+    original = mod.step_generator
+
+    def step_generator(seed, step, micro, rank):
+        if micro == 0 and step == at:  # step is 0-based: step index N is the (N+1)-th step
+            if point == "sigkill_after_step":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if point == "sigint_after_step":
+                os.kill(os.getpid(), signal.SIGINT)
+            if point == f"raise_on_rank{rank}_at_step":
+                raise RuntimeError(f"injected fault {FAULT}")
+        return original(seed, step, micro, rank)
+
+    mod.step_generator = step_generator
+
+
+if point == "sigkill_in_checkpoint":
+    _rename = pathlib.Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(f".checkpoint-{at}."):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _rename(self, target)
+
+    pathlib.Path.rename = rename
+
+
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "adapt.trainstep":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+            _patch_trainstep(module)
+
+        loader.exec_module = patched
+        return spec
+
+
+if point:
+    sys.meta_path.insert(0, _Hook())
