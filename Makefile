@@ -1,13 +1,15 @@
 # adapt: the two commands of the README.
 #   make demo   set up .venv, then run the embedded sunglasses demo (train, sample, evaluate)
-#   make test   set up .venv with test extras, then run the test suite
+#   make test   set up .venv with test extras, then run the test suite (unit and recipe tests, a few minutes)
+#   make test-integration   the off-path tests: real signals, a real full filesystem, accelerate launch (CI runs them)
+#   make test-slow          SD-sized architectures and the GPU check's CPU path (CI runs them)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: demo test test-slow setup setup-test clean
+.PHONY: demo test test-integration test-slow setup setup-test clean
 
 # A torch already importable by $(PYTHON) (e.g. a user's CUDA build) is reused through
 # --system-site-packages; otherwise the pinned CPU build is installed into the venv.
@@ -28,6 +30,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	@$(BIN)/python -m pytest -q
+
+test-integration: $(VENV)/.installed
+	@$(BIN)/python -m pytest -q -m integration
 
 test-slow: $(VENV)/.installed
 	@$(BIN)/python -m pytest -q -m slow

@@ -322,7 +322,7 @@ def _build(cls, data: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r} (valid keys under '{prefix or '<top>'}': {sorted(names)})")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (valid keys under '{prefix or '<top>'}': {sorted(names)})")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)

@@ -202,8 +202,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         if acc.is_main_process and (step + 1) % cfg.train.log_every == 0:
             row = {"step": step + 1, "loss": mean_loss, "lr": lr_sched.get_last_lr()[0], "timesteps": batch["t"].tolist(),
                    "time": round(time.time(), 3)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            _append(log_path, json.dumps(row))
             if trackers:
                 acc.log({"loss": mean_loss, "lr": row["lr"]}, step=step + 1)
         progress(step + 1, mean_loss)
@@ -414,10 +413,22 @@ def _printer(acc, out: Path):
         if acc.is_main_process:
             line = f"[adapt {time.strftime('%H:%M:%S')}] {msg}"
             print(line, flush=True)
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / "train.log", "a") as f:
-                f.write(line + "\n")
+            _append(out / "train.log", line)
     return say
+
+
+_append_failed: set = set()
+
+
+def _append(path: Path, line: str) -> None:
+    """Append a log line; a full disk costs log lines (said once), never the run: checkpoints report it."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        if path not in _append_failed:
+            _append_failed.add(path)
+            print(f"warning: cannot append to {path} ({e.strerror}); later lines there are lost", file=sys.stderr, flush=True)
 
 
 def _progress(acc, start: int, total: int):

@@ -50,7 +50,7 @@ def run_recipe(args, cwd=ROOT, launcher="accelerate", nproc=1, timeout=600, env_
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), env.get("PYTHONPATH")]))
     bindir = Path(sys.executable).parent
     if launcher == "accelerate" and nproc == 1:
-        cmd = [str(bindir / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_config.yaml")]
+        cmd = [str(bindir / "accelerate"), "launch", "-q", "--config_file", str(ROOT / "accelerate_config.yaml")]
     elif launcher == "accelerate":
         env["ACCELERATE_USE_CPU"] = "1"
         cmd = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",

@@ -19,7 +19,7 @@ def test_public_override_keys():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("lora.rnak=4", "unknown config key lora.'rnak'"),
+    ("lora.rnak=4", "unknown config key 'lora.rnak'"),
     ("trian.max_steps=4", "unknown config key 'trian'"),
     ("train.max_steps=ten", "train.max_steps: expected int"),
     ("train.max_steps=1.5", "train.max_steps: expected int"),

@@ -1,6 +1,5 @@
 """Reliability and security: numeric guards, disk-full saves, pickle refusal, no network, DDP faults."""
 
-import errno
 import os
 import pickle
 import time
@@ -57,24 +56,6 @@ def test_lora_params_stay_fp32_under_bf16(tiny_base, sg_folder, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     tensors, _ = lora.read(out)
     assert {t.dtype for t in tensors.values()} == {torch.float32}
-
-
-def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path):
-    net = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(net.parameters())
-    net(torch.ones(1, 2)).sum().backward()
-    opt.step()
-    checkpoint.save(tmp_path, 1, {"w": net.weight}, opt, {"lr_scheduler": {}})
-
-    def full_disk(tensors, path):
-        raise OSError(errno.ENOSPC, "No space left on device", path)
-
-    with pytest.raises(checkpoint.CheckpointError, match="No space left.*Previous checkpoint intact: .*checkpoint-1"):
-        checkpoint.save(tmp_path, 2, {"w": net.weight}, opt, {"lr_scheduler": {}}, writer=full_disk)
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-1"]
-    assert not any(p.name.startswith(".checkpoint-2") for p in tmp_path.iterdir())
-    sd, opt_t, state = checkpoint.load(checkpoint.resolve(tmp_path, "latest"))
-    assert state["step"] == 1 and torch.equal(sd["w"], net.weight.detach())
 
 
 class _Payload:

@@ -4,6 +4,7 @@
   sigkill_in_checkpoint:N  SIGKILL after checkpoint-N is fully written to its temporary folder, before the rename
   raise_on_rank<R>_at_step:N  RuntimeError on DDP rank R when step N+1 starts
   sigint_after_step:N      SIGINT to this process after step N (a real Ctrl-C at that moment)
+  fill_disk_after_step:N   after step N, fill the filesystem of $ADAPT_FILL_DIR (a real full disk from then on)
 
 The hooks wrap adapt's functions when their modules are imported, so the recipe carries no test seams.
 """
@@ -19,6 +20,16 @@ point, _, at = FAULT.partition(":")
 at = int(at) if at.isdigit() else -1
 
 
+def _fill(folder):
+    """Write zeros until the filesystem says ENOSPC: every later write there fails for real."""
+    with open(os.path.join(folder, "filler"), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
 def _patch_trainstep(mod):
     original = mod.step_generator
 
@@ -28,6 +39,8 @@ def _patch_trainstep(mod):
                 os.kill(os.getpid(), signal.SIGKILL)
             if point == "sigint_after_step":
                 os.kill(os.getpid(), signal.SIGINT)
+            if point == "fill_disk_after_step":
+                _fill(os.environ["ADAPT_FILL_DIR"])
             if point == f"raise_on_rank{rank}_at_step":
                 raise RuntimeError(f"injected fault {FAULT}")
         return original(seed, step, micro, rank)
