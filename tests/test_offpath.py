@@ -230,10 +230,12 @@ def test_ctrl_c_under_accelerate_launch_checkpoints_and_says_how_to_resume(tiny_
 
 
 def test_sigterm_exit_code_and_killed_launcher_stops_the_trainer(tiny_base, sg, tmp_path):
-    out = tmp_path / "o"
-    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=6"), launcher="python", env_extra={"ADAPT_FAULT": "sigint_after_step:3"})
-    assert r.returncode == 130 and "interrupted at step 3" in r.stdout and "Traceback" not in r.stderr
-    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-3"]
+    for sig, code in (("sigint", 130), ("sigterm", 143)):
+        out = tmp_path / sig
+        r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=6"), launcher="python",
+                       env_extra={"ADAPT_FAULT": f"{sig}_after_step:3"})  # arrives as step 4 starts: step 4 finishes
+        assert r.returncode == code and "interrupted at step 4" in r.stdout and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-4"] and len(read_log(out)) == 4
 
     out2 = tmp_path / "o2"
     p = _launch(tiny_base, sg, out2, "train.max_steps=100000", "validation.source=null")

@@ -3,7 +3,8 @@
   sigkill_after_step:N     SIGKILL when step N+1 starts drawing its batch (the state of "killed right after step N")
   sigkill_in_checkpoint:N  SIGKILL after checkpoint-N is fully written to its temporary folder, before the rename
   raise_on_rank<R>_at_step:N  RuntimeError on DDP rank R when step N+1 starts
-  sigint_after_step:N      SIGINT to this process after step N (a real Ctrl-C at that moment)
+  sigint_after_step:N      SIGINT to this process as step N+1 starts (a real Ctrl-C: step N+1 finishes, then it stops)
+  sigterm_after_step:N     the same with SIGTERM (a scheduler's stop)
   fill_disk_after_step:N   after step N, fill the filesystem of $ADAPT_FILL_DIR (a real full disk from then on)
 
 The hooks wrap adapt's functions when their modules are imported, so the recipe carries no test seams.
@@ -39,6 +40,8 @@ def _patch_trainstep(mod):
                 os.kill(os.getpid(), signal.SIGKILL)
             if point == "sigint_after_step":
                 os.kill(os.getpid(), signal.SIGINT)
+            if point == "sigterm_after_step":
+                os.kill(os.getpid(), signal.SIGTERM)
             if point == "fill_disk_after_step":
                 _fill(os.environ["ADAPT_FILL_DIR"])
             if point == f"raise_on_rank{rank}_at_step":
