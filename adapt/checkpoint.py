@@ -1,7 +1,7 @@
 """Resumable training checkpoints: safetensors + JSON only, written atomically, kept as one line of history.
 
 A checkpoint folder `checkpoint-<step>/` holds
-  lora.safetensors       peft LoRA weights of the UNet
+  lora.safetensors       peft LoRA weights of the UNet (model.safetensors for recipes/pretrain_ldm.py)
   optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
   state.json             step, write time, optimizer param_groups, LR-scheduler state, the run record, anything
                          else the recipe adds
@@ -29,7 +29,7 @@ import torch
 from adapt.atomic import fsync_dir
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
-FILES = ("lora.safetensors", "optimizer.safetensors", "state.json")
+WEIGHTS = "lora"  # the LoRA recipe's weights file; recipes/pretrain_ldm.py stores whole models as "model"
 
 
 class CheckpointError(RuntimeError):
@@ -54,10 +54,11 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=_written)
 
 
-def damage(path: Path) -> str | None:
+def damage(path: Path, weights: str = WEIGHTS) -> str | None:
     """Why a checkpoint folder cannot be resumed from (None when it is intact)."""
     from safetensors import safe_open
-    for f in FILES:
+    files = (f"{weights}.safetensors", "optimizer.safetensors", "state.json")
+    for f in files:
         if not (path / f).is_file():
             return f"{f} is missing"
     try:
@@ -65,7 +66,7 @@ def damage(path: Path) -> str | None:
         int(state["step"]), state["optimizer"]["param_groups"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"state.json is unreadable ({type(e).__name__}: {e})"
-    for f in FILES[:2]:
+    for f in files[:2]:
         try:
             with safe_open(str(path / f), "pt") as h:
                 for k in h.keys():
@@ -99,8 +100,10 @@ def restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save(out_dir: str | Path, step: int, lora_state: dict, optimizer, state: dict, total_limit: int | None = None) -> Path:
-    """Write checkpoint-<step> atomically; prune to the newest `total_limit` by write time."""
+def save(out_dir: str | Path, step: int, lora_state: dict, optimizer, state: dict, total_limit: int | None = None,
+         weights: str = WEIGHTS) -> Path:
+    """Write checkpoint-<step> atomically (`lora_state` into <weights>.safetensors); prune to the newest
+    `total_limit` by write time."""
     from safetensors.torch import save_file
     out = Path(out_dir)
     final = out / f"checkpoint-{step}"
@@ -108,7 +111,7 @@ def save(out_dir: str | Path, step: int, lora_state: dict, optimizer, state: dic
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(tmp / "lora.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(tmp / f"{weights}.safetensors"))
         opt_t, opt_meta = optimizer_tensors(optimizer)
         save_file(opt_t, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "written_ns": time.time_ns(),
@@ -135,17 +138,18 @@ def save(out_dir: str | Path, step: int, lora_state: dict, optimizer, state: dic
     return final
 
 
-def load(path: str | Path) -> tuple[dict, dict, dict]:
-    """(lora_state, optimizer_tensors, state) of a checkpoint folder."""
+def load(path: str | Path, weights: str = WEIGHTS) -> tuple[dict, dict, dict]:
+    """(weights' tensors, optimizer_tensors, state) of a checkpoint folder."""
     from safetensors.torch import load_file
     p = Path(path)
     for bad in ("optimizer.bin", "random_states_0.pkl", "pytorch_model.bin"):
         if (p / bad).exists() and not (p / "optimizer.safetensors").exists():
             raise CheckpointError(f"{p}: pickle-based checkpoint ({bad}); adapt resumes only from its safetensors checkpoints")
-    why = damage(p)
+    why = damage(p, weights)
     if why:
         raise CheckpointError(f"{p} cannot be resumed from: {why}")
-    return load_file(str(p / "lora.safetensors")), load_file(str(p / "optimizer.safetensors")), json.loads((p / "state.json").read_text())
+    return (load_file(str(p / f"{weights}.safetensors")), load_file(str(p / "optimizer.safetensors")),
+            json.loads((p / "state.json").read_text()))
 
 
 def resolve(out_dir: str | Path, resume: str | None, log=print) -> Path | None:

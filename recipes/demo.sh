@@ -10,11 +10,11 @@ mkdir -p "$OUT"
 
 if [ -f adapt/zoo/tiny-faces/model_index.json ]; then
   echo "== 1/3 train: cross-attention LoRA on synth_sunglasses (few-shot train split) with accelerate"
-  accelerate launch --config_file accelerate_config.yaml recipes/lora_img2img.py \
+  accelerate launch -q --config_file accelerate_config.yaml recipes/lora_img2img.py \
       --config recipes/configs/tiny_sunglasses.yaml out_dir="$OUT/adapter" train.overwrite=true
   T1=$(date +%s)
   echo "== 2/3 sample: held-out faces, input | base | adapter at the adapter's strength"
-  adapt --threads "$THREADS" data build synth_faces --out "$OUT/heldout" --n 8 --split eval > /dev/null
+  adapt --threads "$THREADS" data build synth_faces --out "$OUT/heldout" --n 8 --split eval --overwrite > /dev/null
   adapt --threads "$THREADS" sample --base tiny-faces --adapter "$OUT/adapter" --image "$OUT"/heldout/eval_00000{0..7}.png \
       --prompt "{caption} wearing sunglasses" --guidance 1.0 --grid "$OUT/before_after.png" --out "$OUT/samples"
   T2=$(date +%s)
@@ -33,8 +33,8 @@ if [ -f adapt/zoo/tiny-faces/model_index.json ]; then
 else
   echo "== embedded base adapt/zoo/tiny-faces not found: running the offline tiny smoke path"
   python -c "from adapt.tiny import save_tiny_pipeline; save_tiny_pipeline('$OUT/tiny-base')"
-  adapt data build synth_sunglasses --out "$OUT/data" --n 8 --split train
-  accelerate launch --config_file accelerate_config.yaml recipes/lora_img2img.py --config recipes/configs/tiny_test.yaml \
+  adapt data build synth_sunglasses --out "$OUT/data" --n 8 --split train --overwrite
+  accelerate launch -q --config_file accelerate_config.yaml recipes/lora_img2img.py --config recipes/configs/tiny_test.yaml \
       model.base="$OUT/tiny-base" data.source="$OUT/data" out_dir="$OUT/adapter" train.overwrite=true
   adapt --threads "$THREADS" sample --base "$OUT/tiny-base" --adapter "$OUT/adapter" --image "$OUT/data/train_000000.png" --out "$OUT/samples"
   echo "adapter: $OUT/adapter   sample: $OUT/samples/img2img_000.png   total $(( $(date +%s) - T0 )) s"

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from adapt import config as cfglib
-from adapt import objective, synth
+from adapt import atomic, checkpoint, objective, synth
 from adapt.tiny import build_tokenizer
 
 
@@ -54,28 +54,25 @@ def render(split: str, n: int) -> tuple[torch.Tensor, list[str]]:
     return x, caps
 
 
-def save_ckpt(path: Path, tensors: dict, optimizer, step: int):
-    """Atomic: write into path.tmp, then rename over path."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, sd in tensors.items():
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+def save_ckpt(folder: Path, tensors: dict, optimizer, step: int):
+    """adapt's checkpoint format (safetensors + JSON, atomic; no pickle): folder/checkpoint-<step>, newest kept."""
+    flat = {f"{name}.{k}": v for name, sd in tensors.items() for k, v in sd.items()}
+    checkpoint.save(folder, step, flat, optimizer, {}, total_limit=1, weights="model")
 
 
-def load_ckpt(path: Path, optimizer) -> tuple[dict, int]:
-    if not (path / "state.json").exists():
-        return {}, 0
-    tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return tensors, json.loads((path / "state.json").read_text())["step"]
+def load_ckpt(folder: Path, optimizer) -> tuple[dict, int]:
+    """({name: state_dict}, step) of the newest intact checkpoint in `folder`; ({}, 0) when there is none."""
+    for path in reversed(checkpoint.list_checkpoints(folder)):
+        if checkpoint.damage(path, "model") is None:
+            flat, opt_t, state = checkpoint.load(path, "model")
+            checkpoint.restore_optimizer(optimizer, opt_t, state["optimizer"])
+            tensors: dict = {}
+            for k, v in flat.items():
+                name, rest = k.split(".", 1)
+                tensors.setdefault(name, {})[rest] = v
+            return tensors, state["step"]
+        log(f"skipping damaged checkpoint {path}")
+    return {}, 0
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.05) -> float:
@@ -114,7 +111,7 @@ def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> Autoenco
         vae.load_state_dict(load_file(str(final)))
         return vae
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    tensors, start = load_ckpt(work / "vae_ckpt", opt)
+    tensors, start = load_ckpt(work / "vae_checkpoints", opt)
     if tensors:
         vae.load_state_dict(tensors["vae"])
         log(f"VAE: resumed at step {start}")
@@ -139,8 +136,8 @@ def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> Autoenco
             with torch.no_grad():
                 val = psnr(vae.decode(vae.encode(x_val[:64]).latent_dist.mode()).sample, x_val[:64])
             log(f"VAE held-out PSNR {val:.2f} dB")
-            save_ckpt(work / "vae_ckpt", {"vae": vae.state_dict()}, opt, step + 1)
-    save_file(vae.state_dict(), str(final))
+            save_ckpt(work / "vae_checkpoints", {"vae": vae.state_dict()}, opt, step + 1)
+    atomic.write_safetensors(vae.state_dict(), final)
     return vae
 
 
@@ -189,7 +186,7 @@ def train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work: Path):
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     ac = sched.alphas_cumprod
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-    tensors, start = load_ckpt(work / "unet_ckpt", opt)
+    tensors, start = load_ckpt(work / "unet_checkpoints", opt)
     if tensors:
         unet.load_state_dict(tensors["unet"])
         ema.load_state_dict(tensors["ema"])
@@ -220,8 +217,8 @@ def train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work: Path):
         if (step + 1) % 50 == 0:
             log(f"UNet step {step + 1}/{cfg.unet_steps} loss {np.mean(losses[-50:]):.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
         if (step + 1) % cfg.checkpoint_every == 0:
-            save_ckpt(work / "unet_ckpt", {"unet": unet.state_dict(), "ema": ema.state_dict()}, opt, step + 1)
-    save_file(ema.state_dict(), str(final))
+            save_ckpt(work / "unet_checkpoints", {"unet": unet.state_dict(), "ema": ema.state_dict()}, opt, step + 1)
+    atomic.write_safetensors(ema.state_dict(), final)
     return ema
 
 

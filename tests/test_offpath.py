@@ -250,6 +250,17 @@ def test_sigterm_exit_code_and_killed_launcher_stops_the_trainer(tiny_base, sg, 
     assert len(checkpoint.list_checkpoints(out2)) == 1 and "launcher" in (out2 / "train.log").read_text()
 
 
+def test_ddp_ranks_agree_to_stop_when_one_is_signalled(tiny_base, sg, tmp_path):
+    out = tmp_path / "ddp"
+    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=50"), nproc=2, timeout=300,
+                   env_extra={"ADAPT_FAULT": "sigterm_on_rank1_after_step:2"})  # only rank 1 is told
+    assert r.returncode != 0 and "interrupted at step 3" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-3"] and len(read_log(out)) == 3
+    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=4", "train.resume_from_checkpoint=latest"), nproc=2, timeout=300)
+    _ok(r)
+    assert "all 2 ranks hold identical LoRA weights" in r.stdout
+
+
 def test_second_run_into_the_same_out_dir_is_refused_and_stale_locks_are_taken_over(tiny_base, sg, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

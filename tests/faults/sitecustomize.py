@@ -5,6 +5,7 @@
   raise_on_rank<R>_at_step:N  RuntimeError on DDP rank R when step N+1 starts
   sigint_after_step:N      SIGINT to this process as step N+1 starts (a real Ctrl-C: step N+1 finishes, then it stops)
   sigterm_after_step:N     the same with SIGTERM (a scheduler's stop)
+  sigterm_on_rank<R>_after_step:N  SIGTERM to DDP rank R only (the ranks must agree to stop together)
   fill_disk_after_step:N   after step N, fill the filesystem of $ADAPT_FILL_DIR (a real full disk from then on)
 
 The hooks wrap adapt's functions when their modules are imported, so the recipe carries no test seams.
@@ -40,7 +41,7 @@ def _patch_trainstep(mod):
                 os.kill(os.getpid(), signal.SIGKILL)
             if point == "sigint_after_step":
                 os.kill(os.getpid(), signal.SIGINT)
-            if point == "sigterm_after_step":
+            if point in ("sigterm_after_step", f"sigterm_on_rank{rank}_after_step"):
                 os.kill(os.getpid(), signal.SIGTERM)
             if point == "fill_disk_after_step":
                 _fill(os.environ["ADAPT_FILL_DIR"])
