@@ -216,7 +216,8 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
                 _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes)
             say(f"interrupted at step {step + 1}; checkpoint-{step + 1} written. Resume with the same command plus "
                 f"train.resume_from_checkpoint=latest")
-            return 128 + sig
+            unet = optimizer = None  # see _finish
+            return _finish(acc, 128 + sig)
     train_s = time.time() - t_loop
     # DDP keeps ranks in lockstep; prove it: every rank's LoRA weights must have the same checksum.
     checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(acc.device)
@@ -258,9 +259,18 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
             say(f"all {world} ranks hold identical LoRA weights (checksum {sums[0]:.10g})")
         say(f"adapter: {path} ({path.stat().st_size / 1e3:.1f} kB); {drawn}; "
             f"{figures['steps_per_s']} steps/s, {figures['samples_per_s']} samples/s")
+    unet = optimizer = None  # see _finish
+    return _finish(acc, 0)
+
+
+def _finish(acc, code: int) -> int:
+    """Every rank ends here together. The caller drops its DDP wrapper first and free_memory() frees it while the
+    process group still exists: torn down after end_training() destroyed the group, gloo hung one rank at exit
+    (about one DDP run in five)."""
     acc.wait_for_everyone()
+    acc.free_memory()
     acc.end_training()
-    return 0
+    return code
 
 
 def _preflight(cfg, out: Path, say, main: bool) -> Path | None:
