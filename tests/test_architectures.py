@@ -179,6 +179,7 @@ def test_tiny_sdxl_pipeline_trains_and_samples(tmp_path):
         lora.load_into(sd_pipe, tmp_path / "o")
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 @pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
 def test_gpu_configs_run_with_their_precision_on_tiny_bases(name, tiny_base, tiny_v_base, tmp_path):
     """The shipped GPU configs, unchanged but for base, data and size: bf16 weights under bf16 autocast,

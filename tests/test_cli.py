@@ -35,6 +35,7 @@ def adapter_dir(tiny_base, tmp_path_factory):
     return out
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_data_build_then_sample_img2img_with_stored_strength(tiny_base, adapter_dir, tmp_path):
     r = adapt_cli("data", "build", "synth_faces", "--out", tmp_path / "faces", "--n", 2, "--split", "eval")
     assert r.returncode == 0, r.stderr
@@ -72,6 +73,7 @@ def test_inspect(adapter_dir):
     assert info["facts"]["strength"] == 0.5
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_errors_are_one_clear_line(tiny_base, tmp_path):
     (tmp_path / "evil.bin").write_bytes(b"\x80\x04K\x01.")
     r = adapt_cli("inspect", tmp_path / "evil.bin")

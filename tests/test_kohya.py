@@ -223,6 +223,7 @@ def test_export_writes_the_metadata_clients_filter_on(width, facts, want, tmp_pa
     assert lora.facts(back).kohya["family"] == {768: "sd15", 1024: "sd21", 2048: "sdxl"}[width]
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_cli_import_and_never_overwriting_the_input(tmp_path):
     ad = _adapter_file(tmp_path, 768, {"architecture": "sd"})
     run = lambda *a: subprocess.run([sys.executable, "-m", "adapt.cli", "export", *map(str, a)], capture_output=True, text=True)

@@ -74,6 +74,7 @@ def test_resume_reproduces_uninterrupted_losses(tiny_base, sg_folder, tmp_path):
     assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_kill_during_checkpoint_write_keeps_previous(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "k"
     common = ["train.max_steps=6", "train.checkpointing_steps=2"]
@@ -108,6 +109,7 @@ def test_sampled_timesteps_lie_in_window(tiny_base, sg_folder, tmp_path):
     assert len(drawn) == 32 and set(drawn) <= window and max(window) == 251 and len(set(drawn)) > 3
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_bad_data_is_reported_and_empty_fails(tiny_base, sg_folder, tmp_path):
     import shutil
     data = tmp_path / "data"
@@ -127,6 +129,7 @@ def test_bad_data_is_reported_and_empty_fails(tiny_base, sg_folder, tmp_path):
     assert r.returncode == 2 and "no images found" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_out_dir_holding_a_run_is_refused(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "o"
     assert run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python").returncode == 0
@@ -135,6 +138,7 @@ def test_out_dir_holding_a_run_is_refused(tiny_base, sg_folder, tmp_path):
     assert run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=1", "train.overwrite=true"), launcher="python").returncode == 0
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_latent_cache_is_reused_and_caching_off_trains(tiny_base, sg_folder, tmp_path):
     r1 = run_recipe(_args(tiny_base, sg_folder, tmp_path / "a", "train.max_steps=1", "train.seed=5"), launcher="python")
     r2 = run_recipe(_args(tiny_base, sg_folder, tmp_path / "b", "train.max_steps=1", "train.seed=6"), launcher="python")

@@ -85,6 +85,7 @@ def test_pickle_with_code_payload_is_never_executed(tmp_path, tiny_base, monkeyp
     assert not flag.exists(), "a pickle payload ran"
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_recipe_makes_no_network_connection(tiny_base, sg_folder, tmp_path):
     net_log = tmp_path / "net.log"
     env = {"PYTHONPATH": str(Path(__file__).parent / "netguard"), "ADAPT_NET_LOG": str(net_log), "HF_HUB_OFFLINE": "1"}
@@ -99,6 +100,7 @@ def test_recipe_makes_no_network_connection(tiny_base, sg_folder, tmp_path):
     assert net_log.exists() and "93.184.216.34" in net_log.read_text()
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_ddp_exception_on_rank1_stops_both(tiny_base, sg_folder, tmp_path):
     t0 = time.time()
     r = run_recipe(_args(tiny_base, sg_folder, tmp_path / "o", "train.max_steps=50"), nproc=2, timeout=240,

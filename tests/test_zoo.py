@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -69,6 +70,7 @@ def test_zoo_readme_load_line_runs_verbatim_in_plain_diffusers(tmp_path):
     assert "OK (64, 64) (64, 64) torch.float32 torch.float32" in r.stdout
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_model_card_snippets_run_verbatim_and_agree(tmp_path):
     """The card of a freshly trained demo adapter: its plain-diffusers block and its `adapt sample` line run as
     written and give the same image (within 2/255)."""
