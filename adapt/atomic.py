@@ -70,3 +70,15 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     return _write(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def write_image(img, path: str | Path) -> Path:
+    """A PIL image, format from the suffix."""
+    fmt = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
+    return _write(Path(path), lambda tmp: img.save(tmp, format=fmt))
+
+
+def write_figure(fig, path: str | Path, **kw) -> Path:
+    """A matplotlib figure, format from the suffix."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return _write(Path(path), lambda tmp: fig.savefig(tmp, format=fmt, **kw))

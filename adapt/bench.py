@@ -221,8 +221,8 @@ def run(cases: list[str], threads: int, out: str | None) -> dict:
     report = {"machine": machine(), "results": results}
     _speedups(report)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=1))
+        from adapt import atomic
+        atomic.write_text(out, json.dumps(report, indent=1))
     print(table(report))
     prof = next((r.get("profile_top") for r in results if r.get("profile_top")), None)
     if prof:

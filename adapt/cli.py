@@ -36,11 +36,12 @@ def _add_sample(sub):
     p.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on CPU), float32, float16, bfloat16")
     p.add_argument("--out", default="runs/samples", help="output folder")
     p.add_argument("--grid", default=None, help="img2img: also write a grid PNG of input | base | adapter rows")
+    p.add_argument("--overwrite", action="store_true", help="replace images already in --out (default: refuse)")
     p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(a) -> int:
-    from adapt import lora, model, sample
+    from adapt import atomic, lora, model, sample
     _check_sample_args(a)
     stored = [lora.facts(ad) for ad in a.adapter]  # reads (and checks) every adapter before the base loads
     first = stored[0] if stored else None
@@ -56,6 +57,10 @@ def cmd_sample(a) -> int:
         raise CliError(f"--scheduler {sched!r}: choose from {sorted(sample.SCHEDULERS)}")
     prompts = [_prompt(a.prompt, p) for p in a.image] if a.image else [_prompt(a.prompt, None)]
     out = _writable_dir(a.out, "--out")
+    kind, n = ("img2img", len(a.image)) if a.image else ("txt2img", a.num_images)
+    clash = [p for p in [out / f"{kind}_{i:03d}.png" for i in range(n)] + ([Path(a.grid)] if a.grid else []) if p.exists()]
+    if clash and not a.overwrite:
+        raise CliError(f"{clash[0]} exists ({len(clash)} output(s) would be replaced); pass --overwrite or another --out")
     device = model.pick_device(a.device)
     pipe, facts = model.load_base(a.base, torch_dtype=model.pick_dtype(a.dtype, device))
     pipe.to(device)  # noise stays on CPU generators, so a seed gives the same start on every device
@@ -73,7 +78,7 @@ def cmd_sample(a) -> int:
         if a.grid and names:
             with lora.applied(pipe, names, [0.0] * len(names)):
                 base = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched)
-            sample.grid([list(r) for r in zip(images, base, imgs)]).save(a.grid)
+            atomic.write_image(sample.grid([list(r) for r in zip(images, base, imgs)]), a.grid)
             print(f"wrote grid {a.grid} (rows: input | base | adapter at strength {strength})")
     else:
         with with_adapters():

@@ -253,6 +253,7 @@ class EvalConfig:
     clip_source_text: Optional[str] = opt(None, "text describing the source domain, e.g. 'a photo of a person' (for clip_direction)")
     fuse: bool = opt(True, "fuse the adapter into the UNet at each scale (faster; equal to unfused within ~1e-6)")
     out: str = opt("runs/eval", "output folder")
+    overwrite: bool = opt(False, "replace a report already in `out` (default: refuse)")
 
     def __post_init__(self):
         _check(all(0 < float(s) <= 1 for s in self.strengths) and len(self.strengths) > 0, "strengths", f"each must be in (0, 1], got {self.strengths}")

@@ -107,6 +107,10 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     """Run the sweep and write every output file into cfg.out; returns the report."""
     t0 = time.time()
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise config.ConfigError(f"out: {out} is a file, not a folder")
+    if (out / "report.json").exists() and not cfg.overwrite:
+        raise config.ConfigError(f"out: {out} already holds a report; pass overwrite=true or another --out")
     out.mkdir(parents=True, exist_ok=True)
     facts = lora.facts(cfg.adapter) or AdapterFacts(architecture="sd")  # trained elsewhere: nothing recorded
     base = cfg.base or facts.base

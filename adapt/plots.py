@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from adapt import sample  # noqa: E402
+from adapt import atomic, sample  # noqa: E402
 
 
 def _by_scale(rows):
@@ -45,7 +45,7 @@ def curves(rows, ceiling: dict, path: Path, has_masks: bool) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.write_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -64,7 +64,7 @@ def pareto(rows, path: Path, has_masks: bool) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.write_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -74,7 +74,7 @@ def sweep_grid(inputs, outputs: dict, strengths, scale: float, path: Path) -> No
     for i, img in enumerate(inputs):
         rows.append([img] + [outputs[(s, 0.0)][i] for s in strengths if (s, 0.0) in outputs])
         rows.append([img] + [outputs[(s, scale)][i] for s in strengths])
-    sample.grid(rows).save(path)
+    atomic.write_image(sample.grid(rows), path)
 
 
 def summary_markdown(report: dict) -> str:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from adapt import atomic
+
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
     "pndm": "PNDMScheduler", "dpm": "DPMSolverMultistepScheduler",
@@ -113,7 +115,7 @@ def save_images(images: list[Image.Image], out: str | Path, stem: str = "sample"
     paths = []
     for i, img in enumerate(images):
         paths.append(out / f"{stem}_{i:03d}.png")
-        img.save(paths[-1])
+        atomic.write_image(img, paths[-1])
     return paths
 
 

@@ -16,11 +16,11 @@ if [ -f adapt/zoo/tiny-faces/model_index.json ]; then
   echo "== 2/3 sample: held-out faces, input | base | adapter at the adapter's strength"
   adapt --threads "$THREADS" data build synth_faces --out "$OUT/heldout" --n 8 --split eval --overwrite > /dev/null
   adapt --threads "$THREADS" sample --base tiny-faces --adapter "$OUT/adapter" --image "$OUT"/heldout/eval_00000{0..7}.png \
-      --prompt "{caption} wearing sunglasses" --guidance 1.0 --grid "$OUT/before_after.png" --out "$OUT/samples"
+      --prompt "{caption} wearing sunglasses" --guidance 1.0 --grid "$OUT/before_after.png" --out "$OUT/samples" --overwrite
   T2=$(date +%s)
   if adapt eval --help > /dev/null 2>&1; then
     echo "== 3/3 evaluate: strength x scale sweep against the base"
-    adapt --threads "$THREADS" eval --config recipes/configs/tiny_sunglasses_eval.yaml --adapter "$OUT/adapter" --out "$OUT/eval"
+    adapt --threads "$THREADS" eval --config recipes/configs/tiny_sunglasses_eval.yaml --adapter "$OUT/adapter" --out "$OUT/eval" overwrite=true
   else
     echo "== 3/3 evaluate: skipped (adapt eval is not available in this version)"
   fi
@@ -36,6 +36,6 @@ else
   adapt data build synth_sunglasses --out "$OUT/data" --n 8 --split train --overwrite
   accelerate launch -q --config_file accelerate_config.yaml recipes/lora_img2img.py --config recipes/configs/tiny_test.yaml \
       model.base="$OUT/tiny-base" data.source="$OUT/data" out_dir="$OUT/adapter" train.overwrite=true
-  adapt --threads "$THREADS" sample --base "$OUT/tiny-base" --adapter "$OUT/adapter" --image "$OUT/data/train_000000.png" --out "$OUT/samples"
+  adapt --threads "$THREADS" sample --base "$OUT/tiny-base" --adapter "$OUT/adapter" --image "$OUT/data/train_000000.png" --out "$OUT/samples" --overwrite
   echo "adapter: $OUT/adapter   sample: $OUT/samples/img2img_000.png   total $(( $(date +%s) - T0 )) s"
 fi

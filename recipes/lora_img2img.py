@@ -413,7 +413,7 @@ class _Validator:
             self.unet.train(was_training)
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / f"step_{step:06d}.png"
-            sample.grid([list(r) for r in zip(self.images, self.base, adapted)]).save(path)
+            atomic.write_image(sample.grid([list(r) for r in zip(self.images, self.base, adapted)]), path)
             self.say(f"validation grid (input | base | adapter) at step {step}: {path}")
         self.acc.wait_for_everyone()
 

@@ -141,6 +141,21 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+def test_read_only_out_dir_and_cache_are_named(tiny_base, sg, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:  # root can write anywhere except on a read-only filesystem, so this is how "unwritable" is tested as root
+        r = run_recipe(_args(tiny_base, sg, ro / "o", "train.max_steps=1"), launcher="python")
+        _refused(r, f"out_dir {ro / 'o'}: cannot create it")
+        r = run_recipe(_args(tiny_base, sg, tmp_path / "o", "train.max_steps=1"), launcher="python", env_extra={"ADAPT_CACHE": str(ro)})
+        _refused(r, f"ADAPT_CACHE {ro} is not writable")
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
 def test_full_disk_at_the_final_save_loses_nothing(tiny_base, sg, small_fs):
     out = small_fs / "o"
     env = {"ADAPT_FAULT": "fill_disk_after_step:3", "ADAPT_FILL_DIR": str(small_fs)}
