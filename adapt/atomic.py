@@ -18,6 +18,21 @@ class WriteError(RuntimeError):
     """A file could not be written; the message names it, and the previous version (if any) is intact."""
 
 
+def writable_dir(path: str | Path, what: str) -> Path:
+    """`path` as an existing writable folder (created if missing), or a WriteError naming `what` (the flag, key or
+    variable that chose it). os.access also sees read-only filesystems, which is what stops root."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise WriteError(f"{what} {p} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"{what} {p}: cannot create it ({e.strerror})") from e
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise WriteError(f"{what} {p} is not writable")
+    return p
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from adapt.atomic import fsync_dir
+from adapt.runguard import alive
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS = "lora"  # the LoRA recipe's weights file; recipes/pretrain_ldm.py stores whole models as "model"
@@ -201,17 +202,7 @@ def remove_stale_tmp(out_dir: str | Path) -> int:
     n = 0
     for p in Path(out_dir).glob(".checkpoint-*.tmp"):
         m = re.match(r"^\.checkpoint-\d+\.(\d+)\.tmp$", p.name)
-        if m is None or not _alive(int(m.group(1))):
+        if m is None or not alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

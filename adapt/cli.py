@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -56,7 +55,7 @@ def cmd_sample(a) -> int:
     if sched not in sample.SCHEDULERS:
         raise CliError(f"--scheduler {sched!r}: choose from {sorted(sample.SCHEDULERS)}")
     prompts = [_prompt(a.prompt, p) for p in a.image] if a.image else [_prompt(a.prompt, None)]
-    out = _writable_dir(a.out, "--out")
+    out = atomic.writable_dir(a.out, "--out")
     kind, n = ("img2img", len(a.image)) if a.image else ("txt2img", a.num_images)
     clash = [p for p in [out / f"{kind}_{i:03d}.png" for i in range(n)] + ([Path(a.grid)] if a.grid else []) if p.exists()]
     if clash and not a.overwrite:
@@ -123,19 +122,6 @@ def _prompt(template: str, image: str | None) -> str:
     except (KeyError, IndexError, ValueError) as e:
         raise CliError(f"--prompt {template!r}: only '{{caption}}' may appear in braces ({type(e).__name__}: {e}); "
                        "write literal braces as '{{' and '}}'") from e
-
-
-def _writable_dir(path: str, flag: str) -> Path:
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise CliError(f"{flag} {p} is a file, not a folder")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CliError(f"{flag} {p}: cannot create it ({e.strerror})") from e
-    if not os.access(p, os.W_OK):
-        raise CliError(f"{flag} {p}: not writable")
-    return p
 
 
 def _caption_of(image: str) -> str:

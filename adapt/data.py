@@ -247,17 +247,9 @@ def default_cache_dir() -> Path:
 
 
 def usable_cache_dir(path: Path, what: str) -> Path:
-    """`path` as a writable folder, or a DataError naming `what` (the variable or key that set it)."""
-    import os
-    if path.exists() and not path.is_dir():
-        raise DataError(f"{what} {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{what} {path}: cannot create it ({e.strerror})") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise DataError(f"{what} {path} is not writable; point it at a writable folder")
-    return path
+    """`path` as a writable folder, or an error naming `what` (the variable or key that set it)."""
+    from adapt.atomic import writable_dir
+    return writable_dir(path, what)
 
 
 def read_records(source: str, split: str = "train", image_column: str = "image", caption_column: str = "text",

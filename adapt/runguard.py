@@ -29,7 +29,8 @@ class LockError(RuntimeError):
     """Another live process holds the out_dir."""
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,7 +56,7 @@ class OutDirLock:
                 except (OSError, ValueError):
                     other = {}
                 pid, host = other.get("pid"), other.get("host")
-                if isinstance(pid, int) and host == me["host"] and _alive(pid):
+                if isinstance(pid, int) and host == me["host"] and alive(pid):
                     raise LockError(f"{self.path.parent} is in use by another training run (pid {pid}, started "
                                     f"{other.get('started')}); wait for it, stop it, or choose another out_dir")
                 if isinstance(pid, int) and host not in (None, me["host"]):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -49,7 +48,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(cfg.train.num_threads)
 
     out = Path(cfg.out_dir)
-    _check_out_dir(out)
+    atomic.writable_dir(out, "out_dir")
     trackers = "tensorboard" if _has("tensorboard") else None
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers, project_dir=str(out))
     say = _printer(acc, out)
@@ -299,17 +298,6 @@ def _save_checkpoint(acc, cfg, out, step, base_unet, optimizer, lr_sched, run, r
                         {"lr_scheduler": lr_sched.state_dict(), "run": {**run, "resumes": resumes}},
                         cfg.train.checkpoints_total_limit)
     acc.wait_for_everyone()
-
-
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise config.ConfigError(f"out_dir {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise config.ConfigError(f"out_dir {out}: cannot create it ({e.strerror})") from e
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise config.ConfigError(f"out_dir {out} is not writable")
 
 
 def _together(acc, fn):

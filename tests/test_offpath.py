@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapt import checkpoint, lora, synth
+from adapt import checkpoint, lora, runguard, synth
 from conftest import ROOT, read_log, run_recipe
 
 pytestmark = pytest.mark.integration
@@ -231,7 +231,7 @@ def test_ctrl_c_under_accelerate_launch_checkpoints_and_says_how_to_resume(tiny_
     trainer = _trainer_pid(p.pid)
     os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     stdout, stderr = p.communicate(timeout=120)
-    while checkpoint._alive(trainer):
+    while runguard.alive(trainer):
         time.sleep(0.1)
     assert "interrupted at step" in stdout and "train.resume_from_checkpoint=latest" in stdout, stdout[-2000:]
     assert "lora_img2img.py" not in stderr and "adapt/" not in stderr  # no trace from adapt (accelerate's launcher may add its own)
@@ -259,9 +259,9 @@ def test_sigterm_exit_code_and_killed_launcher_stops_the_trainer(tiny_base, sg, 
     os.kill(p.pid, signal.SIGKILL)  # the launcher dies; its trainer must not run on orphaned
     p.wait()
     t0 = time.time()
-    while checkpoint._alive(trainer) and time.time() - t0 < 60:
+    while runguard.alive(trainer) and time.time() - t0 < 60:
         time.sleep(0.1)
-    assert not checkpoint._alive(trainer), "trainer still running after its launcher died"
+    assert not runguard.alive(trainer), "trainer still running after its launcher died"
     assert len(checkpoint.list_checkpoints(out2)) == 1 and "launcher" in (out2 / "train.log").read_text()
 
 
