@@ -81,8 +81,9 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
                                         cfg.data.caption_column, cfg.data.default_caption, cfg.data.num_images,
                                         cfg.data.cache_dir, logger=say)
     fingerprint = data.fingerprint(records, pixels)
-    run = {"config": facts_mod.flat(config.to_dict(cfg)), "data_fingerprint": fingerprint,
-           "base_fingerprint": cache.module_fingerprint(pipe.unet) + cache.module_fingerprint(pipe.vae)}
+    vae_fingerprint = cache.module_fingerprint(pipe.vae)
+    run = {"config": facts_mod.flat(config.to_dict(cfg)), "data_fingerprint": fingerprint,  # what a resume must match
+           "base_fingerprint": cache.module_fingerprint(pipe.unet) + vae_fingerprint}
     resumes = list(saved["run"]["resumes"]) if saved else []
     if saved is not None:
         changes = _check_resume_fingerprints(cfg, saved, run, resume)
@@ -99,8 +100,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
             f"{[records[i].name for i in too_long[:5]]}")
 
     # 3. Cache posteriors (and flipped ones, if flipping) and prompt embeddings once.
-    cache_root = data.usable_cache_dir(Path(cfg.data.cache_dir), "data.cache_dir") if cfg.data.cache_dir else data.default_cache_dir()
-    key = cache.cache_key(base=facts.resolved, vae=cache.module_fingerprint(pipe.vae), dtype=cfg.model.dtype, data=fingerprint,
+    key = cache.cache_key(base=facts.resolved, vae=vae_fingerprint, dtype=cfg.model.dtype, data=fingerprint,
                           res=cfg.data.resolution, flip=cfg.data.random_flip)
 
     def encode():
@@ -111,7 +111,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         return post
 
     t0 = time.time()
-    cache_file = cache_root / "latents" / f"{key}.safetensors" if cfg.data.cache else None
+    cache_file = _cache_root(cfg) / "latents" / f"{key}.safetensors" if cfg.data.cache else None
     reused = cache_file is not None and cache_file.is_file()
     post = cache.load_or_compute(cache_file, encode, log=say)
     stats = cache.latent_stats(post, facts.scaling_factor, facts.shift_factor)
@@ -286,8 +286,13 @@ def _preflight(cfg, out: Path, say, main: bool) -> Path | None:
     else:
         _check_resume_config(cfg, json.loads((resume / "state.json").read_text()), resume)
     if cfg.data.cache:
-        data.usable_cache_dir(Path(cfg.data.cache_dir), "data.cache_dir") if cfg.data.cache_dir else data.default_cache_dir()
+        _cache_root(cfg)
     return resume
+
+
+def _cache_root(cfg) -> Path:
+    """data.cache_dir or $ADAPT_CACHE, checked to be a writable folder."""
+    return data.usable_cache_dir(Path(cfg.data.cache_dir), "data.cache_dir") if cfg.data.cache_dir else data.default_cache_dir()
 
 
 def _save_checkpoint(acc, cfg, out, step, base_unet, optimizer, lr_sched, run, resumes):
