@@ -41,6 +41,21 @@ def tiny_v_base(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_v") / "tiny-sd-v", seed=0, prediction_type="v_prediction")
 
 
+TINY_CFG = str(ROOT / "recipes" / "configs" / "tiny_test.yaml")
+
+
+@pytest.fixture(scope="session")
+def sg_folder(tmp_path_factory):
+    """8 synthetic target-domain images (split train), shared by the recipe tests."""
+    from adapt import synth
+    return synth.build_imagefolder("sunglasses", tmp_path_factory.mktemp("sg") / "train", n=8, split="train")
+
+
+def recipe_args(base, data, out, *extra):
+    """The recipe's argv for tiny_test.yaml on a given base, data folder and out_dir."""
+    return ["--config", TINY_CFG, f"model.base={base}", f"data.source={data}", f"out_dir={out}", *extra]
+
+
 def run_recipe(args, cwd=ROOT, launcher="accelerate", nproc=1, timeout=600, env_extra=None):
     """Run recipes/lora_img2img.py the way a user does; returns CompletedProcess."""
     import subprocess

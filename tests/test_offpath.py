@@ -14,19 +14,11 @@ import numpy as np
 import pytest
 
 from adapt import checkpoint, lora, runguard, synth
-from conftest import ROOT, read_log, run_recipe
+from conftest import ROOT, read_log, recipe_args, run_recipe
 
 pytestmark = pytest.mark.integration
-CFG = str(ROOT / "recipes" / "configs" / "tiny_test.yaml")
 
 
-@pytest.fixture(scope="module")
-def sg(tmp_path_factory):
-    return synth.build_imagefolder("sunglasses", tmp_path_factory.mktemp("sg") / "train", n=8, split="train")
-
-
-def _args(base, data, out, *extra):
-    return ["--config", CFG, f"model.base={base}", f"data.source={data}", f"out_dir={out}", *extra]
 
 
 def _ok(r):
@@ -47,29 +39,29 @@ def _weights(out):
 
 # ---------------------------------------------------------------- 1, 11: resume compatibility and edges
 
-def test_resume_refuses_identity_changes_and_applies_allowed_optimizer_changes(tiny_base, sg, tmp_path):
+def test_resume_refuses_identity_changes_and_applies_allowed_optimizer_changes(tiny_base, sg_folder, tmp_path):
     out, ref = tmp_path / "o", tmp_path / "ref"
     common = ["train.max_steps=4", "train.checkpointing_steps=2"]
-    _ok(run_recipe(_args(tiny_base, sg, out, *common), launcher="python"))
+    _ok(run_recipe(recipe_args(tiny_base, sg_folder, out, *common), launcher="python"))
     resume = ["train.resume_from_checkpoint=latest", "train.max_steps=6"]
-    r = run_recipe(_args(tiny_base, sg, out, *common[1:], *resume, "optim.lr=0.01"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, *common[1:], *resume, "optim.lr=0.01"), launcher="python")
     _refused(r, "optim.lr: checkpoint 0.001, now 0.01", "train.resume_allow=[optim.lr]")
-    r = run_recipe(_args(tiny_base, sg, out, *common[1:], *resume, "lora.rank=8", "data.num_images=4"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, *common[1:], *resume, "lora.rank=8", "data.num_images=4"), launcher="python")
     _refused(r, "lora.rank: checkpoint 4, now 8", "data.num_images: checkpoint 8, now 4")
     other = synth.build_imagefolder("sunglasses", tmp_path / "other", n=8, split="val")
-    r = run_recipe(_args(tiny_base, other, out, *common[1:], *resume), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, other, out, *common[1:], *resume), launcher="python")
     _refused(r, "data.source: checkpoint")
-    r = run_recipe(_args(tiny_base, sg, out, *common[1:], "train.resume_from_checkpoint=latest", "train.max_steps=3"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, *common[1:], "train.resume_from_checkpoint=latest", "train.max_steps=3"), launcher="python")
     _refused(r, "train.max_steps=3 is below the checkpoint's step 4")
-    r = run_recipe(_args(tiny_base, sg, out, *common[1:], "train.resume_from_checkpoint=latest", "train.max_steps=4"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, *common[1:], "train.resume_from_checkpoint=latest", "train.max_steps=4"), launcher="python")
     _refused(r, "nothing to train")
     assert (out / lora.WEIGHTS_NAME).is_file() and [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
 
     # The same continuation without and with an allowed lr change: the change is applied, logged and recorded.
     import shutil
     shutil.copytree(out, ref)
-    _ok(run_recipe(_args(tiny_base, sg, ref, *common[1:], *resume), launcher="python"))
-    r = run_recipe(_args(tiny_base, sg, out, *common[1:], *resume, "optim.lr=0.01", "train.resume_allow=[optim.lr]"), launcher="python")
+    _ok(run_recipe(recipe_args(tiny_base, sg_folder, ref, *common[1:], *resume), launcher="python"))
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, *common[1:], *resume, "optim.lr=0.01", "train.resume_allow=[optim.lr]"), launcher="python")
     _ok(r)
     lrs = [row["lr"] for row in read_log(out)]
     assert lrs[:4] == [0.001] * 4 and lrs[4:] == [0.01, 0.01]
@@ -81,20 +73,20 @@ def test_resume_refuses_identity_changes_and_applies_allowed_optimizer_changes(t
     assert "optim.lr 0.001 -> 0.01" in (out / "README.md").read_text()
 
 
-def test_latest_in_an_empty_folder_is_an_error_not_a_fresh_start(tiny_base, sg, tmp_path):
-    r = run_recipe(_args(tiny_base, sg, tmp_path / "empty", "train.resume_from_checkpoint=latest"), launcher="python")
+def test_latest_in_an_empty_folder_is_an_error_not_a_fresh_start(tiny_base, sg_folder, tmp_path):
+    r = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "empty", "train.resume_from_checkpoint=latest"), launcher="python")
     _refused(r, "no intact checkpoint in", "drop the key to start a new run")
     assert not (tmp_path / "empty" / lora.WEIGHTS_NAME).exists()
 
 
 # ---------------------------------------------------------------- 2, 4: checkpoint history, damage, full disk
 
-def test_resume_from_older_checkpoint_starts_a_clean_branch(tiny_base, sg, tmp_path):
+def test_resume_from_older_checkpoint_starts_a_clean_branch(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "o"
-    _ok(run_recipe(_args(tiny_base, sg, out, "train.max_steps=6", "train.checkpointing_steps=2", "train.checkpoints_total_limit=3"),
+    _ok(run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=6", "train.checkpointing_steps=2", "train.checkpoints_total_limit=3"),
                    launcher="python"))
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=5", "train.checkpointing_steps=2", "train.checkpoints_total_limit=1",
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=5", "train.checkpointing_steps=2", "train.checkpoints_total_limit=1",
                          f"train.resume_from_checkpoint={out / 'checkpoint-2'}"), launcher="python")
     _ok(r)
     assert "moved the 2 checkpoint(s) written after it" in r.stdout
@@ -104,27 +96,27 @@ def test_resume_from_older_checkpoint_starts_a_clean_branch(tiny_base, sg, tmp_p
     assert checkpoint.resolve(out, "latest").name == "checkpoint-5"
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tiny_base, sg, tmp_path):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "o"
-    _ok(run_recipe(_args(tiny_base, sg, out, "train.max_steps=4", "train.checkpointing_steps=2"), launcher="python"))
+    _ok(run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=4", "train.checkpointing_steps=2"), launcher="python"))
     lf = out / "checkpoint-4" / "lora.safetensors"
     lf.write_bytes(lf.read_bytes()[: lf.stat().st_size // 2])  # truncated, as a crash mid-copy leaves it
-    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=6", "train.checkpointing_steps=2", "train.resume_from_checkpoint=latest"),
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=6", "train.checkpointing_steps=2", "train.resume_from_checkpoint=latest"),
                    launcher="python")
     _ok(r)
     assert "skipping damaged checkpoint" in r.stdout and "lora.safetensors is unreadable" in r.stdout
     assert "resumed from" in r.stdout and "at step 2" in r.stdout
     (out / "checkpoint-6" / "optimizer.safetensors").unlink()
-    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=8", f"train.resume_from_checkpoint={out / 'checkpoint-6'}"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=8", f"train.resume_from_checkpoint={out / 'checkpoint-6'}"), launcher="python")
     _refused(r, "optimizer.safetensors is missing")
 
 
-def test_corrupted_latent_cache_is_recomputed(tiny_base, sg, tmp_path):
+def test_corrupted_latent_cache_is_recomputed(tiny_base, sg_folder, tmp_path):
     cache = tmp_path / "cache"
-    _ok(run_recipe(_args(tiny_base, sg, tmp_path / "a", "train.max_steps=1", f"data.cache_dir={cache}"), launcher="python"))
+    _ok(run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "a", "train.max_steps=1", f"data.cache_dir={cache}"), launcher="python"))
     (f,) = (cache / "latents").glob("*.safetensors")
     f.write_bytes(b"garbage" * 10)
-    r = run_recipe(_args(tiny_base, sg, tmp_path / "b", "train.max_steps=1", f"data.cache_dir={cache}"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "b", "train.max_steps=1", f"data.cache_dir={cache}"), launcher="python")
     _ok(r)
     assert "is unreadable" in r.stdout and "recomputing it" in r.stdout and f.stat().st_size > 1000
 
@@ -141,25 +133,25 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_read_only_out_dir_and_cache_are_named(tiny_base, sg, tmp_path):
+def test_read_only_out_dir_and_cache_are_named(tiny_base, sg_folder, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.strip() or r.returncode}")
     try:  # root can write anywhere except on a read-only filesystem, so this is how "unwritable" is tested as root
-        r = run_recipe(_args(tiny_base, sg, ro / "o", "train.max_steps=1"), launcher="python")
+        r = run_recipe(recipe_args(tiny_base, sg_folder, ro / "o", "train.max_steps=1"), launcher="python")
         _refused(r, f"out_dir {ro / 'o'}: cannot create it")
-        r = run_recipe(_args(tiny_base, sg, tmp_path / "o", "train.max_steps=1"), launcher="python", env_extra={"ADAPT_CACHE": str(ro)})
+        r = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "o", "train.max_steps=1"), launcher="python", env_extra={"ADAPT_CACHE": str(ro)})
         _refused(r, f"ADAPT_CACHE {ro} is not writable")
     finally:
         subprocess.run(["umount", "-l", str(ro)], capture_output=True)
 
 
-def test_full_disk_at_the_final_save_loses_nothing(tiny_base, sg, small_fs):
+def test_full_disk_at_the_final_save_loses_nothing(tiny_base, sg_folder, small_fs):
     out = small_fs / "o"
     env = {"ADAPT_FAULT": "fill_disk_after_step:3", "ADAPT_FILL_DIR": str(small_fs)}
-    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=4", "train.checkpointing_steps=2", "validation.source=null"),
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=4", "train.checkpointing_steps=2", "validation.source=null"),
                    launcher="accelerate", env_extra=env)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]  # accelerate launch -q exits 1
     assert "error: could not write checkpoint at step 4" in r.stderr and "no space left" in r.stderr
@@ -167,7 +159,7 @@ def test_full_disk_at_the_final_save_loses_nothing(tiny_base, sg, small_fs):
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2"]
     assert not list(out.glob(".checkpoint-*")) and not (out / lora.WEIGHTS_NAME).exists()
     (small_fs / "filler").unlink()  # the user frees space and resumes: the run completes exactly
-    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=4", "train.checkpointing_steps=2", "train.resume_from_checkpoint=latest"),
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=4", "train.checkpointing_steps=2", "train.resume_from_checkpoint=latest"),
                    launcher="python")
     _ok(r)
     assert (out / lora.WEIGHTS_NAME).is_file() and [x["step"] for x in read_log(out)] == [1, 2, 3, 4]
@@ -204,7 +196,7 @@ def _launch(base, data, out, *extra, env_extra=None):
     bindir = Path(sys.executable).parent
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [str(bindir / "accelerate"), "launch", "-q", "--config_file", str(ROOT / "accelerate_config.yaml"),
-           str(ROOT / "recipes" / "lora_img2img.py"), *_args(base, data, out, *extra)]
+           str(ROOT / "recipes" / "lora_img2img.py"), *recipe_args(base, data, out, *extra)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -224,9 +216,9 @@ def _trainer_pid(launcher_pid):
     return int(kids[0])
 
 
-def test_ctrl_c_under_accelerate_launch_checkpoints_and_says_how_to_resume(tiny_base, sg, tmp_path):
+def test_ctrl_c_under_accelerate_launch_checkpoints_and_says_how_to_resume(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "o"
-    p = _launch(tiny_base, sg, out, "train.max_steps=100000", "train.checkpointing_steps=0", "validation.source=null")
+    p = _launch(tiny_base, sg_folder, out, "train.max_steps=100000", "train.checkpointing_steps=0", "validation.source=null")
     _wait_for_steps(out, 3, p)
     trainer = _trainer_pid(p.pid)
     os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
@@ -239,21 +231,21 @@ def test_ctrl_c_under_accelerate_launch_checkpoints_and_says_how_to_resume(tiny_
     step = int(ck.name.split("-")[1])
     assert [x["step"] for x in read_log(out)] == list(range(1, step + 1)) and not (out / lora.WEIGHTS_NAME).exists()
     assert not (out / ".adapt.lock").exists()
-    r = run_recipe(_args(tiny_base, sg, out, f"train.max_steps={step + 2}", "train.resume_from_checkpoint=latest"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, f"train.max_steps={step + 2}", "train.resume_from_checkpoint=latest"), launcher="python")
     _ok(r)
     assert f"at step {step}" in r.stdout
 
 
-def test_sigterm_exit_code_and_killed_launcher_stops_the_trainer(tiny_base, sg, tmp_path):
+def test_sigterm_exit_code_and_killed_launcher_stops_the_trainer(tiny_base, sg_folder, tmp_path):
     for sig, code in (("sigint", 130), ("sigterm", 143)):
         out = tmp_path / sig
-        r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=6"), launcher="python",
+        r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=6"), launcher="python",
                        env_extra={"ADAPT_FAULT": f"{sig}_after_step:3"})  # arrives as step 4 starts: step 4 finishes
         assert r.returncode == code and "interrupted at step 4" in r.stdout and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-4"] and len(read_log(out)) == 4
 
     out2 = tmp_path / "o2"
-    p = _launch(tiny_base, sg, out2, "train.max_steps=100000", "validation.source=null")
+    p = _launch(tiny_base, sg_folder, out2, "train.max_steps=100000", "validation.source=null")
     _wait_for_steps(out2, 2, p)
     trainer = _trainer_pid(p.pid)
     os.kill(p.pid, signal.SIGKILL)  # the launcher dies; its trainer must not run on orphaned
@@ -265,31 +257,31 @@ def test_sigterm_exit_code_and_killed_launcher_stops_the_trainer(tiny_base, sg, 
     assert len(checkpoint.list_checkpoints(out2)) == 1 and "launcher" in (out2 / "train.log").read_text()
 
 
-def test_ddp_ranks_agree_to_stop_when_one_is_signalled(tiny_base, sg, tmp_path):
+def test_ddp_ranks_agree_to_stop_when_one_is_signalled(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "ddp"
-    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=50"), nproc=2, timeout=300,
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=50"), nproc=2, timeout=300,
                    env_extra={"ADAPT_FAULT": "sigterm_on_rank1_after_step:2"})  # only rank 1 is told
     assert r.returncode != 0 and "interrupted at step 3" in r.stdout, (r.stdout + r.stderr)[-3000:]
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-3"] and len(read_log(out)) == 3
-    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=4", "train.resume_from_checkpoint=latest"), nproc=2, timeout=300)
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=4", "train.resume_from_checkpoint=latest"), nproc=2, timeout=300)
     _ok(r)
     assert "all 2 ranks hold identical LoRA weights" in r.stdout
 
 
-def test_second_run_into_the_same_out_dir_is_refused_and_stale_locks_are_taken_over(tiny_base, sg, tmp_path):
+def test_second_run_into_the_same_out_dir_is_refused_and_stale_locks_are_taken_over(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         import socket
         (out / ".adapt.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": "now"}))
-        r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=1"), launcher="python")
+        r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python")
         _refused(r, f"in use by another training run (pid {sleeper.pid}")
         assert not (out / "logs").exists()
     finally:
         sleeper.kill()
         sleeper.wait()
-    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=1"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python")
     _ok(r)
     assert f"removing the stale lock of pid {sleeper.pid}" in r.stdout and not (out / ".adapt.lock").exists()
 
@@ -309,16 +301,16 @@ def test_data_build_never_mixes_folders(tmp_path):
     assert len(list(out.glob("*.png"))) == 2 and len((out / "metadata.jsonl").read_text().splitlines()) == 2
 
 
-def test_bom_and_outside_symlinks_and_caption_templates(tiny_base, sg, tmp_path):
+def test_bom_and_outside_symlinks_and_caption_templates(tiny_base, sg_folder, tmp_path):
     import shutil
     data = tmp_path / "data"
-    shutil.copytree(sg, data)
+    shutil.copytree(sg_folder, data)
     meta = (data / "metadata.jsonl").read_bytes()
     (data / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + meta)  # saved by Notepad
     outside = tmp_path / "elsewhere.png"
-    shutil.copy(sg / "train_000000.png", outside)
+    shutil.copy(sg_folder / "train_000000.png", outside)
     (data / "link.png").symlink_to(outside)
-    r = run_recipe(_args(tiny_base, data, tmp_path / "o", "train.max_steps=1", "data.num_images=null",
+    r = run_recipe(recipe_args(tiny_base, data, tmp_path / "o", "train.max_steps=1", "data.num_images=null",
                          "data.default_caption=a photo of {name}"), launcher="python")
     _ok(r)
     assert "8 images usable, 1 skipped" in r.stdout and "symlink points outside the dataset folder" in r.stdout
@@ -329,11 +321,11 @@ def test_bom_and_outside_symlinks_and_caption_templates(tiny_base, sg, tmp_path)
 
 # ---------------------------------------------------------------- 8: adapters from elsewhere
 
-def test_adapter_from_another_base_warns_and_bad_files_are_one_line(tiny_base, tiny_v_base, sg, tmp_path):
+def test_adapter_from_another_base_warns_and_bad_files_are_one_line(tiny_base, tiny_v_base, sg_folder, tmp_path):
     out = tmp_path / "o"
-    _ok(run_recipe(_args(tiny_base, sg, out, "train.max_steps=1"), launcher="python"))
+    _ok(run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python"))
     adapt = str(Path(sys.executable).parent / "adapt")
-    img = str(sg / "train_000000.png")
+    img = str(sg_folder / "train_000000.png")
     r = subprocess.run([adapt, "--threads", "1", "sample", "--base", str(tiny_v_base), "--adapter", str(out), "--image", img,
                         "--steps", "4", "--out", str(tmp_path / "s")], capture_output=True, text=True)
     _ok(r)
@@ -348,10 +340,10 @@ def test_adapter_from_another_base_warns_and_bad_files_are_one_line(tiny_base, t
         _refused(r, "not a readable .safetensors file")
 
 
-def test_final_checkpoint_lets_a_finished_run_continue(tiny_base, sg, tmp_path):
+def test_final_checkpoint_lets_a_finished_run_continue(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "o"
-    _ok(run_recipe(_args(tiny_base, sg, out, "train.max_steps=3", "train.checkpointing_steps=0"), launcher="python"))
+    _ok(run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=3", "train.checkpointing_steps=0"), launcher="python"))
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-3"]
-    r = run_recipe(_args(tiny_base, sg, out, "train.max_steps=5", "train.resume_from_checkpoint=latest"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=5", "train.resume_from_checkpoint=latest"), launcher="python")
     _ok(r)
     assert np.array([x["step"] for x in read_log(out)]).tolist() == [1, 2, 3, 4, 5] and lora.facts(out).steps_trained == 5

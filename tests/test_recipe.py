@@ -1,26 +1,16 @@
 """The recipe end to end on tiny offline models: accelerate launch, pinned losses, resume, DDP, window, bad data."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from adapt import lora, objective, synth
-from conftest import read_log, run_recipe
-
-CFG = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny_test.yaml")
+from adapt import lora, objective
+from conftest import read_log, recipe_args, run_recipe
 
 
-@pytest.fixture(scope="module")
-def sg_folder(tmp_path_factory):
-    return synth.build_imagefolder("sunglasses", tmp_path_factory.mktemp("sg") / "train", n=8, split="train")
-
-
-def _args(base, data, out, *extra):
-    return ["--config", CFG, f"model.base={base}", f"data.source={data}", f"out_dir={out}", *extra]
 
 
 # Per-step losses of tiny_test.yaml on the tiny random base, seed 0, CPU fp32, 1 thread.
@@ -29,7 +19,7 @@ PINNED = [1.1893701553344727, 1.175856113433838, 1.1141904592514038, 1.129880547
 
 def test_recipe_end_to_end_with_accelerate(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "run"
-    r = run_recipe(_args(tiny_base, sg_folder, out, "validation.source=" + str(sg_folder), "validation.num_images=2"))
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "validation.source=" + str(sg_folder), "validation.num_images=2"))
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [row["loss"] for row in read_log(out)]
     np.testing.assert_allclose(losses, PINNED, rtol=1e-4)
@@ -56,13 +46,13 @@ def test_recipe_end_to_end_with_accelerate(tiny_base, sg_folder, tmp_path):
 def test_resume_reproduces_uninterrupted_losses(tiny_base, sg_folder, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     common = ["train.max_steps=6", "train.checkpointing_steps=3", "optim.schedule=cosine", "optim.warmup_steps=2"]
-    r = run_recipe(_args(tiny_base, sg_folder, full, *common), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, full, *common), launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     # the same run, killed (SIGKILL) after step 4, i.e. past checkpoint-3, then resumed
-    r = run_recipe(_args(tiny_base, sg_folder, part, *common), launcher="python", env_extra={"ADAPT_FAULT": "sigkill_after_step:4"})
+    r = run_recipe(recipe_args(tiny_base, sg_folder, part, *common), launcher="python", env_extra={"ADAPT_FAULT": "sigkill_after_step:4"})
     assert r.returncode == -9, (r.returncode, r.stderr[-2000:])
     assert (part / "checkpoint-3" / "state.json").is_file() and not (part / lora.WEIGHTS_NAME).exists()
-    r = run_recipe(_args(tiny_base, sg_folder, part, *common, "train.resume_from_checkpoint=latest"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, part, *common, "train.resume_from_checkpoint=latest"), launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 3" in r.stdout
     a, b = read_log(full), read_log(part)
@@ -78,11 +68,11 @@ def test_resume_reproduces_uninterrupted_losses(tiny_base, sg_folder, tmp_path):
 def test_kill_during_checkpoint_write_keeps_previous(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "k"
     common = ["train.max_steps=6", "train.checkpointing_steps=2"]
-    r = run_recipe(_args(tiny_base, sg_folder, out, *common), launcher="python", env_extra={"ADAPT_FAULT": "sigkill_in_checkpoint:4"})
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, *common), launcher="python", env_extra={"ADAPT_FAULT": "sigkill_in_checkpoint:4"})
     assert r.returncode == -9
     assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2"]
     assert len(list(out.glob(".checkpoint-4.*.tmp"))) == 1  # the half-written one is left aside, never loaded
-    r = run_recipe(_args(tiny_base, sg_folder, out, *common, "train.resume_from_checkpoint=latest"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, *common, "train.resume_from_checkpoint=latest"), launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 2" in r.stdout and (out / lora.WEIGHTS_NAME).is_file()
     assert not list(out.glob(".checkpoint-*.tmp"))  # the dead writer's folder is cleaned up on resume
@@ -90,7 +80,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tiny_base, sg_folder, tmp_p
 
 def test_two_process_ddp(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "ddp"
-    r = run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=3"), nproc=2)
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=3"), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "all 2 ranks hold identical LoRA weights" in r.stdout
     assert "2 process(es)" in r.stdout
@@ -100,7 +90,7 @@ def test_two_process_ddp(tiny_base, sg_folder, tmp_path):
 def test_sampled_timesteps_lie_in_window(tiny_base, sg_folder, tmp_path):
     from diffusers import DDIMScheduler
     out = tmp_path / "win"
-    r = run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=8", "train.batch_size=4", "objective.strength=0.3"),
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=8", "train.batch_size=4", "objective.strength=0.3"),
                    launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     sched = DDIMScheduler.from_pretrained(str(tiny_base), subfolder="scheduler")
@@ -116,7 +106,7 @@ def test_bad_data_is_reported_and_empty_fails(tiny_base, sg_folder, tmp_path):
     shutil.copytree(sg_folder, data)
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
     Image.new("RGB", (64, 64), "red").save(data / "uncaptioned.png")
-    r = run_recipe(_args(tiny_base, data, tmp_path / "o", "train.max_steps=1", "data.default_caption=a face", "data.num_images=null"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, data, tmp_path / "o", "train.max_steps=1", "data.default_caption=a face", "data.num_images=null"), launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "9 images usable, 1 skipped" in r.stdout and "broken.png" in r.stdout
     assert "default used" in r.stdout and "uncaptioned.png" in r.stdout
@@ -125,25 +115,25 @@ def test_bad_data_is_reported_and_empty_fails(tiny_base, sg_folder, tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = run_recipe(_args(tiny_base, empty, tmp_path / "o2", "train.max_steps=1"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, empty, tmp_path / "o2", "train.max_steps=1"), launcher="python")
     assert r.returncode == 2 and "no images found" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_out_dir_holding_a_run_is_refused(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "o"
-    assert run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python").returncode == 0
-    r = run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python")
+    assert run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python").returncode == 0
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=1"), launcher="python")
     assert r.returncode == 2 and "already holds a run" in r.stderr
-    assert run_recipe(_args(tiny_base, sg_folder, out, "train.max_steps=1", "train.overwrite=true"), launcher="python").returncode == 0
+    assert run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=1", "train.overwrite=true"), launcher="python").returncode == 0
 
 
 @pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_latent_cache_is_reused_and_caching_off_trains(tiny_base, sg_folder, tmp_path):
-    r1 = run_recipe(_args(tiny_base, sg_folder, tmp_path / "a", "train.max_steps=1", "train.seed=5"), launcher="python")
-    r2 = run_recipe(_args(tiny_base, sg_folder, tmp_path / "b", "train.max_steps=1", "train.seed=6"), launcher="python")
+    r1 = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "a", "train.max_steps=1", "train.seed=5"), launcher="python")
+    r2 = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "b", "train.max_steps=1", "train.seed=6"), launcher="python")
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
     assert "latents loaded from cache" in r2.stdout  # same base, data and transforms: not re-encoded
-    r3 = run_recipe(_args(tiny_base, sg_folder, tmp_path / "c", "train.max_steps=2", "data.cache=false"), launcher="python")
+    r3 = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "c", "train.max_steps=2", "data.cache=false"), launcher="python")
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert len(read_log(tmp_path / "c")) == 2 and (tmp_path / "c" / lora.WEIGHTS_NAME).is_file()

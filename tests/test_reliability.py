@@ -8,24 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapt import cache, checkpoint, lora, model, synth
-from conftest import ROOT, run_recipe
-
-CFG = str(ROOT / "recipes" / "configs" / "tiny_test.yaml")
+from adapt import cache, checkpoint, lora, model
+from conftest import recipe_args, run_recipe
 
 
-@pytest.fixture(scope="module")
-def sg_folder(tmp_path_factory):
-    return synth.build_imagefolder("sunglasses", tmp_path_factory.mktemp("sg") / "train", n=8, split="train")
 
-
-def _args(base, data, out, *extra):
-    return ["--config", CFG, f"model.base={base}", f"data.source={data}", f"out_dir={out}", *extra]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "nan"
-    r = run_recipe(_args(tiny_base, sg_folder, out, "optim.lr=1e12", "optim.max_grad_norm=null", "train.max_steps=30",
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "optim.lr=1e12", "optim.max_grad_norm=null", "train.max_steps=30",
                          "train.checkpointing_steps=1"), launcher="python")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "loss is nan at step 2" in r.stderr and "checkpoint-1" in r.stderr
@@ -52,7 +44,7 @@ def test_lora_params_stay_fp32_under_bf16(tiny_base, sg_folder, tmp_path):
     assert dtypes == {torch.float32}
     assert {p.dtype for n, p in pipe.unet.named_parameters() if "lora_" not in n} == {torch.bfloat16}
     out = tmp_path / "bf16"
-    r = run_recipe(_args(tiny_base, sg_folder, out, "train.mixed_precision=bf16", "train.max_steps=2"), launcher="python")
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.mixed_precision=bf16", "train.max_steps=2"), launcher="python")
     assert r.returncode == 0, r.stderr[-2000:]
     tensors, _ = lora.read(out)
     assert {t.dtype for t in tensors.values()} == {torch.float32}
@@ -89,7 +81,7 @@ def test_pickle_with_code_payload_is_never_executed(tmp_path, tiny_base, monkeyp
 def test_recipe_makes_no_network_connection(tiny_base, sg_folder, tmp_path):
     net_log = tmp_path / "net.log"
     env = {"PYTHONPATH": str(Path(__file__).parent / "netguard"), "ADAPT_NET_LOG": str(net_log), "HF_HUB_OFFLINE": "1"}
-    r = run_recipe(_args(tiny_base, sg_folder, tmp_path / "o", "train.max_steps=2"), env_extra=env)
+    r = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "o", "train.max_steps=2"), env_extra=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not net_log.exists(), net_log.read_text()
     # the guard itself works: a connection to a public address is caught
@@ -103,7 +95,7 @@ def test_recipe_makes_no_network_connection(tiny_base, sg_folder, tmp_path):
 @pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_ddp_exception_on_rank1_stops_both(tiny_base, sg_folder, tmp_path):
     t0 = time.time()
-    r = run_recipe(_args(tiny_base, sg_folder, tmp_path / "o", "train.max_steps=50"), nproc=2, timeout=240,
+    r = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "o", "train.max_steps=50"), nproc=2, timeout=240,
                    env_extra={"ADAPT_FAULT": "raise_on_rank1_at_step:2"})
     assert r.returncode != 0
     assert "injected fault raise_on_rank1_at_step:2" in r.stderr
