@@ -8,22 +8,10 @@ The formats themselves live in `adapt.kohya`.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from adapt import lora
 from adapt.kohya import from_kohya, to_kohya  # noqa: F401  (the API this command wraps)
-
-
-def alphas_of(header: dict, modules: list[str]) -> dict[str, float]:
-    """Per-module alpha from peft metadata (lora_alpha, alpha_pattern), as trained."""
-    meta = {k.split("unet.", 1)[-1]: v for k, v in (header.get("lora_adapter_metadata") or {}).items()}
-    if "lora_alpha" not in meta:
-        raise lora.AdapterError("adapter has no lora_alpha metadata: its trained scale is unknown, refusing to guess "
-                                "(re-save it with adapt, or pass the alpha explicitly)")
-    pattern = meta.get("alpha_pattern") or {}
-    return {m: float(next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", m)), meta["lora_alpha"]))
-            for m in modules}
 
 
 def add_parser(sub):

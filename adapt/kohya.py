@@ -215,6 +215,17 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
     return target
 
 
+def alphas_of(header: dict, modules: list[str]) -> dict[str, float]:
+    """Per-module alpha from peft metadata (lora_alpha, alpha_pattern), as trained."""
+    meta = {k.split("unet.", 1)[-1]: v for k, v in (header.get("lora_adapter_metadata") or {}).items()}
+    if "lora_alpha" not in meta:
+        raise lora.AdapterError("adapter has no lora_alpha metadata: its trained scale is unknown, refusing to guess "
+                                "(re-save it with adapt, or pass the alpha explicitly)")
+    pattern = meta.get("alpha_pattern") or {}
+    return {m: float(next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", m)), meta["lora_alpha"]))
+            for m in modules}
+
+
 def sdxl_to_sgm(path: str, layers_per_block: int = 2) -> str:
     """diffusers SDXL attention path -> SGM path when no UNet config is known (unpublished geometries)."""
     n = layers_per_block + 1
@@ -231,7 +242,6 @@ def sdxl_to_sgm(path: str, layers_per_block: int = 2) -> str:
 
 def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 2) -> Path:
     """Write a kohya-format .safetensors (lora_unet_* keys with .alpha and sd-scripts' ss_* metadata)."""
-    from adapt.export import alphas_of
     tensors, header = lora.read(adapter)
     facts = header[lora.FACTS_KEY]
     downs = {k[len("unet."):-len(".lora.down.weight")]: v for k, v in tensors.items() if k.endswith(".lora.down.weight")}

@@ -63,8 +63,7 @@ def main(argv=None) -> int:
 
 
 def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
-    resume = _together(acc, lambda: _preflight(cfg, out, say, acc.is_main_process))
-    saved = json.loads((resume / "state.json").read_text()) if resume else None
+    resume, saved = _together(acc, lambda: _preflight(cfg, out, say, acc.is_main_process))
     set_seed(cfg.train.seed)
     t_start = time.time()
 
@@ -272,9 +271,11 @@ def _finish(acc, code: int) -> int:
     return code
 
 
-def _preflight(cfg, out: Path, say, main: bool) -> Path | None:
-    """The checkpoint to resume from (None for a new run), after every check that needs no model loaded."""
+def _preflight(cfg, out: Path, say, main: bool) -> tuple[Path | None, dict | None]:
+    """(checkpoint to resume from, its state.json) or (None, None) for a new run, after every check that needs no
+    model loaded."""
     resume = checkpoint.resolve(out, cfg.train.resume_from_checkpoint, log=say)
+    saved = json.loads((resume / "state.json").read_text()) if resume else None
     if resume is None:
         finished = (out / lora.WEIGHTS_NAME).exists() or checkpoint.list_checkpoints(out)
         if finished and not cfg.train.overwrite:
@@ -284,10 +285,10 @@ def _preflight(cfg, out: Path, say, main: bool) -> Path | None:
             for p in checkpoint.list_checkpoints(out):
                 shutil.rmtree(p)
     else:
-        _check_resume_config(cfg, json.loads((resume / "state.json").read_text()), resume)
+        _check_resume_config(cfg, saved, resume)
     if cfg.data.cache:
         _cache_root(cfg)
-    return resume
+    return resume, saved
 
 
 def _cache_root(cfg) -> Path:
