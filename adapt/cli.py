@@ -34,13 +34,22 @@ def _add_sample(sub):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on CPU), float32, float16, bfloat16")
     p.add_argument("--out", default="runs/samples", help="output folder")
-    p.add_argument("--grid", default=None, help="img2img: also write a grid PNG of input | base | adapter rows")
+    p.add_argument("--grid", default=None, help="img2img: also write a grid PNG of input | base | adapter (| masked) rows")
+    p.add_argument("--mask", nargs="+", default=None, help="img2img: 'auto' = edit only where the adapter changes the image "
+                   "(adapter-guided mask, then latent blending and paste-back: adapt/masking.py), or one mask image per "
+                   "--image (white = edit)")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="auto mask: threshold on the normalised difference")
+    p.add_argument("--mask-timestep", type=int, default=441, help="auto mask: timestep of the comparison")
+    p.add_argument("--mask-dilate", type=int, default=1, help="auto mask: dilation in latent pixels")
+    p.add_argument("--mask-blur", type=float, default=1.0, help="paste-back feathering, Gaussian sigma in pixels")
+    p.add_argument("--no-paste", dest="paste", action="store_false", help="masked: keep the decoded pixels outside the "
+                   "mask instead of pasting the input back")
     p.add_argument("--overwrite", action="store_true", help="replace images already in --out (default: refuse)")
     p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(a) -> int:
-    from adapt import atomic, lora, model, sample
+    from adapt import atomic, lora, masking, model, sample
     _check_sample_args(a)
     stored = [lora.facts(ad) for ad in a.adapter]  # reads (and checks) every adapter before the base loads
     first = stored[0] if stored else None
@@ -71,14 +80,22 @@ def cmd_sample(a) -> int:
         if a.strength is None:
             print(f"using strength {strength} stored in adapter {a.adapter[0]} (trained for it); pass --strength to override")
         images = [sample.to_pil(p, facts.sample_size) for p in a.image]
+        mask, paste_blur = _edit_mask(a, pipe, images, prompts, names)
         with with_adapters():
-            imgs = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched)
+            imgs = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched, mask=mask, paste_blur=paste_blur)
         paths = sample.save_images(imgs, out, "img2img")
+        if mask is not None:
+            sample.save_images([masking.mask_image(m, images[0].size) for m in mask], out, "mask")
         if a.grid and names:
             with lora.applied(pipe, names, [0.0] * len(names)):
                 base = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched)
-            atomic.write_image(sample.grid([list(r) for r in zip(images, base, imgs)]), a.grid)
-            print(f"wrote grid {a.grid} (rows: input | base | adapter at strength {strength})")
+            cols = [images, base]
+            if mask is not None:
+                with with_adapters():
+                    cols.append(sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched))
+            atomic.write_image(sample.grid([list(r) for r in zip(*cols, imgs)]), a.grid)
+            print(f"wrote grid {a.grid} (rows: input | base | adapter" + (" | adapter masked" if mask is not None else "")
+                  + f" at strength {strength})")
     else:
         with with_adapters():
             imgs = sample.txt2img(pipe, prompts[0], a.num_images, steps, a.guidance, a.seed, sched)
@@ -90,6 +107,32 @@ def cmd_sample(a) -> int:
 
 class CliError(ValueError):
     """A command-line value is wrong; the message names the flag and the value."""
+
+
+def _edit_mask(a, pipe, images, prompts, names):
+    """(latent masks (N, 1, h, w) or None, paste-back blur or None) for `adapt sample --mask`."""
+    from adapt import masking
+    from adapt.data import open_image
+    if not a.mask:
+        return None, None
+    try:
+        settings = masking.MaskSettings(timestep=a.mask_timestep, threshold=a.mask_threshold, dilate=a.mask_dilate,
+                                        blur=a.mask_blur, paste=a.paste, seed=a.seed)
+    except ValueError as e:
+        raise CliError(f"--mask-*: {e}") from None
+    if a.mask == ["auto"]:
+        if not names:
+            raise CliError("--mask auto: needs --adapter (the mask is where the adapter changes the image)")
+        mask = masking.auto_mask(pipe, images, prompts, names, settings)
+        how = f"adapter-guided (t={settings.timestep}, threshold {settings.threshold}, dilate {settings.dilate})"
+    else:
+        h, w = images[0].size[::-1]
+        mask = masking.mask_from_images([open_image(p) for p in a.mask], (h, w), pipe.vae_scale_factor)
+        how = "from mask images"
+    area = mask.mean((1, 2, 3))
+    print(f"edit masks {how}: area {', '.join(f'{v:.0%}' for v in area.tolist())}"
+          + ("; the input is pasted back outside them" if settings.paste else ""))
+    return mask, (settings.blur if settings.paste else None)
 
 
 def _check_sample_args(a) -> None:
@@ -106,6 +149,16 @@ def _check_sample_args(a) -> None:
     for s in a.scale:
         if s < 0:
             raise CliError(f"--scale must be >= 0, got {s}")
+    if a.mask and a.mask != ["auto"]:
+        if "auto" in a.mask or len(a.mask) != len(a.image):
+            raise CliError(f"--mask: 'auto' or one mask image per --image ({len(a.image)}), got {len(a.mask)} value(s)")
+        for p in a.mask:
+            try:
+                open_image(p)
+            except (DataError, OSError, ValueError) as e:
+                raise CliError(f"--mask {p}: not a readable image ({e})") from e
+    if a.mask and not a.image:
+        raise CliError("--mask: img2img only (give --image)")
     for p in a.image:
         if Path(p).is_dir():
             raise CliError(f"--image {p} is a folder; pass image files (e.g. {p}/*.png)")
@@ -136,6 +189,40 @@ def _caption_of(image: str) -> str:
             if row.get("file_name") == Path(image).name:
                 return str(row.get("text", ""))
     return ""
+
+
+def _add_eval(sub):
+    from adapt import config
+    p = sub.add_parser("eval", help="strength x scale x mode sweep of an adapter against the base, with a report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config.keys_help(config.EvalConfig))
+    p.add_argument("--config", default=None, help="YAML with EvalConfig keys (see adapt/config.py)")
+    for flag in ("adapter", "base", "source", "target", "prompt", "out"):
+        p.add_argument(f"--{flag}")
+    p.add_argument("--strengths", help="comma-separated, e.g. 0.2,0.4,0.6,0.8")
+    p.add_argument("--scales", help="comma-separated, e.g. 0,0.8,1.0 (0 = base)")
+    p.add_argument("--modes", help="comma-separated: plain,masked")
+    p.add_argument("--seeds", type=int)
+    p.add_argument("--num-images", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("overrides", nargs="*", help="key=value EvalConfig overrides")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a) -> int:
+    from adapt import config, evaluate
+    ov = list(a.overrides)
+    for key in ("adapter", "base", "source", "target", "prompt", "seeds", "num_images", "steps", "out"):
+        if getattr(a, key) is not None:
+            ov.append(f"{key}={json.dumps(getattr(a, key))}" if key == "prompt" else f"{key}={getattr(a, key)}")
+    for key in ("strengths", "scales", "modes"):
+        if getattr(a, key):
+            ov.append(f"{key}=[{getattr(a, key)}]")
+    cfg = config.load(config.EvalConfig, a.config, ov)
+    if not cfg.adapter:
+        raise config.ConfigError("adapter: required (--adapter DIR)")
+    report = evaluate.run(cfg)
+    print((Path(cfg.out) / "summary.md").read_text())
+    return 0 if report["status"] == "ok" else 3
 
 
 def _add_inspect(sub):
@@ -209,9 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adapt", description="Adapt latent diffusion models to new domains with LoRA.")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for add in (_add_sample, _add_inspect, _add_data):
+    for add in (_add_sample, _add_eval, _add_inspect, _add_data):
         add(sub)
-    for mod in ("adapt.evaluate", "adapt.export", "adapt.bench"):  # optional commands
+    for mod in ("adapt.export", "adapt.bench"):  # optional commands
         try:
             __import__(mod, fromlist=["add_parser"]).add_parser(sub)
         except ModuleNotFoundError as e:

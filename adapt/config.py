@@ -201,10 +201,13 @@ class PretrainConfig:
     export_dir: str = opt("adapt/zoo/tiny-faces", "where the finished diffusers pipeline is written")
     seed: int = opt(0, "seed for init and data")
     num_images: int = opt(12000, "source-domain faces rendered for pretraining")
+    vae_from: Optional[str] = opt(None, "a pipeline folder whose VAE is reused (skips the VAE stage; its latent scaling is re-derived)")
     vae_steps: int = opt(6000, "VAE optimizer steps")
     vae_batch: int = opt(16, "VAE batch size")
     vae_lr: float = opt(1e-3, "VAE peak learning rate (cosine to 5%)")
     vae_kl: float = opt(1e-5, "KL weight: small, as in LDM's 'KL-reg' autoencoders")
+    unet_cross_attn_levels: int = opt(2, "latent levels (of 3, deepest first) whose blocks have cross-attention: 2 = 8x8 and 4x4 "
+                                      "(v1), 3 = also the full 16x16 level (v2), where a caption can steer thin details")
     unet_steps: int = opt(4000, "UNet optimizer steps")
     unet_batch: int = opt(32, "UNet batch size")
     unet_lr: float = opt(3e-4, "UNet peak learning rate")
@@ -213,6 +216,11 @@ class PretrainConfig:
     caption_dropout: float = opt(0.1, "empty-prompt rate, so guidance works")
     checkpoint_every: int = opt(250, "save a resumable stage checkpoint every N steps")
     num_threads: int = opt(1, "torch threads (1 is fastest on a loaded 2-core machine)")
+
+    def __post_init__(self):
+        _check(self.unet_cross_attn_levels in (2, 3), "unet_cross_attn_levels", f"must be 2 or 3, got {self.unet_cross_attn_levels}")
+        _check(self.vae_from is None or Path(self.vae_from, "vae", "config.json").exists(), "vae_from",
+               f"{self.vae_from}: no vae/config.json there (a diffusers pipeline folder is expected)")
 
 
 @dataclass
@@ -231,6 +239,14 @@ class EvalConfig:
     strengths: list = opt([0.2, 0.4, 0.6, 0.8], "img2img strengths swept")
     scales: list = opt([0.0, 0.5, 1.0], "adapter scales swept; 0 is the base model (the control)")
     seeds: int = opt(3, "noise seeds per image")
+    modes: list = opt(["plain", "masked"], "sampling modes swept for adapter rows: plain img2img, and masked (the adapter's "
+                      "own edit mask: latent blending inside it, the input pasted back outside; adapt.masking)")
+    mask_timestep: int = opt(441, "masked: timestep at which adapter and base noise predictions are compared")
+    mask_draws: int = opt(4, "masked: noise draws averaged for the mask")
+    mask_threshold: float = opt(0.5, "masked: threshold on the per-image normalised difference, in (0, 1)")
+    mask_dilate: int = opt(1, "masked: dilation in latent pixels")
+    mask_paste: bool = opt(True, "masked: paste the input back outside the mask after decoding")
+    mask_blur: float = opt(1.0, "masked: feathering of the pasted edge, Gaussian sigma in pixels")
     steps: Optional[int] = opt(None, "inference steps; None = the adapter's")
     scheduler: Optional[str] = opt(None, "sampling scheduler; None = the adapter's")
     guidance: float = opt(1.0, "classifier-free guidance scale")
@@ -267,8 +283,19 @@ class EvalConfig:
                "clip_model is set: name the target domain in words, e.g. 'a photo of a person wearing sunglasses'")
         _check((self.lpips_backbone is None) == (self.lpips_linear is None), "lpips_backbone/lpips_linear",
                "LPIPS needs both files (backbone and linear layers) or neither")
+        _check(len(self.modes) > 0 and set(self.modes) <= {"plain", "masked"}, "modes",
+               f"each must be 'plain' or 'masked', got {self.modes}")
+        self.mask_settings()  # validates the mask_* keys
         self.strengths = sorted(float(s) for s in self.strengths)
         self.scales = sorted(float(s) for s in self.scales)
+
+    def mask_settings(self):
+        from adapt.masking import MaskSettings
+        try:
+            return MaskSettings(timestep=self.mask_timestep, draws=self.mask_draws, threshold=self.mask_threshold,
+                                dilate=self.mask_dilate, blur=self.mask_blur, paste=self.mask_paste)
+        except ValueError as e:
+            raise ConfigError(f"mask_*: {e}") from None
 
 
 # ---------------------------------------------------------------- loading machinery

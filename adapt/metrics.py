@@ -62,21 +62,6 @@ def colour_drift(out: np.ndarray, inp: np.ndarray, mask: np.ndarray) -> float:
     return float(np.abs(out[mask].mean(0) - inp[mask].mean(0)).mean() * 255)
 
 
-def lens_darkening(out: np.ndarray, inp: np.ndarray, lens_mask: np.ndarray, skin_mask: np.ndarray) -> float:
-    """How much darker the lens boxes of `out` are than those of `inp`, in units of the *input's* skin luma.
-
-    Measured against the input's skin, not the output's, so an adapter that lightens the whole face
-    cannot inflate the score (a failure seen with output-relative ratios); global darkening shows up
-    as colour drift outside the mask, which is reported beside it. Real pairs of the benchmark:
-    0 for a face against itself, >= 0.66 for the same face wearing sunglasses.
-    """
-    skin = max(float(np.median(luminance(inp)[skin_mask])), 1e-3)
-    return float((luminance(inp)[lens_mask].mean() - luminance(out)[lens_mask].mean()) / skin)
-
-
-SUNGLASSES_THRESHOLD = 0.35  # between real sources (0) and real targets (min 0.66 on 500 pairs)
-
-
 def kid(x: np.ndarray, y: np.ndarray, subset_size: int = 100, n_subsets: int = 50, seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance (Bińkowski et al. 2018): unbiased MMD² with k(a,b) = (a·b/d + 1)³.
 

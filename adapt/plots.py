@@ -12,13 +12,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from adapt import atomic, sample  # noqa: E402
 
 
-def _by_scale(rows):
-    scales = sorted({r["scale"] for r in rows})
-    return {s: sorted([r for r in rows if r["scale"] == s], key=lambda r: r["strength"]) for s in scales}
+def _by_curve(rows):
+    """{(scale, mode): rows sorted by strength}: one line per curve."""
+    curves = sorted({(r["scale"], r["mode"]) for r in rows}, key=lambda c: (c[1] != "plain", c[0]))
+    return {c: sorted([r for r in rows if (r["scale"], r["mode"]) == c], key=lambda r: r["strength"]) for c in curves}
 
 
-def _label(scale):
-    return "base (scale 0)" if scale == 0 else f"adapter scale {scale:g}"
+def _label(curve):
+    scale, mode = curve
+    return "base (scale 0)" if scale == 0 else f"adapter scale {scale:g}" + ("" if mode == "plain" else f", {mode}")
+
+
 
 
 def curves(rows, ceiling: dict, path: Path, has_masks: bool) -> None:
@@ -26,13 +30,14 @@ def curves(rows, ceiling: dict, path: Path, has_masks: bool) -> None:
     pres = "preservation_ssim_outside_mask" if has_masks else "preservation_ssim"
     panels = [("target_reach", "target reach (classifier)")]
     if has_masks:
-        panels.append(("detector_reach", "target reach (lens detector)"))
-    panels.append((pres, "SSIM outside edit mask" if has_masks else "SSIM to input"))
+        panels += [("detector_reach", "target reach (lens detector)"), ("shape_pass", "shape check (2 lenses + bridge)")]
+    panels.append((pres, "SSIM outside eye band" if has_masks else "SSIM to input"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels):
-        for scale, rs in _by_scale(rows).items():
+        for curve, rs in _by_curve(rows).items():
             x = [r["strength"] for r in rs]
-            ax.plot(x, [r[key] for r in rs], marker="o", label=_label(scale), ls="--" if scale == 0 else "-")
+            ax.plot(x, [r[key] for r in rs], marker="o" if curve[1] == "plain" else "s", label=_label(curve),
+                    ls="--" if curve[0] == 0 else "-")
             ci = key + "_ci"
             if ci in rs[0]:
                 ax.fill_between(x, [r[ci][0] for r in rs], [r[ci][1] for r in rs], alpha=0.2)
@@ -49,15 +54,24 @@ def curves(rows, ceiling: dict, path: Path, has_masks: bool) -> None:
     plt.close(fig)
 
 
-def pareto(rows, path: Path, has_masks: bool) -> None:
-    """Target reach vs preservation, one curve per scale (points labelled by strength)."""
+def pareto(rows, path: Path, has_masks: bool, recommended: dict | None = None) -> None:
+    """Reach vs preservation, one curve per (scale, mode), points labelled by strength; the frontier
+    (rows no other row beats on both) as a grey step line, the recommended setting circled."""
     pres = "preservation_ssim_outside_mask" if has_masks else "preservation_ssim"
     reach = "detector_reach" if has_masks else "target_reach"
-    fig, ax = plt.subplots(figsize=(4.8, 3.8))
-    for scale, rs in _by_scale(rows).items():
-        ax.plot([r[pres] for r in rs], [r[reach] for r in rs], marker="o", label=_label(scale), ls="--" if scale == 0 else "-")
+    fig, ax = plt.subplots(figsize=(5.4, 4.2))
+    for curve, rs in _by_curve(rows).items():
+        ax.plot([r[pres] for r in rs], [r[reach] for r in rs], marker="o" if curve[1] == "plain" else "s",
+                label=_label(curve), ls="--" if curve[0] == 0 else "-")
         for r in rs:
             ax.annotate(f"{r['strength']:g}", (r[pres], r[reach]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted((r for r in rows if r.get("on_frontier")), key=lambda r: r[pres])
+    if front:
+        ax.step([r[pres] for r in front], [r[reach] for r in front], where="post", color="grey", lw=3, alpha=0.3, label="frontier")
+    if recommended and recommended.get("strength") is not None:
+        best = [r for r in rows if (r["strength"], r["scale"], r["mode"]) ==
+                (recommended["strength"], recommended["scale"], recommended["mode"])]
+        ax.scatter([best[0][pres]], [best[0][reach]], s=160, facecolors="none", edgecolors="red", label="recommended")
     ax.set_xlabel(pres.replace("_", " "))
     ax.set_ylabel(reach.replace("_", " "))
     ax.set_title("reach vs preservation (labels: strength)")
@@ -68,12 +82,14 @@ def pareto(rows, path: Path, has_masks: bool) -> None:
     plt.close(fig)
 
 
-def sweep_grid(inputs, outputs: dict, strengths, scale: float, path: Path) -> None:
-    """Rows: inputs, each twice (base, then adapter at `scale`); columns: input then strengths."""
+def sweep_grid(inputs, outputs: dict, strengths, curves: list, path: Path) -> None:
+    """Rows: each input once per curve shown (the base, then the largest scale in each mode); columns: input, strengths."""
+    top = max(c[0] for c in curves)
+    shown = [c for c in curves if c[0] == 0] + [c for c in curves if c[0] == top and top > 0]
     rows = []
     for i, img in enumerate(inputs):
-        rows.append([img] + [outputs[(s, 0.0)][i] for s in strengths if (s, 0.0) in outputs])
-        rows.append([img] + [outputs[(s, scale)][i] for s in strengths])
+        for scale, mode in shown:
+            rows.append([img] + [outputs[(s, scale, mode)][i] for s in strengths])
     atomic.write_image(sample.grid(rows), path)
 
 
@@ -88,32 +104,47 @@ def summary_markdown(report: dict) -> str:
               f"guidance {s['guidance']}. Domain classifier held-out accuracy: **{report['classifier_accuracy']:.3f}**.", ""]
     c = report["vae_ceiling"]
     lines += [f"VAE round-trip ceiling (encode-decode alone): SSIM {c['ssim']:.3f}" +
-              (f", SSIM outside mask {c['ssim_out']:.3f}" if masks else ""), ""]
-    head = ["strength", "scale", "reach (clf)"] + (["reach (detector)", "SSIM out-mask", "drift out-mask"] if masks else []) + \
-           ["SSIM", "PSNR", "KID feat", "Δreach vs base"]
+              (f", SSIM outside the eye band {c['ssim_out']:.3f} (masked mode pastes the input back, so it can pass this)" if masks else ""), ""]
+    if masks:
+        lines += ["Reach (detector) is the ground-truth lens detector; shape = two lenses and the bridge between them "
+                  "(adapt/synthbench.py); reach (clf) is a from-scratch domain classifier, a second opinion.", ""]
+    head = ["strength", "scale", "mode", "reach (clf)"] + \
+        (["reach (detector)", "shape", "SSIM out-band", "drift out-band", "mask area (out-band)"] if masks else ["mask area"]) + \
+        ["SSIM", "PSNR", "KID feat", "Δreach vs base", "frontier"]
     names = {"fid": "FID", "intra_lpips": "Intra-LPIPS", "preservation_lpips": "LPIPS to input", "clip_score": "CLIP score",
              "clip_direction": "CLIP direction"}
     extra = [k for k in names if k in report["rows"][0]]  # the metrics whose weights were given
     head += [names[k] for k in extra]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rec = report["recommended"]
+    rk = rec["reach_metric"]
     for r in report["rows"]:
-        cells = [f"{r['strength']:g}", f"{r['scale']:g}",
+        cells = [f"{r['strength']:g}", f"{r['scale']:g}", r["mode"],
                  f"{r['target_reach']:.2f} [{r['target_reach_ci'][0]:.2f}, {r['target_reach_ci'][1]:.2f}]"]
+        area = f"{r['mask_area']:.0%}" if "mask_area" in r else "—"
         if masks:
-            cells += [f"{r['detector_reach']:.2f}", f"{r['preservation_ssim_outside_mask']:.3f}", f"{r['colour_drift_outside_mask']:.1f}"]
-        d = r["delta_vs_base"].get("target_reach")
+            area += f" ({r['mask_outside_band']:.0%})" if "mask_outside_band" in r else ""
+            cells += [f"{r['detector_reach']:.2f} {_ci(r['detector_reach_ci'])}", f"{r['shape_pass']:.2f}",
+                      f"{r['preservation_ssim_outside_mask']:.3f}", f"{r['colour_drift_outside_mask']:.1f}", area]
+        else:
+            cells.append(area)
+        d = r["delta_vs_base"].get(rk)
         cells += [f"{r['preservation_ssim']:.3f}", f"{r['preservation_psnr']:.1f}", f"{r['kid_features']:.4f}",
-                  "—" if r["scale"] == 0 or d is None else f"{d:+.2f}"]
+                  "—" if r["scale"] == 0 or d is None else f"{d:+.2f}", "●" if r["on_frontier"] else ""]
         cells += [f"{r[k]:.3f}" for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
-    rec = report["recommended"]
-    lines += ["", f"**Recommended:** strength {rec['strength']}, scale {rec['scale']} — rule: {rec['rule']}."]
-    if rec.get("gain_over_base") is not None:
-        lines.append(f"There the adapter reaches the target in {rec['target_reach']:.0%} of outputs, "
-                     f"{rec['gain_over_base']:+.0%} over the base at the same strength.")
+    if rec["strength"] is None:
+        lines += ["", f"**Recommended:** none — {rec['note']}. Rule: {rec['rule']}."]
+    else:
+        lines += ["", f"**Recommended:** strength {rec['strength']:g}, scale {rec['scale']:g}, mode {rec['mode']} — "
+                  f"{rk.replace('_', ' ')} {rec['reach']:.2f}" + (f", shape check {rec['shape_pass']:.2f}" if "shape_pass" in rec else "")
+                  + f", {rec['preservation_metric'].replace('_', ' ')} {rec['preservation']:.3f}"
+                  + (f", {rec['gain_over_base']:+.2f} reach over the base at the same strength" if rec.get("gain_over_base") is not None else "")
+                  + ".", "", f"Rule: {rec['rule']}."]
     lines += ["", "Spearman ρ (strength vs reach / vs preservation, 95% CI over images):"]
-    for scale, sp in report["spearman"].items():
-        lines.append(f"- {_label(float(scale))}: reach ρ={sp['rho_strength_reach']:.2f} {_ci(sp['rho_strength_reach_ci'])}, "
+    for curve, sp in report["spearman"].items():
+        scale, mode = curve.split("/")
+        lines.append(f"- {_label((float(scale), mode))}: reach ρ={sp['rho_strength_reach']:.2f} {_ci(sp['rho_strength_reach_ci'])}, "
                      f"preservation ρ={sp['rho_strength_preservation']:.2f} {_ci(sp['rho_strength_preservation_ci'])}")
     opt = report["optional_metrics"]
     lines += [f"- {k}: {v}" for k, v in opt.items() if not v.startswith("not computed")]
@@ -122,7 +153,8 @@ def summary_markdown(report: dict) -> str:
         lines.append(f"- not computed (their weights were not given; report.json says what to set): {', '.join(skipped)}")
     for w in report["warnings"]:
         lines.append(f"- WARNING: {w}")
-    lines += ["", "Files: report.json, report.csv, curves.png, pareto.png, grid.png (rows: base, adapter; columns: input, strengths)."]
+    lines += ["", "Files: report.json, report.csv, curves.png, pareto.png (frontier and recommendation), grid.png "
+              "(rows: base, adapter per mode; columns: input, strengths)."]
     return "\n".join(lines) + "\n"
 
 

@@ -65,10 +65,19 @@ def to_pil(img, size: int | None = None) -> Image.Image:
 
 @torch.no_grad()
 def img2img(pipe, images: list, prompts: list[str] | str, strength: float, steps: int = 50, guidance: float = 7.5,
-            seed: int = 0, scheduler: str | None = "ddim", negative_prompt: str | None = None, batch_size: int = 8) -> list[Image.Image]:
-    """img2img on each image with its own seeded generator; returns PIL images."""
+            seed: int = 0, scheduler: str | None = "ddim", negative_prompt: str | None = None, batch_size: int = 8,
+            mask: torch.Tensor | None = None, paste_blur: float | None = None) -> list[Image.Image]:
+    """img2img on each image with its own seeded generator; returns PIL images.
+
+    mask: latent edit masks (N, 1, h, w) in [0, 1] (adapt.masking): outside them every step keeps the
+    noised source (latent blending), and with `paste_blur` (pixels, >= 0) the decoded output is pasted
+    onto the input through the feathered mask, so outside it the output is the input itself.
+    """
+    from adapt import masking
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if mask is not None and mask.shape[0] != len(images):
+        raise ValueError(f"mask: {mask.shape[0]} masks for {len(images)} images")
     p = _variant(pipe, "img2img")
     if scheduler:
         p.scheduler = make_scheduler(pipe.scheduler, scheduler)
@@ -76,9 +85,16 @@ def img2img(pipe, images: list, prompts: list[str] | str, strength: float, steps
     gens = generators(seed, len(images))
     out = []
     for i in range(0, len(images), batch_size):
-        out += p(prompt=prompts[i:i + batch_size], image=images[i:i + batch_size], strength=strength,
+        batch = images[i:i + batch_size]
+        extra = {}
+        if mask is not None:
+            extra = {"callback_on_step_end": masking.Blend(p, batch, mask[i:i + batch_size], seed + i),
+                     "callback_on_step_end_tensor_inputs": ["latents"]}
+        out += p(prompt=prompts[i:i + batch_size], image=batch, strength=strength,
                  num_inference_steps=steps, guidance_scale=guidance, generator=gens[i:i + batch_size],
-                 negative_prompt=[negative_prompt] * len(prompts[i:i + batch_size]) if negative_prompt else None).images
+                 negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None, **extra).images
+    if mask is not None and paste_blur is not None:
+        out = masking.paste(out, images, masking.pixel_mask(mask, out[0].size[::-1], paste_blur))
     return out
 
 

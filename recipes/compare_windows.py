@@ -37,7 +37,7 @@ def main(argv=None):
         cfg = config.load(config.EvalConfig, ROOT / "recipes/configs/tiny_sunglasses_eval.yaml",
                           [f"adapter={run_dir}", f"out={run_dir / 'eval'}"])
         report = evaluate.run(cfg)
-        rows = [r for r in report["rows"] if r["scale"] == 1.0]
+        rows = [r for r in report["rows"] if r["scale"] == 1.0 and r["mode"] == "plain"]
         results[window] = {"recommended": report["recommended"],
                            "by_strength": {r["strength"]: {k: r.get(k) for k in ("target_reach", "detector_reach",
                                            "preservation_ssim_outside_mask", "colour_drift_outside_mask")} for r in rows}}

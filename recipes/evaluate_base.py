@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import adapt
-from adapt import cache, classifier, data, metrics, model, sample, synth
+from adapt import cache, classifier, data, metrics, model, sample, synth, synthbench
 
 
 def main(argv=None):
@@ -74,8 +74,8 @@ def main(argv=None):
                      face_box=rc.extra["face_box"], eye_boxes=rc.extra["eye_boxes"]) for rc in recs]
     for s in (0.4, 0.6, 0.8):
         outs = sample.img2img(pipe, src, [c + " wearing sunglasses" for c in captions], s, 25, 1.0, seed=0)
-        det = [metrics.lens_darkening(sample.to_array(o), x[i], synth.lens_mask(fc[i]), synth.skin_mask(fc[i])) >= metrics.SUNGLASSES_THRESHOLD
-               for i, o in enumerate(outs)]
+        det = [synthbench.lens_darkening(sample.to_array(o), x[i], synth.lens_mask(fc[i]), synth.skin_mask(fc[i]))
+               >= synthbench.SUNGLASSES_THRESHOLD for i, o in enumerate(outs)]
         figs[f"control_sunglasses_rate_at_{s}"] = float(np.mean(det))
     gen_sg = sample.txt2img(pipe, [c + " wearing sunglasses" for c in captions[:16]], steps=50, guidance=3.0, seed=0)
     grid = sample.grid([gen_sg[i:i + 8] for i in range(0, len(gen_sg), 8)])

@@ -89,12 +89,15 @@ def build_vae() -> AutoencoderKL:
                          layers_per_block=1, norm_num_groups=8, sample_size=64)
 
 
-def build_unet() -> UNet2DConditionModel:
-    # Cross-attention at 8x8 and 4x4 and in the mid block: 7 transformer blocks, 6.6 M params.
+def build_unet(cross_attn_levels: int = 2) -> UNet2DConditionModel:
+    # levels 2 (v1): cross-attention at 8x8, 4x4 and the mid block: 7 transformer blocks, 6.6 M params.
+    # levels 3 (v2): also at 16x16 (one down, two up blocks), where a lens bridge is one latent pixel
+    # wide; 10 transformer blocks, 6.9 M params, ~2.2x the step time (256-token self-attention).
+    full = cross_attn_levels == 3
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D" if full else "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D" if full else "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=32, norm_num_groups=32)
 
 
@@ -107,6 +110,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> AutoencoderKL:
     final = work / "vae_final.safetensors"
     vae = build_vae()
+    if cfg.vae_from:  # reuse a trained VAE (e.g. v1's for a v2 UNet); fold_latent_shift re-derives its scaling
+        log(f"VAE: reusing {cfg.vae_from}/vae")
+        return AutoencoderKL.from_pretrained(cfg.vae_from, subfolder="vae", torch_dtype=torch.float32)
     if final.exists():
         vae.load_state_dict(load_file(str(final)))
         return vae
@@ -162,8 +168,8 @@ def fold_latent_shift(vae: AutoencoderKL, x: torch.Tensor) -> dict:
 
 
 def train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work: Path):
-    unet = build_unet()
-    ema = build_unet()
+    unet = build_unet(cfg.unet_cross_attn_levels)
+    ema = build_unet(cfg.unet_cross_attn_levels)
     final = work / "unet_ema_final.safetensors"
     if final.exists():
         ema.load_state_dict(load_file(str(final)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adapt.facts import AdapterFacts
-from adapt import classifier, config, evaluate, lora, metrics, model, synth
+from adapt import classifier, config, evaluate, lora, metrics, model, report as rep, synth, synthbench
 
 
 def test_preservation_metrics_known_cases():
@@ -55,11 +55,11 @@ def test_lens_detector_on_real_pairs_and_global_lightening():
         b, _, _ = synth.make("sunglasses", "eval", i)
         A, B = np.asarray(a, float) / 255, np.asarray(b, float) / 255
         lm, sm = synth.lens_mask(f), synth.skin_mask(f)
-        scores_src.append(metrics.lens_darkening(A, A, lm, sm))
-        scores_tgt.append(metrics.lens_darkening(B, A, lm, sm))
-        lightened.append(metrics.lens_darkening(np.clip(A * 1.3, 0, 1), A, lm, sm))  # whole face lighter
-    assert max(scores_src) < metrics.SUNGLASSES_THRESHOLD < min(scores_tgt)
-    assert max(lightened) < metrics.SUNGLASSES_THRESHOLD  # lightening the skin cannot fake sunglasses
+        scores_src.append(synthbench.lens_darkening(A, A, lm, sm))
+        scores_tgt.append(synthbench.lens_darkening(B, A, lm, sm))
+        lightened.append(synthbench.lens_darkening(np.clip(A * 1.3, 0, 1), A, lm, sm))  # whole face lighter
+    assert max(scores_src) < synthbench.SUNGLASSES_THRESHOLD < min(scores_tgt)
+    assert max(lightened) < synthbench.SUNGLASSES_THRESHOLD  # lightening the skin cannot fake sunglasses
 
 
 def test_classifier_learns_the_synthetic_domains_quickly():
@@ -93,11 +93,20 @@ def test_sweep_end_to_end_writes_every_file(adapter, tmp_path):
     for f in ("report.json", "report.csv", "curves.png", "pareto.png", "grid.png", "summary.md"):
         assert (tmp_path / f).is_file(), f
     saved = json.loads((tmp_path / "report.json").read_text())
-    evaluate.validate_report(saved)
-    assert saved["status"] == "ok" and len(saved["rows"]) == 4
-    assert {(r["strength"], r["scale"]) for r in saved["rows"]} == {(0.3, 0.0), (0.3, 1.0), (0.7, 0.0), (0.7, 1.0)}
+    rep.validate_report(saved)
+    assert saved["status"] == "ok" and saved["version"] == rep.REPORT_VERSION and len(saved["rows"]) == 6
+    assert {(r["strength"], r["scale"], r["mode"]) for r in saved["rows"]} == {
+        (s, 0.0, "plain") for s in (0.3, 0.7)} | {(s, 1.0, m) for s in (0.3, 0.7) for m in ("plain", "masked")}
     row = saved["rows"][0]
-    assert "preservation_ssim_outside_mask" in row and row["n_outputs"] == 8
+    assert "preservation_ssim_outside_mask" in row and row["n_outputs"] == 8 and 0 <= row["shape_pass"] <= 1
+    masked = [r for r in saved["rows"] if r["mode"] == "masked"]
+    assert all(0 < r["mask_area"] <= 1 and 0 <= r["mask_outside_band"] <= 1 for r in masked)
+    plain = {r["strength"]: r for r in saved["rows"] if r["mode"] == "plain" and r["scale"] == 1.0}
+    for r in masked:  # pasted back outside the mask: more of the input kept than plain img2img at the same setting
+        assert r["preservation_ssim"] > plain[r["strength"]]["preservation_ssim"]
+    assert any(r["on_frontier"] for r in saved["rows"])
+    rec = saved["recommended"]
+    assert rec["reach_metric"] == "detector_reach" and "frontier" in rec["rule"]
     assert saved["optional_metrics"]["lpips"].startswith("not computed: set lpips_backbone")
     assert "fid" not in row and "intra_lpips" not in row
     assert all(r["delta_vs_base"]["target_reach"] == 0 for r in saved["rows"] if r["scale"] == 0)
@@ -126,7 +135,7 @@ def test_sweep_end_to_end_writes_every_file(adapter, tmp_path):
         _cfg(adapter, tmp_path, clip_model=str(clip))
     assert "Intra-LPIPS" in (tmp_path / "again" / "summary.md").read_text()
     with pytest.raises(ValueError, match="rows"):
-        evaluate.validate_report({**saved, "rows": "nope"})
+        rep.validate_report({**saved, "rows": "nope"})
 
 
 def test_unreliable_classifier_refuses_the_report(adapter, tmp_path):

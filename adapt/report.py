@@ -1,0 +1,170 @@
+"""The evaluation report: per-setting aggregates, the reach-vs-preservation frontier, the
+recommendation rule, and the files (report.json, report.csv, summary.md). No model code here:
+`adapt.evaluate` runs the sweep and hands this module per-image arrays.
+
+report.json schema (REPORT_SCHEMA below is checked by `validate_report`; version REPORT_VERSION):
+  version, status       report format version; "ok" | "refused" (classifier below min accuracy; `reason` says why)
+  settings, versions    the config, seeds and sample counts; library versions
+  classifier_accuracy   held-out accuracy of the domain classifier on real images
+  vae_ceiling           preservation of a VAE encode-decode alone (the best plain img2img can do)
+  rows                  one per (strength, scale, mode): strength, scale, mode ("plain" | "masked"),
+                        target_reach (classifier), target_reach_ci, preservation_ssim(_ci), preservation_psnr,
+                        preservation_l2, kid_features, kid_pixels, on_frontier, delta_vs_base {metric: row − base};
+                        masked rows: mask_area; with benchmark geometry: detector_reach(_ci), shape_pass(_ci),
+                        lens_darkening, preservation_ssim_outside_mask(_ci), preservation_psnr_outside_mask,
+                        colour_drift_outside_mask, [mask_outside_band]
+  spearman              per curve ("<scale>/<mode>"): rho and CI of strength vs reach and vs preservation
+  recommended           {strength, scale, mode, rule, reach_metric, preservation_metric, ..., gain_over_base}
+  optional_metrics      fid / lpips / intra_lpips / clip_score / clip_direction: "computed: <weights>" or "not computed: <why>"
+  warnings              e.g. evaluation images that overlap the adapter's training data
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from adapt import atomic, metrics
+
+REPORT_VERSION = 2
+REPORT_SCHEMA = {
+    "version": int, "status": str, "settings": dict, "versions": dict, "classifier_accuracy": float, "vae_ceiling": dict,
+    "rows": list, "spearman": dict, "recommended": dict, "optional_metrics": dict, "warnings": list,
+}
+ROW_SCHEMA = {"strength": float, "scale": float, "mode": str, "target_reach": float, "target_reach_ci": list,
+              "preservation_ssim": float, "preservation_psnr": float, "preservation_l2": float,
+              "kid_features": float, "kid_pixels": float, "delta_vs_base": dict, "n_outputs": int, "on_frontier": bool}
+NUMERIC = ("target_reach", "detector_reach", "shape_pass", "preservation_ssim", "preservation_psnr", "preservation_l2",
+           "preservation_ssim_outside_mask", "preservation_psnr_outside_mask", "colour_drift_outside_mask",
+           "kid_features", "kid_pixels", "fid", "intra_lpips", "preservation_lpips", "clip_score", "clip_direction")
+
+
+def keys(has_geometry: bool) -> tuple[str, str]:
+    """(reach, preservation) headline metrics: the ground-truth judges when the benchmark's geometry exists."""
+    return ("detector_reach", "preservation_ssim_outside_mask") if has_geometry else ("target_reach", "preservation_ssim")
+
+
+def validate_report(report: dict) -> None:
+    """Raise ValueError naming the first key that is missing or of the wrong type."""
+    for k, tp in REPORT_SCHEMA.items():
+        if k not in report:
+            if report.get("status") == "refused" and k in ("rows", "spearman", "recommended", "vae_ceiling"):
+                continue
+            raise ValueError(f"report.json: missing key {k!r}")
+        if not isinstance(report[k], tp):
+            raise ValueError(f"report.json: {k!r} should be {tp.__name__}, got {type(report[k]).__name__}")
+    if report["version"] != REPORT_VERSION:
+        raise ValueError(f"report.json: version {report['version']}, this adapt reads version {REPORT_VERSION}")
+    for i, row in enumerate(report.get("rows", [])):
+        for k, tp in ROW_SCHEMA.items():
+            if not isinstance(row.get(k), tp):
+                raise ValueError(f"report.json: rows[{i}].{k} should be {tp.__name__}, got {row.get(k)!r}")
+        if report.get("has_masks") and row.get("preservation_ssim_outside_mask") is None:
+            raise ValueError(f"report.json: the benchmark's geometry exists but rows[{i}] lacks preservation_ssim_outside_mask")
+
+
+def aggregate(strength: float, scale: float, mode: str, m: dict, tgt_feat, tgt_pix, has_geometry: bool) -> dict:
+    """One row from per-output arrays m[k] of shape (seeds, N): means over seeds and images, CIs over
+    images (seed-averaged, so the CI is about which images were drawn, not the noise)."""
+    img = {k: v.mean(0) for k, v in m.items() if k not in ("feat", "pix")}  # (N,) per image
+    row = {"strength": strength, "scale": scale, "mode": mode, "n_outputs": int(m["reach"].size),
+           "target_reach": float(img["reach"].mean()), "target_reach_ci": metrics.bootstrap_ci(img["reach"]),
+           "preservation_ssim": float(img["ssim"].mean()), "preservation_ssim_ci": metrics.bootstrap_ci(img["ssim"]),
+           "preservation_psnr": float(img["psnr"].mean()), "preservation_l2": float(img["l2"].mean())}
+    if "mask_area" in img:
+        row["mask_area"] = float(img["mask_area"].mean())
+    if has_geometry:
+        row.update(detector_reach=float(img["detected"].mean()), detector_reach_ci=metrics.bootstrap_ci(img["detected"]),
+                   shape_pass=float(img["shape"].mean()), shape_pass_ci=metrics.bootstrap_ci(img["shape"]),
+                   lens_darkening=float(img["lens"].mean()),
+                   preservation_ssim_outside_mask=float(img["ssim_out"].mean()),
+                   preservation_ssim_outside_mask_ci=metrics.bootstrap_ci(img["ssim_out"]),
+                   preservation_psnr_outside_mask=float(img["psnr_out"].mean()),
+                   colour_drift_outside_mask=float(img["drift_out"].mean()))
+        if "mask_outside_band" in img:
+            row["mask_outside_band"] = float(img["mask_outside_band"].mean())
+    feats = m["feat"].reshape(-1, m["feat"].shape[-1])
+    row["kid_features"], row["kid_features_std"] = metrics.kid(feats, tgt_feat)
+    row["kid_pixels"], row["kid_pixels_std"] = metrics.kid(m["pix"], tgt_pix)
+    return row
+
+
+def add_deltas(rows: list[dict]) -> None:
+    """delta_vs_base: every numeric metric minus the base (scale 0, plain) at the same strength."""
+    base = {r["strength"]: r for r in rows if r["scale"] == 0.0 and r["mode"] == "plain"}
+    for r in rows:
+        b = base.get(r["strength"])
+        r["delta_vs_base"] = {k: r[k] - b[k] for k in NUMERIC if b is not None and isinstance(r.get(k), float) and k in b}
+
+
+def mark_frontier(rows: list[dict], has_geometry: bool) -> None:
+    """on_frontier: no other row has at least the reach and the preservation, and more of one (Pareto)."""
+    rk, pk = keys(has_geometry)
+    for r in rows:
+        r["on_frontier"] = not any(o[rk] >= r[rk] and o[pk] >= r[pk] and (o[rk] > r[rk] or o[pk] > r[pk]) for o in rows)
+
+
+def recommend(rows: list[dict], threshold: float, has_geometry: bool) -> dict:
+    """The setting to use: among adapter rows on the frontier (any strength, scale and sampling mode)
+    that keep preservation >= threshold, the highest reach; then the better shape check; then the
+    better preservation; then the lower strength. Picking from the whole frontier, not the scale-1
+    row, is what lets a lower scale or masked sampling win when it keeps more at the same reach."""
+    rk, pk = keys(has_geometry)
+    rule = (f"highest {rk} among adapter rows on the reach-vs-preservation frontier with {pk} >= {threshold}; "
+            f"ties (reach within 0.01): higher shape_pass, then higher {pk}, then lower strength")
+    ok = [r for r in rows if r["scale"] > 0 and r["on_frontier"] and r[pk] >= threshold]
+    if not ok:
+        return {"strength": None, "scale": None, "mode": None, "rule": rule, "reach_metric": rk, "preservation_metric": pk,
+                "gain_over_base": None, "note": "no adapter setting meets the preservation threshold"}
+    best = max(ok, key=lambda r: (round(r[rk], 2), r.get("shape_pass", 0.0), r[pk], -r["strength"]))
+    rec = {"strength": best["strength"], "scale": best["scale"], "mode": best["mode"], "rule": rule,
+           "reach_metric": rk, "preservation_metric": pk, "reach": best[rk], "preservation": best[pk],
+           "target_reach": best["target_reach"], "gain_over_base": best["delta_vs_base"].get(rk)}
+    if "shape_pass" in best:
+        rec["shape_pass"] = best["shape_pass"]
+    return rec
+
+
+def spearman(strengths: list[float], per: dict, curves: list[tuple], has_geometry: bool) -> dict:
+    """Per curve (scale, mode): Spearman ρ of strength vs per-image reach and vs preservation, with bootstrap CIs."""
+    reach_key, pres_key = ("lens", "ssim_out") if has_geometry else ("reach", "ssim")
+    out = {}
+    for scale, mode in curves:
+        reach = np.stack([per[(s, scale, mode)][reach_key].mean(0) for s in strengths])  # (S, N)
+        pres = np.stack([per[(s, scale, mode)][pres_key].mean(0) for s in strengths])
+        r1, ci1 = metrics.spearman_ci(np.array(strengths), reach)
+        r2, ci2 = metrics.spearman_ci(np.array(strengths), pres)
+        out[f"{scale:g}/{mode}"] = {"reach_metric": "lens_darkening" if has_geometry else "classifier_reach",
+                                    "preservation_metric": "ssim_outside_mask" if has_geometry else "ssim",
+                                    "rho_strength_reach": r1, "rho_strength_reach_ci": ci1,
+                                    "rho_strength_preservation": r2, "rho_strength_preservation_ci": ci2}
+    return out
+
+
+def versions() -> dict:
+    import diffusers
+    import peft
+    import torch
+
+    import adapt
+    return {"adapt": adapt.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}
+
+
+def write(out: Path, report: dict) -> None:
+    """report.json, report.csv (one line per row) and summary.md, each written atomically."""
+    from adapt.plots import summary_markdown
+    validate_report(report)
+    rows = report.get("rows", [])
+    atomic.write_text(out / "report.json", json.dumps(report, indent=1, default=float))
+    flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()} for r in rows]
+    buf = io.StringIO(newline="")
+    if flat:
+        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
+        w.writeheader()
+        w.writerows(flat)
+    atomic.write_text(out / "report.csv", buf.getvalue())
+    atomic.write_text(out / "summary.md", summary_markdown(report))
