@@ -67,6 +67,9 @@ class DataConfig:
     caption_dropout: float = opt(0.0, "probability of training on the empty prompt (keeps unconditional guidance working)")
     cache: bool = opt(True, "cache VAE latents and prompt embeddings (computed once, reused across runs)")
     cache_dir: Optional[str] = opt(None, "where caches live; default $ADAPT_CACHE or ~/.cache/adapt")
+    masks: Optional[str] = opt(None, "masked loss (as kohya's): 'alpha' = each image's alpha channel, or a folder (relative "
+                               "to the image folder, or absolute) with a mask image per training image under the same name; "
+                               "white = where the target domain differs. None = the whole image counts")
 
     def __post_init__(self):
         _check(self.resolution > 0 and self.resolution % 8 == 0, "data.resolution", f"must be a positive multiple of 8, got {self.resolution}")
@@ -99,12 +102,15 @@ class ObjectiveConfig:
     inference_steps: int = opt(50, "sampling steps the window is computed for")
     min_snr_gamma: Optional[float] = opt(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's value; None = off")
     noise_offset: float = opt(0.0, "offset noise std (Guttenberg 2023); 0 = off")
+    mask_outside_weight: float = opt(0.0, "with data.masks: loss weight outside the mask (0 = only the masked region "
+                                     "teaches, kohya's masked loss; 1 = masks ignored)")
 
     def __post_init__(self):
         _check(0.0 < self.strength <= 1.0, "objective.strength", f"must be in (0, 1], got {self.strength}")
         _check(self.inference_steps > 0, "objective.inference_steps", f"must be > 0, got {self.inference_steps}")
         _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "objective.min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
         _check(self.noise_offset >= 0, "objective.noise_offset", f"must be >= 0, got {self.noise_offset}")
+        _check(0.0 <= self.mask_outside_weight <= 1.0, "objective.mask_outside_weight", f"must be in [0, 1], got {self.mask_outside_weight}")
         _check(int(self.inference_steps * self.strength) >= 1, "objective.strength",
                f"strength {self.strength} x inference_steps {self.inference_steps} visits no timestep")
 
@@ -245,6 +251,7 @@ class EvalConfig:
     mask_draws: int = opt(4, "masked: noise draws averaged for the mask")
     mask_threshold: float = opt(0.5, "masked: threshold on the per-image normalised difference, in (0, 1)")
     mask_dilate: int = opt(1, "masked: dilation in latent pixels")
+    mask_blend: bool = opt(True, "masked: latent blending (keep the noised source outside the mask at every step)")
     mask_paste: bool = opt(True, "masked: paste the input back outside the mask after decoding")
     mask_blur: float = opt(1.0, "masked: feathering of the pasted edge, Gaussian sigma in pixels")
     steps: Optional[int] = opt(None, "inference steps; None = the adapter's")
@@ -285,6 +292,8 @@ class EvalConfig:
                "LPIPS needs both files (backbone and linear layers) or neither")
         _check(len(self.modes) > 0 and set(self.modes) <= {"plain", "masked"}, "modes",
                f"each must be 'plain' or 'masked', got {self.modes}")
+        _check(self.mask_blend or self.mask_paste or "masked" not in self.modes, "mask_blend/mask_paste",
+               "masked mode needs latent blending, paste-back or both")
         self.mask_settings()  # validates the mask_* keys
         self.strengths = sorted(float(s) for s in self.strengths)
         self.scales = sorted(float(s) for s in self.scales)

@@ -37,6 +37,7 @@ class Record:
     caption: str
     load: object  # () -> PIL.Image, raises on bad data
     extra: dict = field(default_factory=dict)  # other metadata columns (e.g. eye_boxes)
+    path: Path | None = None  # the file, for local folders (masks are found beside it)
 
 
 @dataclass
@@ -154,14 +155,22 @@ def _read_metadata(root: Path, report: DataReport) -> dict[str, dict]:
 
 
 def read_folder(root: str | Path, caption_column: str = "text", default_caption: str = "",
-                report: DataReport | None = None) -> tuple[list[Record], DataReport]:
-    """Records of a local imagefolder: metadata.jsonl captions, else `<image>.txt` sidecars, else the default."""
+                report: DataReport | None = None, masks: str | None = None) -> tuple[list[Record], DataReport]:
+    """Records of a local imagefolder: metadata.jsonl captions, else `<image>.txt` sidecars, else the default.
+    A mask folder inside `root` (data.masks) is not read as training images."""
     root = Path(root)
     report = report or DataReport()
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
     rows = _read_metadata(root, report)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    # Mask images are not training images: the data.masks folder and a top-level masks/ (what
+    # `adapt data build` writes) are left out, and the log says how many files that was.
+    skips = [(root / "masks").resolve()] + ([mask_root(root, masks).resolve()] if masks and masks != "alpha" else [])
+    files, masked_out = [], []
+    for p in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS):
+        (masked_out if any(p.resolve().is_relative_to(d) for d in skips) else files).append(p)
+    for p in masked_out:
+        report.note("mask images left out of the training images", p.relative_to(root).as_posix())
     inside = root.resolve()
     for p in [p for p in files if not p.resolve().is_relative_to(inside)]:  # a symlink to elsewhere: never trained on
         report.skip("symlink points outside the dataset folder", p.relative_to(root).as_posix())
@@ -182,7 +191,7 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
                 report.note(f"no '{caption_column}' caption, default used", key)
             caption = default_caption.format(name=path.stem)
         extra = {k: v for k, v in row.items() if k not in ("file_name", caption_column)}
-        records.append(Record(key, caption, (lambda p=path: open_image(p)), extra))
+        records.append(Record(key, caption, (lambda p=path: open_image(p)), extra, path))
     return records, report
 
 
@@ -213,14 +222,14 @@ def read_hub(dataset_id: str, split: str, image_column: str, caption_column: str
 
 
 def read_definition(folder: Path, split: str, num_images: int | None, cache_dir: Path,
-                    report: DataReport | None = None) -> tuple[list[Record], DataReport]:
+                    report: DataReport | None = None, masks: str | None = None) -> tuple[list[Record], DataReport]:
     """A datasets/<name>/ definition (dataset.yaml): built once into the cache, then read as a folder."""
     spec = yaml.safe_load((folder / "dataset.yaml").read_text()) or {}
     builder = spec.get("builder")
     if builder == "synth":
         from adapt import synth
         n = num_images or spec.get("default_n", {}).get(split) or 64
-        out = cache_dir / "datasets" / folder.name / f"{split}-{n}-{spec.get('size', 64)}"
+        out = cache_dir / "datasets" / folder.name / f"{split}-{n}-{spec.get('size', 64)}-m"  # -m: with masks/
         if not (out / "metadata.jsonl").exists():  # several processes may build at once: last rename wins
             import os
             import shutil
@@ -230,12 +239,13 @@ def read_definition(folder: Path, split: str, num_images: int | None, cache_dir:
                 tmp.rename(out)
             except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return read_folder(out, "text", spec.get("default_caption", ""), report)
+        return read_folder(out, "text", spec.get("default_caption", ""), report, masks)
     if builder == "hub":
         return read_hub(spec["id"], split, spec.get("image_column", "image"), spec.get("caption_column", "text"),
                         spec.get("default_caption", ""), report)
     if builder == "folder":
-        return read_folder(folder / spec["path"].format(split=split), spec.get("caption_column", "text"), spec.get("default_caption", ""), report)
+        return read_folder(folder / spec["path"].format(split=split), spec.get("caption_column", "text"),
+                           spec.get("default_caption", ""), report, masks)
     raise DataError(f"{folder / 'dataset.yaml'}: unknown builder {builder!r} (expected synth, hub or folder)")
 
 
@@ -253,14 +263,17 @@ def usable_cache_dir(path: Path, what: str) -> Path:
 
 
 def read_records(source: str, split: str = "train", image_column: str = "image", caption_column: str = "text",
-                 default_caption: str = "", num_images: int | None = None, cache_dir: str | Path | None = None):
+                 default_caption: str = "", num_images: int | None = None, cache_dir: str | Path | None = None,
+                 masks: str | None = None):
     """Dispatch on the source form; returns (records, report). Raises DataError when nothing is usable."""
     cache = usable_cache_dir(Path(cache_dir), "data.cache_dir") if cache_dir else default_cache_dir()
     p = Path(source).expanduser()
     if p.is_dir() and (p / "dataset.yaml").is_file():
-        records, report = read_definition(p, split, num_images, cache)
+        records, report = read_definition(p, split, num_images, cache, masks=masks)
     elif p.is_dir():
-        records, report = read_folder(p, caption_column, default_caption)
+        records, report = read_folder(p, caption_column, default_caption, masks=masks)
+    elif masks:
+        raise DataError(f"data.masks={masks!r}: masks need a local image folder, not the hub dataset {source!r}")
     elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
         records, report = read_hub(source, split, image_column, caption_column, default_caption)
     else:
@@ -330,11 +343,51 @@ def image_fingerprints(pixels: torch.Tensor) -> list[str]:
 
 def load(source: str, resolution: int, split: str = "train", image_column: str = "image", caption_column: str = "text",
          default_caption: str = "", num_images: int | None = None, cache_dir=None,
-         logger=None) -> tuple[torch.Tensor, list[Record], DataReport]:
+         logger=None, masks: str | None = None) -> tuple[torch.Tensor, list[Record], DataReport]:
     """Read, decode and size a dataset; logs what was skipped or converted. Returns (pixels, records, report)."""
-    records, report = read_records(source, split, image_column, caption_column, default_caption, num_images, cache_dir)
+    records, report = read_records(source, split, image_column, caption_column, default_caption, num_images, cache_dir, masks)
     if not records and not report.num_skipped:
         raise DataError(f"no images found in {source!r} (split {split!r})")
     pixels, kept = load_images(records, resolution, report)
     (logger or log.info)(f"data {source}: {report.summary()}")
     return pixels, kept, report
+
+
+def mask_root(root: Path, masks: str) -> Path:
+    """The folder of mask images: `masks` as given when absolute, else relative to the image folder."""
+    p = Path(masks).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def load_masks(records: list[Record], masks: str, resolution: int) -> torch.Tensor:
+    """(N, 1, R, R) loss masks in [0, 1] for `records` (masked loss, as kohya's): 'alpha' = each image's alpha
+    channel, else a mask image of the same relative name (any image extension) in the folder `masks`.
+    Cropped exactly as the image was (`fit`). A missing or unreadable mask is an error naming the files:
+    training on some images without their mask would silently change the objective for them."""
+    out, missing = [], []
+    for r in records:
+        if r.path is None:
+            raise DataError(f"data.masks: {r.name} is not a local file; masks need a local image folder")
+        root = Path(str(r.path)[:-len(r.name)])
+        try:
+            if masks == "alpha":
+                img = ImageOps.exif_transpose(Image.open(r.path))
+                if "A" not in img.getbands() and img.info.get("transparency") is None:
+                    raise ValueError("no alpha channel")
+                m = img.convert("RGBA").getchannel("A")
+            else:
+                stem = mask_root(root, masks) / r.name
+                found = [stem.with_suffix(e) for e in [stem.suffix] + sorted(IMAGE_EXTS) if stem.with_suffix(e).is_file()]
+                if not found:
+                    raise ValueError(f"no mask file {stem}")
+                m = ImageOps.exif_transpose(Image.open(found[0])).convert("L")
+        except (OSError, ValueError) as e:
+            missing.append(f"{r.name} ({e})")
+            continue
+        if m.size != (r.extra["original_size"][1], r.extra["original_size"][0]):
+            m = m.resize((r.extra["original_size"][1], r.extra["original_size"][0]), Image.NEAREST)
+        out.append(np.asarray(fit(m, resolution)[0], dtype=np.float32) / 255.0)
+    if missing:
+        raise DataError(f"data.masks={masks!r}: {len(missing)} of {len(records)} images have no usable mask: "
+                        f"{'; '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return torch.from_numpy(np.stack(out))[:, None]

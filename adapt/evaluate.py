@@ -153,7 +153,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
             with lora.applied(pipe, [name], [scale], fuse=cfg.fuse):
                 outs = sample.img2img(pipe, src_images, prompts, strength, steps, cfg.guidance, 1000 * seed, sched,
                                       batch_size=cfg.batch_size, mask=edit_mask if masked else None,
-                                      paste_blur=cfg.mask_blur if masked and cfg.mask_paste else None)
+                                      paste_blur=cfg.mask_blur if masked and cfg.mask_paste else None, blend=cfg.mask_blend)
             if seed == 0:
                 grid_imgs[(strength, scale, mode)] = outs[:4]
             arr = np.stack([sample.to_array(o) for o in outs])

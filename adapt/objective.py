@@ -110,7 +110,18 @@ def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator 
     return noise + offset * n.to(noise.device)
 
 
-def loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample weighted MSE, shape (B,); the caller averages. Computed in fp32."""
-    per = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+def loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+         spatial: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample weighted MSE, shape (B,); the caller averages. Computed in fp32.
+
+    spatial: (B, 1, h, w) per-position weights (masked loss): the squared error is averaged under them,
+    sum(w·e²) / sum(w), so a small mask does not shrink the loss (and the effective learning rate) with its area.
+    """
+    err = (pred.float() - target.float()).pow(2)
+    dims = tuple(range(1, pred.ndim))
+    if spatial is None:
+        per = err.mean(dim=dims)
+    else:
+        w = spatial.float().to(err.device).expand_as(err)
+        per = (err * w).sum(dim=dims) / w.sum(dim=dims).clamp_min(1e-8)
     return per if weights is None else per * weights.to(per.device)

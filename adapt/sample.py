@@ -66,12 +66,12 @@ def to_pil(img, size: int | None = None) -> Image.Image:
 @torch.no_grad()
 def img2img(pipe, images: list, prompts: list[str] | str, strength: float, steps: int = 50, guidance: float = 7.5,
             seed: int = 0, scheduler: str | None = "ddim", negative_prompt: str | None = None, batch_size: int = 8,
-            mask: torch.Tensor | None = None, paste_blur: float | None = None) -> list[Image.Image]:
+            mask: torch.Tensor | None = None, paste_blur: float | None = None, blend: bool = True) -> list[Image.Image]:
     """img2img on each image with its own seeded generator; returns PIL images.
 
     mask: latent edit masks (N, 1, h, w) in [0, 1] (adapt.masking): outside them every step keeps the
-    noised source (latent blending), and with `paste_blur` (pixels, >= 0) the decoded output is pasted
-    onto the input through the feathered mask, so outside it the output is the input itself.
+    noised source (latent blending; `blend=False` skips it), and with `paste_blur` (pixels, >= 0) the
+    decoded output is pasted onto the input through the feathered mask, so outside it the output is the input.
     """
     from adapt import masking
     if not 0.0 < strength <= 1.0:
@@ -87,7 +87,7 @@ def img2img(pipe, images: list, prompts: list[str] | str, strength: float, steps
     for i in range(0, len(images), batch_size):
         batch = images[i:i + batch_size]
         extra = {}
-        if mask is not None:
+        if mask is not None and blend:
             extra = {"callback_on_step_end": masking.Blend(p, batch, mask[i:i + batch_size], seed + i),
                      "callback_on_step_end_tensor_inputs": ["latents"]}
         out += p(prompt=prompts[i:i + batch_size], image=batch, strength=strength,

@@ -189,7 +189,8 @@ def build_imagefolder(domain: str, out: str | Path, n: int, split: str, size: in
     """Write `n` images of `split` as an imagefolder: PNGs plus metadata.jsonl.
 
     Each metadata row holds `file_name`, `text`, `seed`, `face_box` and `eye_boxes`, so
-    evaluation can rebuild the eye-band mask of every image. The folder is built beside `out` and renamed
+    evaluation can rebuild the eye-band mask of every image; `masks/` holds that mask as a PNG per image
+    (white = the eye band, where sunglasses go), for masked-loss training (`data.masks=masks`). The folder is built beside `out` and renamed
     into place, so a failure (a full disk) leaves no half-built dataset; a non-empty `out` is refused
     unless `replace`.
     """
@@ -204,10 +205,12 @@ def build_imagefolder(domain: str, out: str | Path, n: int, split: str, size: in
     try:
         tmp.mkdir(parents=True)
         rows = []
+        (tmp / "masks").mkdir()
         for i in range(start, start + n):
             img, caption, face = make(domain, split, i, size)
             name = f"{split}_{i:06d}.png"
             img.save(tmp / name)
+            Image.fromarray(eye_mask(face, size).astype(np.uint8) * 255).save(tmp / "masks" / name)
             rows.append({"file_name": name, "text": caption, "seed": face.seed,
                          "face_box": face.face_box, "eye_boxes": face.eye_boxes,
                          "attributes": {k: v for k, v in asdict(face).items() if k not in ("seed", "face_box", "eye_boxes")}})

@@ -29,6 +29,7 @@ class TrainData:
     pooled: torch.Tensor | None = None  # (U+1, P) for SDXL
     resolution: int = 64
     time_ids: torch.Tensor | None = None  # (N, 6) SDXL micro-conditioning per image; None = (r, r, 0, 0, r, r)
+    loss_masks: torch.Tensor | None = None  # (N, 1, h, w) masked-loss weights at latent resolution; None = uniform
 
     def __len__(self):
         return len(self.caption_index)
@@ -45,6 +46,13 @@ def sdxl_time_ids(records, resolution: int) -> torch.Tensor:
         (h, w), (top, left) = rec.extra.get("original_size", (resolution, resolution)), rec.extra.get("crop_top_left", (0, 0))
         rows.append([h, w, top, left, resolution, resolution])
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def latent_loss_masks(masks: torch.Tensor, factor: int, outside: float) -> torch.Tensor:
+    """(N, 1, R, R) pixel masks in [0, 1] -> (N, 1, R/f, R/f) loss weights: the share of each latent cell's
+    pixels inside the mask, mapped to [outside, 1]."""
+    m = torch.nn.functional.avg_pool2d(masks.float(), factor)
+    return outside + (1 - outside) * m
 
 
 def build(pipe, facts, captions: list[str], window: torch.Tensor, post: dict | None, pixels: torch.Tensor,
@@ -102,6 +110,9 @@ def draw(data: TrainData, batch_size: int, g: torch.Generator, caption_dropout: 
         pooled = enc["pooled"][enc["index"]] if "pooled" in enc else None
     noise = objective.offset_noise(torch.randn(z0.shape, generator=g), noise_offset, g)
     batch = {"z0": z0, "t": t, "noise": noise, "emb": emb}
+    if data.loss_masks is not None:
+        m = data.loss_masks[idx]
+        batch["loss_mask"] = torch.where(use_flip.view(-1, 1, 1, 1), m.flip(-1), m)
     if pooled is not None:
         r = data.resolution  # SDXL micro-conditioning: original size, crop top-left, target size
         batch["pooled"] = pooled
@@ -123,4 +134,4 @@ def forward_loss(unet, batch: dict, data: TrainData, min_snr_gamma: float | None
     pred = unet(zt.to(dtype), t, batch["emb"].to(device, dtype), **kwargs).sample
     tgt = objective.target(data.prediction_type, ac, z0, noise, t)
     w = objective.min_snr_weights(ac, t, min_snr_gamma, data.prediction_type) if min_snr_gamma else None
-    return objective.loss(pred, tgt, w)
+    return objective.loss(pred, tgt, w, batch.get("loss_mask"))

@@ -16,6 +16,7 @@ Meng et al. 2022), and the adapter records that strength so sampling matches it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -78,8 +79,15 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     # 2. Data: decode, convert, size; every skipped file is named in the log.
     pixels, records, report = data.load(cfg.data.source, cfg.data.resolution, cfg.data.split, cfg.data.image_column,
                                         cfg.data.caption_column, cfg.data.default_caption, cfg.data.num_images,
-                                        cfg.data.cache_dir, logger=say)
+                                        cfg.data.cache_dir, logger=say, masks=cfg.data.masks)
     fingerprint = data.fingerprint(records, pixels)
+    loss_masks = None
+    if cfg.data.masks:  # masked loss: the masks are part of the data a resume must match
+        masks = data.load_masks(records, cfg.data.masks, cfg.data.resolution)
+        fingerprint = cache.cache_key(images=fingerprint, masks=hashlib.sha256(masks.numpy().tobytes()).hexdigest())[:16]
+        loss_masks = trainstep.latent_loss_masks(masks, facts.vae_factor, cfg.objective.mask_outside_weight)
+        say(f"masked loss: {len(masks)} masks ({cfg.data.masks}), mean area {float(masks.mean()):.1%}; "
+            f"weight outside {cfg.objective.mask_outside_weight}")
     vae_fingerprint = cache.module_fingerprint(pipe.vae)
     run = {"config": facts_mod.flat(config.to_dict(cfg)), "data_fingerprint": fingerprint,  # what a resume must match
            "base_fingerprint": cache.module_fingerprint(pipe.unet) + vae_fingerprint}
@@ -126,6 +134,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         f"{cfg.objective.inference_steps} steps): {len(window)} timesteps in [{int(window.min())}, {int(window.max())}]")
     td = trainstep.build(pipe, facts, captions, window, post if cfg.data.cache else None, pixels, cfg.data.resolution,
                          acc.device, records=records)
+    td.loss_masks = loss_masks
 
     # 5. LoRA on the UNet (cross-attention by default); everything else stays frozen.
     pipe.vae.requires_grad_(False)

@@ -135,3 +135,60 @@ def test_sample_cli_mask_auto_writes_masks_and_a_four_column_grid(tiny_base, pip
     assert Image.open(tmp_path / "grid.png").size[0] == 4 * 66 + 2  # input | base | adapter | masked
     r = adapt_cli("sample", "--base", tiny_base, "--adapter", ad, "--image", *imgs, "--mask", imgs[0], "--out", tmp_path / "t")
     assert r.returncode == 2 and "--mask: 'auto' or one mask image per --image (2), got 1" in r.stderr
+
+
+# ---------------------------------------------------------------- masked loss (training)
+
+def test_masked_loss_averages_under_the_mask_and_ignores_the_outside():
+    from adapt import objective
+    g = torch.Generator().manual_seed(0)
+    pred, tgt = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    m = torch.zeros(2, 1, 8, 8)
+    m[:, :, 2:4, 2:6] = 1
+    inside = (pred - tgt).pow(2)[:, :, 2:4, 2:6].mean((1, 2, 3))
+    torch.testing.assert_close(objective.loss(pred, tgt, spatial=m), inside)  # not shrunk by the mask's area
+    moved = pred.clone()
+    moved[:, :, 6:] += 5  # change the prediction only outside the mask
+    torch.testing.assert_close(objective.loss(moved, tgt, spatial=m), inside)
+    torch.testing.assert_close(objective.loss(pred, tgt, spatial=torch.ones(2, 1, 8, 8)), objective.loss(pred, tgt))
+
+
+def test_load_masks_from_a_folder_and_from_alpha_and_missing_ones_are_named(tmp_path):
+    from adapt import data, synth, trainstep
+    folder = synth.build_imagefolder("sunglasses", tmp_path / "sg", n=3, split="train")
+    pixels, recs, report = data.load(str(folder), 64, masks="masks")
+    assert len(recs) == 3  # masks/ is not read as training images, and the log says so
+    assert len(report.notes["mask images left out of the training images"]) == 3
+    masks = data.load_masks(recs, "masks", 64)
+    faces = synthbench.faces_of(recs)
+    assert masks.shape == (3, 1, 64, 64) and torch.equal(masks[:, 0] > 0.5, torch.from_numpy(np.stack([synth.eye_mask(f) for f in faces])))
+    lat = trainstep.latent_loss_masks(masks, 4, 0.1)
+    assert lat.shape == (3, 1, 16, 16) and lat.min() == pytest.approx(0.1) and lat.max() == pytest.approx(1.0)
+    # alpha channel: an RGBA copy of the images whose alpha is the mask
+    rgba = tmp_path / "rgba"
+    rgba.mkdir()
+    for r, m in zip(recs, masks):
+        img = Image.open(r.path).convert("RGBA")
+        img.putalpha(Image.fromarray((m[0].numpy() * 255).astype(np.uint8)))
+        img.save(rgba / r.name)
+    _, recs2, _ = data.load(str(rgba), 64)
+    assert torch.equal(data.load_masks(recs2, "alpha", 64), masks)
+    (folder / "masks" / recs[1].name).unlink()
+    with pytest.raises(data.DataError, match=r"1 of 3 images have no usable mask: train_000001.png \(no mask file"):
+        data.load_masks(recs, "masks", 64)
+    with pytest.raises(data.DataError, match="no alpha channel"):
+        data.load_masks(recs, "alpha", 64)
+
+
+def test_recipe_trains_with_masked_loss(tiny_base, tmp_path):
+    from adapt import synth
+    from conftest import read_log, recipe_args, run_recipe
+    folder = synth.build_imagefolder("sunglasses", tmp_path / "sg", n=4, split="train")
+    out = tmp_path / "run"
+    r = run_recipe(recipe_args(tiny_base, folder, out, "data.masks=masks", "validation.steps=0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (out / "train.log").read_text() if (out / "train.log").exists() else r.stdout + r.stderr
+    assert "masked loss: 4 masks (masks)" in log
+    plain = tmp_path / "plain"
+    assert run_recipe(recipe_args(tiny_base, folder, plain, "validation.steps=0")).returncode == 0
+    assert [row["loss"] for row in read_log(out)] != [row["loss"] for row in read_log(plain)]
