@@ -170,7 +170,7 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
     for p in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS):
         (masked_out if any(p.resolve().is_relative_to(d) for d in skips) else files).append(p)
     for p in masked_out:
-        report.note("mask images left out of the training images", p.relative_to(root).as_posix())
+        report.note("mask files (masks/, data.masks) not read as images of the set", p.relative_to(root).as_posix())
     inside = root.resolve()
     for p in [p for p in files if not p.resolve().is_relative_to(inside)]:  # a symlink to elsewhere: never trained on
         report.skip("symlink points outside the dataset folder", p.relative_to(root).as_posix())

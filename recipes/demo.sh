@@ -13,10 +13,10 @@ if [ -f adapt/zoo/tiny-faces/model_index.json ]; then
   accelerate launch -q --config_file accelerate_config.yaml recipes/lora_img2img.py \
       --config recipes/configs/tiny_sunglasses.yaml out_dir="$OUT/adapter" train.overwrite=true
   T1=$(date +%s)
-  echo "== 2/3 sample: held-out faces, input | base | adapter at the adapter's strength"
+  echo "== 2/3 sample: held-out faces, input | base | adapter | adapter masked, at the adapter's strength"
   adapt --threads "$THREADS" data build synth_faces --out "$OUT/heldout" --n 8 --split eval --overwrite > /dev/null
   adapt --threads "$THREADS" sample --base tiny-faces --adapter "$OUT/adapter" --image "$OUT"/heldout/eval_00000{0..7}.png \
-      --prompt "{caption} wearing sunglasses" --guidance 1.0 --grid "$OUT/before_after.png" --out "$OUT/samples" --overwrite
+      --prompt "{caption} wearing sunglasses" --guidance 1.0 --mask auto --grid "$OUT/before_after.png" --out "$OUT/samples" --overwrite
   T2=$(date +%s)
   if adapt eval --help > /dev/null 2>&1; then
     echo "== 3/3 evaluate: strength x scale sweep against the base"

@@ -154,3 +154,32 @@ def test_vae_roundtrip_upcasts_an_fp16_vae_that_asks_for_it():
     ref = copy.deepcopy(vae).to(torch.float32)  # the same fp16-rounded weights, in fp32
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(classifier.vae_roundtrip(vae, x), classifier.vae_roundtrip(ref, x)) and vae.dtype == torch.float16
+
+
+def _row(strength, scale, mode, reach, pres, shape=0.0):
+    return {"strength": strength, "scale": scale, "mode": mode, "detector_reach": reach, "target_reach": reach,
+            "preservation_ssim_outside_mask": pres, "shape_pass": shape, "delta_vs_base": {"detector_reach": reach}}
+
+
+def test_recommendation_picks_from_the_whole_frontier_not_the_scale_1_row():
+    rows = [_row(0.6, 0.0, "plain", 0.0, 0.86), _row(0.6, 1.0, "plain", 0.92, 0.81), _row(0.4, 1.0, "plain", 0.73, 0.86),
+            _row(0.6, 0.8, "plain", 0.61, 0.84),  # dominated by (0.4, 1, plain): less reach, less preservation
+            _row(0.8, 1.0, "masked", 0.98, 0.98, shape=0.1), _row(0.6, 1.0, "masked", 0.98, 0.97, shape=0.5)]
+    plain = [dict(r) for r in rows[:4]]
+    rep.mark_frontier(plain, True)  # (0.4, 1) keeps as much as the base and reaches; (0.6, 0.8) loses to it on both
+    assert [r["on_frontier"] for r in plain] == [False, True, True, False]
+    assert rep.recommend(plain, 0.85, True)["strength"] == 0.4  # highest reach that keeps 0.85
+    rep.mark_frontier(rows, True)
+    assert [r["on_frontier"] for r in rows] == [False, False, False, False, True, False]
+    rec = rep.recommend(rows, 0.95, True)
+    assert (rec["strength"], rec["scale"], rec["mode"]) == (0.8, 1.0, "masked") and "frontier" in rec["rule"]
+    rec = rep.recommend(rows, 0.85, True)  # (0.6, 1, masked) is off the frontier: same reach, less preservation
+    assert (rec["strength"], rec["mode"]) == (0.8, "masked")
+    none = rep.recommend(plain, 0.95, True)
+    assert none["strength"] is None and "no adapter setting" in none["note"]
+    # ties in reach (within 0.01) go to the better shape check
+    rows = [_row(0.6, 1.0, "masked", 0.981, 0.97, shape=0.8), _row(0.8, 1.0, "masked", 0.984, 0.98, shape=0.2),
+            _row(0.7, 1.0, "masked", 0.982, 0.975, shape=0.9)]
+    for r in rows:
+        r["on_frontier"] = True
+    assert rep.recommend(rows, 0.95, True)["strength"] == 0.7

@@ -158,7 +158,7 @@ def test_load_masks_from_a_folder_and_from_alpha_and_missing_ones_are_named(tmp_
     folder = synth.build_imagefolder("sunglasses", tmp_path / "sg", n=3, split="train")
     pixels, recs, report = data.load(str(folder), 64, masks="masks")
     assert len(recs) == 3  # masks/ is not read as training images, and the log says so
-    assert len(report.notes["mask images left out of the training images"]) == 3
+    assert len(report.notes["mask files (masks/, data.masks) not read as images of the set"]) == 3
     masks = data.load_masks(recs, "masks", 64)
     faces = synthbench.faces_of(recs)
     assert masks.shape == (3, 1, 64, 64) and torch.equal(masks[:, 0] > 0.5, torch.from_numpy(np.stack([synth.eye_mask(f) for f in faces])))
