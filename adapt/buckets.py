@@ -1,0 +1,109 @@
+"""Aspect-ratio buckets: train on each image at (nearly) its own shape instead of a centre square.
+
+As in NovelAI's and kohya sd-scripts' bucketing, and SDXL's own training (Podell et al. 2023, sec. 2.3):
+a set of (width, height) at about `resolution`² pixels, sides multiples of `step` (the VAE factor x 8,
+so latent sides stay multiples of 8), aspect between 1:max_aspect and max_aspect:1. Each image goes to
+the bucket nearest its aspect (in log space), is resized to cover it and cropped (centre, or a seeded
+random offset); its original size and crop offset are kept for SDXL's micro-conditioning.
+
+Batches come from one bucket at a time, drawn by `BucketSampler` from (seed, step) alone, so a resumed
+run draws the same batches, and all ranks share the draw and take disjoint slices of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+
+def make_buckets(resolution: int, step: int, max_aspect: float = 2.5) -> list[tuple[int, int]]:
+    """(width, height) pairs with width·height <= resolution², sides multiples of `step`, sorted by aspect."""
+    if resolution % step:
+        raise ValueError(f"resolution {resolution} is not a multiple of the bucket step {step}")
+    area = resolution * resolution
+    out = set()
+    w = resolution
+    while True:  # landscape sides: the tallest height that keeps the budget; portrait buckets are their mirrors
+        h = (area // w) // step * step
+        if h < step or w / h > max_aspect:
+            break
+        out |= {(w, h), (h, w)}
+        w += step
+    return sorted(out, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def nearest(buckets: list[tuple[int, int]], width: int, height: int) -> tuple[int, int]:
+    """The bucket whose aspect is nearest the image's (log ratio; ties go to the larger area)."""
+    a = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - a), -b[0] * b[1]))
+
+
+@dataclass
+class Placement:
+    """Where one image went: its bucket, its size before resizing, and the crop taken after resizing to cover."""
+    bucket: tuple[int, int]        # (width, height)
+    original_size: tuple[int, int]  # (height, width), SDXL's order
+    crop_top_left: tuple[int, int]  # (top, left) in resized pixels
+    upscaled: bool                  # the image was smaller than its bucket on some side
+
+
+def place(img: Image.Image, bucket: tuple[int, int], generator: torch.Generator | None = None) -> tuple[Image.Image, Placement]:
+    """Resize `img` to cover `bucket` (bicubic) and crop it to the bucket: centred, or at a random offset
+    drawn from `generator` (data.random_crop)."""
+    bw, bh = bucket
+    w, h = img.size
+    s = max(bw / w, bh / h)
+    rw, rh = max(bw, round(w * s)), max(bh, round(h * s))
+    if (rw, rh) != (w, h):
+        img = img.resize((rw, rh), Image.BICUBIC)
+    if generator is None:
+        left, top = (rw - bw) // 2, (rh - bh) // 2
+    else:
+        left = int(torch.randint(0, rw - bw + 1, (1,), generator=generator))
+        top = int(torch.randint(0, rh - bh + 1, (1,), generator=generator))
+    return img.crop((left, top, left + bw, top + bh)), Placement(bucket, (h, w), (top, left), s > 1)
+
+
+def kept_fraction(width: int, height: int, bucket: tuple[int, int]) -> float:
+    """Share of the original image's pixels inside the crop (1.0 = nothing cut away)."""
+    bw, bh = bucket
+    s = max(bw / width, bh / height)
+    return min(1.0, (bw / s) * (bh / s) / (width * height))
+
+
+class BucketSampler:
+    """Deterministic bucket-homogeneous batches: batch(step, rank) depends only on (seed, step, rank).
+
+    Each step one bucket is chosen with probability proportional to its number of images (so every
+    image is drawn equally often in expectation), then `world·batch` positions are drawn from it with
+    a generator shared by all ranks: a permutation of the bucket, cycled when the bucket holds fewer
+    images than the step needs (a small bucket repeats images within a step rather than being dropped),
+    and rank r takes slice r. Ranks therefore see disjoint images whenever the bucket has enough.
+    """
+
+    def __init__(self, bucket_of: list[tuple[int, int]], batch_size: int, world: int = 1, seed: int = 0):
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(bucket_of):
+            self.groups.setdefault(b, []).append(i)
+        self.keys = sorted(self.groups)
+        self.batch_size, self.world, self.seed = batch_size, world, seed
+        self.weights = torch.tensor([len(self.groups[k]) for k in self.keys], dtype=torch.float64)
+
+    def batch(self, step: int, rank: int = 0) -> tuple[tuple[int, int], torch.Tensor]:
+        """(bucket, (batch_size,) image indices) for `rank` at `step`."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 7919 + 17)  # same on every rank
+        k = self.keys[int(torch.multinomial(self.weights, 1, generator=g))]
+        members = torch.tensor(self.groups[k])
+        need = self.world * self.batch_size
+        order = torch.cat([members[torch.randperm(len(members), generator=g)] for _ in range(-(-need // len(members)))])
+        return k, order[rank * self.batch_size:(rank + 1) * self.batch_size]
+
+    def summary(self) -> list[str]:
+        """One line per bucket: its size, its images, and what happens when it is smaller than a step's draw."""
+        need = self.world * self.batch_size
+        return [f"bucket {w}x{h}: {len(self.groups[(w, h)])} images" +
+                (f" (fewer than the {need} a step draws: its images repeat within a step)" if len(self.groups[(w, h)]) < need else "")
+                for w, h in self.keys]
