@@ -209,6 +209,8 @@ class PretrainConfig:
     num_images: int = opt(12000, "source-domain faces rendered for pretraining")
     vae_from: Optional[str] = opt(None, "a pipeline folder whose VAE is reused (skips the VAE stage; its latent scaling is re-derived)")
     vae_steps: int = opt(6000, "VAE optimizer steps")
+    vae_clutter: float = opt(0.0, "share of VAE batches overdrawn with random shapes and lines (synth.clutter), so the "
+                             "codec can represent what the source faces lack (a thin dark line); the UNet never sees them")
     vae_batch: int = opt(16, "VAE batch size")
     vae_lr: float = opt(1e-3, "VAE peak learning rate (cosine to 5%)")
     vae_kl: float = opt(1e-5, "KL weight: small, as in LDM's 'KL-reg' autoencoders")
@@ -224,6 +226,7 @@ class PretrainConfig:
     num_threads: int = opt(1, "torch threads (1 is fastest on a loaded 2-core machine)")
 
     def __post_init__(self):
+        _check(0.0 <= self.vae_clutter <= 1.0, "vae_clutter", f"must be in [0, 1], got {self.vae_clutter}")
         _check(self.unet_cross_attn_levels in (2, 3), "unet_cross_attn_levels", f"must be 2 or 3, got {self.unet_cross_attn_levels}")
         _check(self.vae_from is None or Path(self.vae_from, "vae", "config.json").exists(), "vae_from",
                f"{self.vae_from}: no vae/config.json there (a diffusers pipeline folder is expected)")

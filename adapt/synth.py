@@ -231,3 +231,34 @@ def vocabulary() -> list[str]:
              "photo", "of", "person", "the", "and", "glasses"}
     words |= set(BACKGROUNDS) | set(HAIR_COLOURS) | set(HAIR_STYLES)
     return sorted(words)
+
+
+def clutter(img: Image.Image, seed: int, size: int = 64) -> Image.Image:
+    """`img` overdrawn with random primitives: thin lines, filled ellipses and rounded boxes in random colours
+    at random places (drawn at SCALE x and downsampled, like the renders).
+
+    For training the embedded base's *VAE* only: a real LDM's autoencoder learns a broad image
+    distribution (OpenImages for SD's), so it can encode and decode shapes its diffusion model never saw.
+    A VAE trained on clean faces alone cannot represent a thin dark line (its round trip of real
+    sunglasses renders is a smudge). The clutter is never arranged as glasses, and the UNet never sees it.
+    """
+    rng = np.random.default_rng(seed + 1_000_000_007)
+    s = SCALE
+    big = img.resize((size * s, size * s), Image.NEAREST)
+    d = ImageDraw.Draw(big)
+    for _ in range(int(rng.integers(2, 7))):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3)) if rng.random() < 0.5 else \
+            tuple(int(c) for c in rng.integers(0, 80, 3))  # half dark: dark thin features are what the face set lacks
+        kind = rng.integers(3)
+        x0, y0 = rng.uniform(0, size, 2) * s
+        if kind == 0:
+            x1, y1 = rng.uniform(0, size, 2) * s
+            d.line([(x0, y0), (x1, y1)], fill=colour, width=max(1, int(rng.uniform(0.8, 2.5) * s)))
+        else:
+            w, h = rng.uniform(2, 14, 2) * s
+            box = [x0, y0, x0 + w, y0 + h]
+            if kind == 1:
+                d.ellipse(box, fill=colour)
+            else:
+                d.rounded_rectangle(box, radius=rng.uniform(0, 0.4) * min(w, h), fill=colour)
+    return big.resize((size, size), Image.LANCZOS)
