@@ -70,6 +70,9 @@ def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[s
     from diffusers import DDPMScheduler
 
     from adapt import lora
+    if any(getattr(m, "merged", False) for m in pipe.unet.modules() if hasattr(m, "lora_A")):
+        raise ValueError("auto_mask: an adapter is fused into the UNet (inside lora.applied(fuse=True)?); compute the "
+                         "mask outside that block, so the adapter can be switched off for the base prediction")
     z0 = _encode(pipe, images)
     cond = _cond(pipe, prompts, images[0].size[::-1])
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise process the UNet knows

@@ -137,8 +137,8 @@ def summary_markdown(report: dict) -> str:
         lines += ["", f"**Recommended:** none — {rec['note']}. Rule: {rec['rule']}."]
     else:
         lines += ["", f"**Recommended:** strength {rec['strength']:g}, scale {rec['scale']:g}, mode {rec['mode']} — "
-                  f"{rk.replace('_', ' ')} {rec['reach']:.2f}" + (f", shape check {rec['shape_pass']:.2f}" if "shape_pass" in rec else "")
-                  + f", {rec['preservation_metric'].replace('_', ' ')} {rec['preservation']:.3f}"
+                  f"{_NAMES.get(rk, rk)} {rec['reach']:.2f}" + (f", shape check {rec['shape_pass']:.2f}" if "shape_pass" in rec else "")
+                  + f", {_NAMES.get(rec['preservation_metric'], rec['preservation_metric'])} {rec['preservation']:.3f}"
                   + (f", {rec['gain_over_base']:+.2f} reach over the base at the same strength" if rec.get("gain_over_base") is not None else "")
                   + ".", "", f"Rule: {rec['rule']}."]
     lines += ["", "Spearman ρ (strength vs reach / vs preservation, 95% CI over images):"]
@@ -156,6 +156,10 @@ def summary_markdown(report: dict) -> str:
     lines += ["", "Files: report.json, report.csv, curves.png, pareto.png (frontier and recommendation), grid.png "
               "(rows: base, adapter per mode; columns: input, strengths)."]
     return "\n".join(lines) + "\n"
+
+
+_NAMES = {"detector_reach": "detector reach", "target_reach": "classifier reach",
+          "preservation_ssim_outside_mask": "SSIM outside the eye band", "preservation_ssim": "SSIM to the input"}
 
 
 def _ci(ci):

@@ -33,8 +33,6 @@ def test_auto_mask_is_binary_dilated_and_empty_for_a_no_op_adapter(pipe_with_ada
     assert 0 < m0.sum() < m0.numel() and m1.sum() > m0.sum() and bool((m1 >= m0).all())  # dilation only grows it
     again = masking.auto_mask(pipe_with_adapter, imgs, prompts, ["ad"], masking.MaskSettings(dilate=1))
     assert torch.equal(m1, again)  # seeded noise draws: deterministic
-    with lora.applied(pipe_with_adapter, ["ad"], [0.0]):  # weights untouched by the mask computation
-        pass
     saved = {n: p.detach().clone() for n, p in pipe_with_adapter.unet.named_parameters() if "lora_B" in n}
     for n, p in pipe_with_adapter.unet.named_parameters():
         if "lora_B" in n:
@@ -46,6 +44,9 @@ def test_auto_mask_is_binary_dilated_and_empty_for_a_no_op_adapter(pipe_with_ada
             if n in saved:
                 p.data.copy_(saved[n])
     assert none.sum() == 0
+    with lora.applied(pipe_with_adapter, ["ad"], [1.0], fuse=True):  # fused, the adapter cannot be switched off
+        with pytest.raises(ValueError, match="fused"):
+            masking.auto_mask(pipe_with_adapter, imgs, prompts, ["ad"], masking.MaskSettings())
 
 
 def test_blending_keeps_the_source_outside_and_is_plain_img2img_with_a_full_mask(pipe_with_adapter):
