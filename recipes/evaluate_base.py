@@ -46,6 +46,13 @@ def main(argv=None):
     figs["vae_psnr_db"] = float(np.mean([metrics.psnr(r[i], x[i]) for i in range(n)]))
     stats = cache.latent_stats(cache.encode_posteriors(pipe.vae, faces), facts.scaling_factor, facts.shift_factor)
     figs["scaled_latent_std"] = stats["overall_std"]
+    # The lens-shape ceiling: a real sunglasses render through this VAE and back, judged by the shape check
+    # against the same face without glasses; no adapter drawing through this VAE can do better.
+    tgt, _, _ = data.load("datasets/synth_sunglasses", 64, "eval", num_images=n, logger=lambda m: None)
+    tr = (classifier.vae_roundtrip(pipe.vae, tgt).permute(0, 2, 3, 1).numpy() + 1) / 2
+    fcs = synthbench.faces_of(recs)
+    figs["vae_sunglasses_shape_ceiling"] = float(np.mean([synthbench.shape(tr[i], x[i], fcs[i], synth.skin_mask(fcs[i]))["passed"]
+                                                         for i in range(n)]))
     figs["scaled_latent_channel_mean"] = stats["channel_mean"]
     figs["scaled_latent_channel_std"] = stats["channel_std"]
 
