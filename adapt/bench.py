@@ -30,6 +30,10 @@ CASES = {
     "train-sd15-32-cache-gc": ("sd15", 32, 1, True, {"gradient_checkpointing": True}),
     "train-tiny-cache-gc": ("tiny", None, 8, True, {"gradient_checkpointing": True}),
     "train-sd15-8-cache-gc": ("sd15", 8, 4, True, {"gradient_checkpointing": True}),
+    # aspect-ratio buckets on mixed-aspect photos (datasets/synth_sunglasses_photos' shapes), cached, at the same
+    # pixel budget as the square case above it
+    "train-tiny-buckets": ("tiny", None, 8, True, {"mixed": True}),
+    "train-sd15-32-buckets": ("sd15", 32, 1, True, {"mixed": True}),
     # levers on the SD1.5 32x32 cached step
     "lever-batch4": ("sd15", 32, 4, True, {}),
     "lever-classic-attention": ("sd15", 32, 1, True, {"attn": "classic"}),
@@ -40,7 +44,9 @@ CASES = {
     "sample-tiny": ("tiny", None, 1, True, {"sample": True}),
     "sample-sd15-8": ("sd15", 8, 1, True, {"sample": True}),
 }
-QUICK = ["train-tiny-cache", "train-tiny-nocache", "train-tiny-cache-gc", "sample-tiny"]
+QUICK = ["train-tiny-cache", "train-tiny-nocache", "train-tiny-cache-gc", "train-tiny-buckets", "sample-tiny"]
+PHOTO_ASPECTS = [0.75, 1.333, 0.5, 1.0, 1.778, 0.5625, 2.0]  # as datasets/synth_sunglasses_photos
+PHOTO_SCALES = [1.0, 2.0, 0.75, 4.0, 1.5]
 
 
 def matmul_rate(n: int = 1024, reps: int = 20) -> float:
@@ -74,16 +80,23 @@ def _pipeline(arch: str):
         return model.load_base(str(save_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny")))
 
 
-def _images(n: int, size: int) -> tuple[torch.Tensor, list[str]]:
-    import numpy as np
-    from PIL import Image
-    from adapt import synth
+def _images(n: int, size: int, facts=None, mixed: bool = False):
+    """(Sized, captions): n synthetic sunglasses images at a `size`² pixel budget: squares, or (mixed) photos of
+    several aspects and sizes placed in aspect buckets. Also the share of each photo's pixels a square centre
+    crop would keep, and the share its bucket keeps."""
+    from adapt import buckets, synth
     imgs, caps = [], []
     for i in range(n):
-        img, cap, _ = synth.make("sunglasses", "train", i)
-        imgs.append(np.asarray(img.resize((size, size), Image.BICUBIC)))
+        img, cap, _ = synth.make_photo("sunglasses", "train", i, 64, PHOTO_ASPECTS[i % 7], PHOTO_SCALES[i % 5]) if mixed \
+            else synth.make("sunglasses", "train", i)
+        imgs.append(img)
         caps.append(cap)
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1, caps
+    sizing = buckets.Sizing(size, facts.size_multiple if facts else 8, buckets=mixed)
+    sized = buckets.size_images(imgs, sizing)
+    kept = {"kept_square_crop": sum(buckets.kept_fraction(*im.size, (size, size)) for im in imgs) / n,
+            "kept_buckets": sum(buckets.kept_fraction(*im.size, p.bucket) for im, p in zip(imgs, sized.placements)) / n,
+            "buckets": sorted({f"{w}x{h}" for w, h in sized.bucket_of()})} if mixed else {}
+    return sized, caps, kept
 
 
 def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
@@ -92,7 +105,7 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
     arch, side, batch, use_cache, extra = CASES[name]
     pipe, facts = _pipeline(arch)
     size = (side or pipe.unet.config.sample_size) * facts.vae_factor
-    pixels, caps = _images(16, size)
+    sized, caps, kept = _images(16, size, facts, extra.get("mixed", False))
     unet = pipe.unet
     if extra.get("attn") == "classic":
         from diffusers.models.attention_processor import AttnProcessor
@@ -103,8 +116,8 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
     if extra.get("channels_last"):
         unet.to(memory_format=torch.channels_last)
     window = objective.window_timesteps(sample.make_scheduler(pipe.scheduler, "ddim"), 50, 0.6, "img2img_exact")
-    post = cache.encode_posteriors(pipe.vae, pixels, batch_size=4) if use_cache else None
-    td = trainstep.build(pipe, facts, caps, window, post, pixels, size)
+    post = cache.encode_entries(pipe.vae, sized.pixels) if use_cache else None
+    td = trainstep.build(pipe, facts, caps, window, post, sized, batch)
     params = [p for p in unet.parameters() if p.requires_grad]
     kind = extra.get("adamw", "foreach")
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=kind == "foreach", fused=kind == "fused" or None)
@@ -112,7 +125,7 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
     unet.train()
 
     def step(i: int):
-        b = trainstep.draw(td, batch, trainstep.step_generator(0, i), pipe=pipe)
+        b = trainstep.draw(td, batch, trainstep.step_generator(0, i), pipe=pipe, at=i)
         loss = trainstep.forward_loss(fwd, b, td).mean()
         loss.backward()
         opt.step()
@@ -142,7 +155,7 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
         profile = [{"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in ev]
     rate = matmul_rate(2048 if torch.get_num_threads() > 1 else 1024)
     return {"name": name, "kind": "train", "arch": arch, "latent": side or pipe.unet.config.sample_size, "batch": batch,
-            "cache": use_cache, **{k: v for k, v in extra.items()}, "samples_per_s": batch / step_s, "step_s": step_s,
+            "cache": use_cache, **{k: v for k, v in extra.items()}, **kept, "samples_per_s": batch / step_s, "step_s": step_s,
             "warmup_s": t_compile, "peak_rss_mb": peak_rss_mb(), "flops_per_step": flops, "achieved_flops": flops / step_s,
             "matmul_flops": rate, "matmul_fraction": flops / step_s / rate, **({"profile_top": profile} if profile else {})}
 
@@ -152,9 +165,9 @@ def sample_case(name: str, reps: int = 3) -> list[dict]:
     arch, side, _, _, _ = CASES[name]
     pipe, facts = _pipeline(arch)
     size = (side or pipe.unet.config.sample_size) * facts.vae_factor
-    pixels, caps = _images(1, size)
+    sized, caps, _ = _images(1, size)
     from PIL import Image
-    src = Image.fromarray(((pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype("uint8"))
+    src = Image.fromarray(((sized.pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype("uint8"))
     steps = 20
 
     def timed(fn):
@@ -238,6 +251,9 @@ def _speedups(report: dict) -> None:
         if name.endswith("-cache") and name.replace("-cache", "-nocache") in by and "step_s" in by[name.replace("-cache", "-nocache")]:
             r["speedup_vs_nocache"] = by[name.replace("-cache", "-nocache")]["step_s"] / r["step_s"]
         ref = "train-tiny-cache" if name.endswith("-tiny") else "train-sd15-32-cache"
+        square = name.replace("-buckets", "-cache")
+        if name.endswith("-buckets") and "samples_per_s" in by.get(square, {}):
+            r["throughput_vs_square"] = r["samples_per_s"] / by[square]["samples_per_s"]
         if name.startswith("lever-") and "step_s" in r and "step_s" in by.get(ref, {}):
             # batch changes the work per step: compare throughput, not step time
             r["speedup_vs_default"] = r["samples_per_s"] / by[ref]["samples_per_s"]
@@ -252,7 +268,8 @@ def table(report: dict) -> str:
             lines.append(f"{r['name']:32s} ERROR {r['error']}")
             continue
         notes = []
-        for k in ("speedup_vs_nocache", "speedup_vs_default", "overhead_vs_base", "max_abs_diff_vs_unfused_0_255", "image_s"):
+        for k in ("speedup_vs_nocache", "speedup_vs_default", "throughput_vs_square", "kept_square_crop", "kept_buckets",
+                  "overhead_vs_base", "max_abs_diff_vs_unfused_0_255", "image_s"):
             if k in r:
                 notes.append(f"{k}={r[k]:.3f}")
         gf = f"{r['flops_per_step'] / 1e9:11.2f}" if "flops_per_step" in r else " " * 11

@@ -12,11 +12,49 @@ run draws the same batches, and all ranks share the draw and take disjoint slice
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
+
+SIZING_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How training images become tensors: the contract between the config, data loading and the latent cache
+    (its `key()` is part of the cache key, so a change of any field re-encodes)."""
+    resolution: int                # pixel budget: buckets hold about resolution² pixels
+    step: int                      # bucket sides are multiples of this (VAE factor × UNet downsampling)
+    buckets: bool = True           # False: every image becomes one resolution x resolution square
+    max_aspect: float = 2.5        # most extreme bucket, long side : short side
+    random_crop: bool = False      # crop at a seeded random offset instead of the centre
+    crops: int = 1                 # crops per image (random_crop only), each cached as its own latents
+    seed: int = 0                  # random crops' seed
+    min_size: int | None = None    # skip images whose short side is below this; None = upscale them (named in the log)
+
+    def __post_init__(self):
+        if self.resolution <= 0 or self.step <= 0:
+            raise ValueError(f"resolution and step must be > 0, got {self.resolution}, {self.step}")
+        if self.buckets and self.resolution % self.step:
+            raise ValueError(f"data.resolution={self.resolution} is not a multiple of the bucket step {self.step} "
+                             "(VAE factor x UNet downsampling, or data.bucket_step): pick a multiple, or data.buckets=false")
+        if self.max_aspect < 1:
+            raise ValueError(f"data.max_aspect must be >= 1, got {self.max_aspect}")
+        if self.crops < 1 or (self.crops > 1 and not self.random_crop):
+            raise ValueError(f"data.crops_per_image={self.crops}: must be >= 1, and > 1 only with data.random_crop=true "
+                             "(centre crops are all the same)")
+
+    def bucket_set(self) -> list[tuple[int, int]]:
+        if not self.buckets:
+            return [(self.resolution, self.resolution)]
+        return make_buckets(self.resolution, self.step, self.max_aspect)
+
+    def key(self) -> dict:
+        return {**dataclasses.asdict(self), "version": SIZING_VERSION}
 
 
 def make_buckets(resolution: int, step: int, max_aspect: float = 2.5) -> list[tuple[int, int]]:
@@ -48,6 +86,24 @@ class Placement:
     original_size: tuple[int, int]  # (height, width), SDXL's order
     crop_top_left: tuple[int, int]  # (top, left) in resized pixels
     upscaled: bool                  # the image was smaller than its bucket on some side
+    resized_size: tuple[int, int]   # (height, width) after resizing to cover, before cropping
+
+    def time_ids(self, flipped: bool = False) -> list[int]:
+        """SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original (h, w), crop (top, left), target (h, w).
+        A flipped crop starts as far from the right edge as the crop did from the left (as in kohya's sd-scripts)."""
+        (h, w), (top, left), (bw, bh) = self.original_size, self.crop_top_left, self.bucket
+        if flipped:
+            left = self.resized_size[1] - bw - left
+        return [h, w, top, left, bh, bw]
+
+    def apply(self, img: Image.Image, resample=Image.BICUBIC) -> Image.Image:
+        """The same resize and crop on another image of the original's size (a loss mask)."""
+        (rh, rw), (top, left), (bw, bh) = self.resized_size, self.crop_top_left, self.bucket
+        if img.size != (self.original_size[1], self.original_size[0]):
+            img = img.resize((self.original_size[1], self.original_size[0]), Image.NEAREST)
+        if img.size != (rw, rh):
+            img = img.resize((rw, rh), resample)
+        return img.crop((left, top, left + bw, top + bh))
 
 
 def place(img: Image.Image, bucket: tuple[int, int], generator: torch.Generator | None = None) -> tuple[Image.Image, Placement]:
@@ -64,7 +120,44 @@ def place(img: Image.Image, bucket: tuple[int, int], generator: torch.Generator 
     else:
         left = int(torch.randint(0, rw - bw + 1, (1,), generator=generator))
         top = int(torch.randint(0, rh - bh + 1, (1,), generator=generator))
-    return img.crop((left, top, left + bw, top + bh)), Placement(bucket, (h, w), (top, left), s > 1)
+    return img.crop((left, top, left + bw, top + bh)), Placement(bucket, (h, w), (top, left), s > 1, (rh, rw))
+
+
+@dataclass
+class Sized:
+    """Training images at their buckets. With `crops` crops per image, image i's crop v is entry i·crops + v."""
+    pixels: list[torch.Tensor]      # (3, H, W) in [-1, 1] per entry; H, W = the entry's bucket
+    placements: list[Placement]     # per entry
+    crops: int = 1
+
+    def __len__(self) -> int:  # images, not entries
+        return len(self.pixels) // self.crops
+
+    def bucket_of(self) -> list[tuple[int, int]]:
+        """Each image's bucket (all crops of an image share it: the bucket follows the aspect)."""
+        return [p.bucket for p in self.placements[::self.crops]]
+
+    def time_ids(self, flipped: bool = False) -> torch.Tensor:
+        """(entries, 6) SDXL micro-conditioning per entry."""
+        return torch.tensor([p.time_ids(flipped) for p in self.placements], dtype=torch.float32)
+
+
+def crop_generator(seed: int, image: int, crop: int) -> torch.Generator:
+    """The random crop of (image, crop) depends on these alone, so a cache rebuilt elsewhere is identical."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + image) * 101 + crop)
+
+
+def size_images(images: list[Image.Image], sizing: Sizing) -> Sized:
+    """Place every image in its nearest-aspect bucket, `sizing.crops` crops each."""
+    bs = sizing.bucket_set()
+    pixels, placements = [], []
+    for i, img in enumerate(images):
+        bucket = nearest(bs, *img.size)
+        for v in range(sizing.crops):
+            out, p = place(img, bucket, crop_generator(sizing.seed, i, v) if sizing.random_crop else None)
+            pixels.append(torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0)
+            placements.append(p)
+    return Sized(pixels, placements, sizing.crops)
 
 
 def kept_fraction(width: int, height: int, bucket: tuple[int, int]) -> float:

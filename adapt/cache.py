@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -88,6 +89,38 @@ def encode_posteriors(vae, pixels: torch.Tensor, batch_size: int | None = None, 
     return {"mean": mean, "std": std}
 
 
+def encode_entries(vae, pixels: list[torch.Tensor], flip: bool = False, log=None) -> dict[str, list[torch.Tensor]]:
+    """Posterior mean and std per entry of a bucketed set: pixels are (3, H, W) of several sizes. Entries of one
+    size are encoded together (batches as in `encode_posteriors`), so a bucket costs what a square set would."""
+    by_size: dict[tuple, list[int]] = {}
+    for j, x in enumerate(pixels):
+        by_size.setdefault(tuple(x.shape), []).append(j)
+    mean: list = [None] * len(pixels)
+    std: list = [None] * len(pixels)
+    for k, (shape, idx) in enumerate(sorted(by_size.items())):
+        t0 = time.time()
+        post = encode_posteriors(vae, torch.stack([pixels[j] for j in idx]), flip=flip)
+        for n, j in enumerate(idx):
+            mean[j], std[j] = post["mean"][n], post["std"][n]
+        if log and len(by_size) > 1:
+            log(f"  encoded bucket {shape[2]}x{shape[1]}{' (flipped)' if flip else ''}: {len(idx)} crops in {time.time() - t0:.1f}s "
+                f"({k + 1}/{len(by_size)})")
+    return {"mean": mean, "std": std}
+
+
+def pack(post: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{name: [entry tensors]} -> flat safetensors keys 'name.j' (entries may differ in shape)."""
+    return {f"{k}.{j}": t.contiguous() for k, ts in post.items() for j, t in enumerate(ts)}
+
+
+def unpack(flat: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for key, t in flat.items():
+        name, j = key.rsplit(".", 1)
+        out.setdefault(name, {})[int(j)] = t
+    return {k: [v[j] for j in range(len(v))] for k, v in out.items()}
+
+
 def scaled(z: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
     """(z − shift)·scale: the unit-variance latent the UNet was trained on (LDM, Rombach et al. 2022, sec. 3)."""
     return (z - shift_factor) * scaling_factor
@@ -95,19 +128,25 @@ def scaled(z: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) ->
 
 def sample_latents(post: dict, idx: torch.Tensor, scaling_factor: float, shift_factor: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled posterior samples for rows `idx`: (B, C, h, w)."""
-    mean, std = post["mean"][idx], post["std"][idx]
+    """Scaled posterior samples for rows `idx`: (B, C, h, w). `post` holds stacked tensors or lists of
+    entries of one shape at `idx` (a batch comes from one bucket)."""
+    mean, std = post["mean"], post["std"]
+    if isinstance(mean, list):
+        mean, std = torch.stack([mean[j] for j in idx.tolist()]), torch.stack([std[j] for j in idx.tolist()])
+    else:
+        mean, std = mean[idx], std[idx]
     z = mean + std * torch.randn(mean.shape, generator=generator)
     return scaled(z, scaling_factor, shift_factor)
 
 
 @torch.no_grad()
 def latent_stats(post: dict, scaling_factor: float, shift_factor: float = 0.0, seed: int = 0) -> dict:
-    """Per-channel mean/std of scaled posterior samples, and the overall std (should be ≈ 1)."""
+    """Per-channel mean/std of scaled posterior samples over every entry, and the overall std (should be ≈ 1)."""
     g = torch.Generator().manual_seed(seed)
-    z = sample_latents(post, torch.arange(len(post["mean"])), scaling_factor, shift_factor, g)
-    return {"channel_mean": z.mean(dim=(0, 2, 3)).tolist(), "channel_std": z.std(dim=(0, 2, 3)).tolist(),
-            "overall_std": float(z.std()), "overall_mean": float(z.mean()), "num_images": len(z)}
+    z = torch.cat([sample_latents({"mean": [m], "std": [s]}, torch.tensor([0]), scaling_factor, shift_factor, g)[0].flatten(1)
+                   for m, s in zip(post["mean"], post["std"])], 1)  # (C, all latent pixels)
+    return {"channel_mean": z.mean(1).tolist(), "channel_std": z.std(1).tolist(),
+            "overall_std": float(z.std()), "overall_mean": float(z.mean()), "num_images": len(post["mean"])}
 
 
 def check_stats(stats: dict, low: float = 0.8, high: float = 1.25) -> str | None:

@@ -29,6 +29,8 @@ def _add_sample(sub):
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="txt2img images")
+    p.add_argument("--resolution", type=int, default=None, help="pixel budget: img2img runs each input at its own aspect "
+                   "with about resolution² pixels (sides multiples of the VAE factor); default: the base's native resolution")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep adapters unfused (default: fused at the given scale, which is faster and equal within ~1e-6)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
@@ -79,13 +81,14 @@ def cmd_sample(a) -> int:
     if a.image:
         if a.strength is None:
             print(f"using strength {strength} stored in adapter {a.adapter[0]} (trained for it); pass --strength to override")
-        images = [sample.to_pil(p, facts.sample_size) for p in a.image]
+        budget = a.resolution or facts.sample_size
+        images = [sample.fit_budget(p, budget, facts.vae_factor) for p in a.image]
         mask, paste_blur = _edit_mask(a, pipe, images, prompts, names)
         with with_adapters():
             imgs = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched, mask=mask, paste_blur=paste_blur)
         paths = sample.save_images(imgs, out, "img2img")
         if mask is not None:
-            sample.save_images([masking.mask_image(m, images[0].size) for m in mask], out, "mask")
+            sample.save_images([masking.mask_image(m, img.size) for m, img in zip(mask, images)], out, "mask")
         if a.grid and names:
             with lora.applied(pipe, names, [0.0] * len(names)):
                 base = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched)
@@ -126,11 +129,11 @@ def _edit_mask(a, pipe, images, prompts, names):
         mask = masking.auto_mask(pipe, images, prompts, names, settings)
         how = f"adapter-guided (t={settings.timestep}, threshold {settings.threshold}, dilate {settings.dilate})"
     else:
-        h, w = images[0].size[::-1]
-        mask = masking.mask_from_images([open_image(p) for p in a.mask], (h, w), pipe.vae_scale_factor)
+        mask = masking.mask_from_images([open_image(p) for p in a.mask], [img.size[::-1] for img in images],
+                                        pipe.vae_scale_factor)
         how = "from mask images"
-    area = mask.mean((1, 2, 3))
-    print(f"edit masks {how}: area {', '.join(f'{v:.0%}' for v in area.tolist())}"
+    area = [float(m.mean()) for m in mask]
+    print(f"edit masks {how}: area {', '.join(f'{v:.0%}' for v in area)}"
           + ("; the input is pasted back outside them" if settings.paste else ""))
     return mask, (settings.blur if settings.paste else None)
 
@@ -146,6 +149,8 @@ def _check_sample_args(a) -> None:
         raise CliError(f"--strength must be in (0, 1], got {a.strength}")
     if a.num_images < 1:
         raise CliError(f"--num-images must be >= 1, got {a.num_images}")
+    if a.resolution is not None and (a.resolution < 8 or a.resolution % 8):
+        raise CliError(f"--resolution must be a positive multiple of 8, got {a.resolution}")
     for s in a.scale:
         if s < 0:
             raise CliError(f"--scale must be >= 0, got {s}")
@@ -287,7 +292,8 @@ def cmd_data_build(a) -> int:
         if not a.overwrite:
             raise CliError(f"--out {out} exists and is not empty; pass --overwrite to replace it (adapt never mixes "
                            "two builds in one folder)")
-    out = synth.build_imagefolder(spec["domain"], out, a.n, a.split, spec.get("size", 64), replace=True)
+    out = synth.build_imagefolder(spec["domain"], out, a.n, a.split, spec.get("size", 64), replace=True,
+                                  **{k: spec[k] for k in ("aspects", "scales") if k in spec})
     print(f"wrote {a.n} {spec['domain']} images of split {a.split!r} to {out} (metadata.jsonl with captions and eye boxes)")
     return 0
 

@@ -61,9 +61,19 @@ class DataConfig:
     image_column: str = opt("image", "image column (hub datasets)")
     caption_column: str = opt("text", "caption column")
     default_caption: str = opt("", "caption for images without one; '{name}' expands to the file stem")
-    resolution: int = opt(64, "square training resolution in pixels (multiple of the VAE factor)")
-    center_crop: bool = opt(True, "center crop after resizing the short side (random crops are not supported)")
-    random_flip: bool = opt(False, "horizontal flip augmentation (re-encodes latents each epoch)")
+    resolution: int = opt(64, "training resolution: the pixel budget (resolution² pixels per image, in every bucket)")
+    buckets: bool = opt(True, "aspect-ratio buckets: each image trains at the bucket nearest its aspect (about "
+                        "resolution² pixels, sides multiples of data.bucket_step); false = a resolution² square crop")
+    bucket_step: Optional[int] = opt(None, "bucket sides are multiples of this; None = VAE factor x UNet downsampling "
+                                     "(64 for SD/SDXL), so latents need no padding")
+    max_aspect: float = opt(2.5, "most extreme bucket aspect (long:short side); images beyond it are cropped to it")
+    random_crop: bool = opt(False, "crop each image at a seeded random offset after resizing to cover its bucket "
+                            "(default: the centre)")
+    crops_per_image: int = opt(1, "with random_crop: cached crops per image, drawn at random each step (k times the "
+                               "encoding time and cache size)")
+    min_size: Optional[int] = opt(None, "skip images whose short side is below this many pixels; None = keep and upscale "
+                                  "them to their bucket (each one is named in the log)")
+    random_flip: bool = opt(False, "horizontal flip augmentation (each flipped crop is encoded once and cached beside the unflipped one)")
     caption_dropout: float = opt(0.0, "probability of training on the empty prompt (keeps unconditional guidance working)")
     cache: bool = opt(True, "cache VAE latents and prompt embeddings (computed once, reused across runs)")
     cache_dir: Optional[str] = opt(None, "where caches live; default $ADAPT_CACHE or ~/.cache/adapt")
@@ -77,7 +87,13 @@ class DataConfig:
         _check(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
         _check(_fields(self.default_caption) <= {"name"}, "data.default_caption",
                f"{self.default_caption!r}: only '{{name}}' (the file stem) may appear in braces; write literal braces as '{{{{' and '}}}}'")
-        _check(self.center_crop, "data.center_crop", "false (random crops) is not supported: images are center-cropped once and their latents cached")
+        _check(self.bucket_step is None or (self.bucket_step > 0 and self.bucket_step % 8 == 0), "data.bucket_step",
+               f"must be a positive multiple of 8, got {self.bucket_step}")
+        _check(self.max_aspect >= 1.0, "data.max_aspect", f"must be >= 1, got {self.max_aspect}")
+        _check(self.crops_per_image >= 1, "data.crops_per_image", f"must be >= 1, got {self.crops_per_image}")
+        _check(self.crops_per_image == 1 or self.random_crop, "data.crops_per_image",
+               f"{self.crops_per_image} crops need data.random_crop=true (centre crops of an image are all the same)")
+        _check(self.min_size is None or self.min_size > 0, "data.min_size", f"must be > 0, got {self.min_size}")
 
 
 @dataclass

@@ -22,6 +22,8 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
+from adapt import buckets
+
 log = logging.getLogger("adapt.data")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 64 * 1024 * 1024  # declared sizes above this are refused before decoding (bomb guard)
@@ -229,12 +231,14 @@ def read_definition(folder: Path, split: str, num_images: int | None, cache_dir:
     if builder == "synth":
         from adapt import synth
         n = num_images or spec.get("default_n", {}).get(split) or 64
-        out = cache_dir / "datasets" / folder.name / f"{split}-{n}-{spec.get('size', 64)}-m"  # -m: with masks/
+        shapes = {k: spec[k] for k in ("aspects", "scales") if k in spec}  # non-square photos (synth.make_photo)
+        tag = "-" + cache_key_short(shapes) if shapes else ""
+        out = cache_dir / "datasets" / folder.name / f"{split}-{n}-{spec.get('size', 64)}{tag}-m"  # -m: with masks/
         if not (out / "metadata.jsonl").exists():  # several processes may build at once: last rename wins
             import os
             import shutil
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-            synth.build_imagefolder(spec["domain"], tmp, n=n, split=split, size=spec.get("size", 64))
+            synth.build_imagefolder(spec["domain"], tmp, n=n, split=split, size=spec.get("size", 64), **shapes)
             try:
                 tmp.rename(out)
             except OSError:
@@ -247,6 +251,10 @@ def read_definition(folder: Path, split: str, num_images: int | None, cache_dir:
         return read_folder(folder / spec["path"].format(split=split), spec.get("caption_column", "text"),
                            spec.get("default_caption", ""), report, masks)
     raise DataError(f"{folder / 'dataset.yaml'}: unknown builder {builder!r} (expected synth, hub or folder)")
+
+
+def cache_key_short(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def default_cache_dir() -> Path:
@@ -288,57 +296,88 @@ def fit(img: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int]
 
     Returns the crop and its (top, left) in resized pixels, which SDXL's micro-conditioning takes.
     """
-    w, h = img.size
-    s = resolution / min(w, h)
-    if s != 1:
-        img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution)), (top, left)
+    out, p = buckets.place(img, (resolution, resolution))
+    return out, p.crop_top_left
 
 
-def load_images(records: list[Record], resolution: int, report: DataReport,
-                min_size: int | None = None) -> tuple[torch.Tensor, list[Record]]:
-    """Decode, convert and size every record: (N, 3, R, R) in [-1, 1] and the records kept.
-
-    Images whose short side is below `min_size` (default resolution/2) are skipped: upscaling them
-    would teach the adapter blur. Raises DataError if nothing is left.
-    """
-    min_size = resolution // 2 if min_size is None else min_size
-    arrays, kept = [], []
+def decode(records: list[Record], report: DataReport, min_size: int | None) -> tuple[list[Image.Image], list[Record]]:
+    """Decode every record; an unreadable file, or one whose short side is below `min_size`, is skipped and named.
+    Each kept record gets `extra['content_hash']`, a hash of its decoded pixels at their own size (the identity
+    of an image whatever it is later resized or cropped to: evaluation checks it against the training set)."""
+    images, kept = [], []
     for r in records:
         try:
             img = r.load()
         except (ValueError, OSError) as e:
             report.skip(str(e).split(" (")[0], r.name)
             continue
-        if min(img.size) < min_size:
+        if min_size and min(img.size) < min_size:
             report.skip(f"smaller than {min_size} px on the short side", f"{r.name} ({img.size[0]}x{img.size[1]})")
             continue
-        fitted, crop = fit(img, resolution)
-        arrays.append(np.asarray(fitted, dtype=np.uint8))
-        r.extra["original_size"], r.extra["crop_top_left"] = (img.size[1], img.size[0]), crop  # (h, w), (top, left)
+        r.extra["content_hash"] = hashlib.sha256(f"{img.size}".encode() + img.tobytes()).hexdigest()[:16]
+        images.append(img)
         kept.append(r)
     report.kept = len(kept)
     if not kept:
         raise DataError(f"no usable images: {report.summary()}")
+    return images, kept
+
+
+def load_images(records: list[Record], resolution: int, report: DataReport,
+                min_size: int | None = None) -> tuple[torch.Tensor, list[Record]]:
+    """Decode and centre-crop every record to a square: (N, 3, R, R) in [-1, 1] and the records kept.
+
+    For evaluation and classifiers, which compare images of one shape. Images whose short side is below
+    `min_size` (default resolution/2) are skipped: upscaling them would teach the classifiers blur.
+    """
+    images, kept = decode(records, report, resolution // 2 if min_size is None else min_size)
+    arrays = []
+    for r, img in zip(kept, images):
+        fitted, crop = fit(img, resolution)
+        arrays.append(np.asarray(fitted, dtype=np.uint8))
+        r.extra["original_size"], r.extra["crop_top_left"] = (img.size[1], img.size[0]), crop  # (h, w), (top, left)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, kept
 
 
-def fingerprint(records: list[Record], pixels: torch.Tensor) -> str:
-    """sha256 over names, captions and decoded pixels: identifies a training set across machines."""
+def fingerprint(records: list[Record], pixels, crops: int = 1) -> str:
+    """sha256 over names, captions and decoded pixels (every crop of each image): identifies a training set."""
     h = hashlib.sha256()
-    for r, x in zip(records, pixels):
+    for i, r in enumerate(records):
         h.update(r.name.encode())
         h.update(r.caption.encode())
-        h.update(((x + 1) * 127.5).round().to(torch.uint8).numpy().tobytes())
+        for x in pixels[i * crops:(i + 1) * crops]:
+            h.update(((x + 1) * 127.5).round().to(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def image_fingerprints(pixels: torch.Tensor) -> list[str]:
-    """Per-image content hashes, to detect overlap between training and evaluation sets."""
+    """Per-image hashes of sized pixels (what adapters before 0.9 recorded; `decode` now records content hashes)."""
     return [hashlib.sha256(((x + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()).hexdigest()[:16] for x in pixels]
+
+
+def load_sized(source: str, sizing: buckets.Sizing, split: str = "train", image_column: str = "image",
+               caption_column: str = "text", default_caption: str = "", num_images: int | None = None, cache_dir=None,
+               logger=None, masks: str | None = None) -> tuple[buckets.Sized, list[Record], DataReport]:
+    """Read and decode a training set and place each image in its aspect bucket (adapt.buckets).
+    Images smaller than their bucket are upscaled and named in the log, unless `sizing.min_size` skips them."""
+    say = logger or log.info
+    records, report = read_records(source, split, image_column, caption_column, default_caption, num_images, cache_dir, masks)
+    if not records and not report.num_skipped:
+        raise DataError(f"no images found in {source!r} (split {split!r})")
+    images, kept = decode(records, report, sizing.min_size)
+    sized = buckets.size_images(images, sizing)
+    for r, p in zip(kept, sized.placements[::sized.crops]):
+        r.extra["original_size"], r.extra["crop_top_left"] = p.original_size, p.crop_top_left
+        if p.upscaled:
+            report.note(f"upscaled to fit its bucket (set data.min_size to skip such images)",
+                        f"{r.name} ({p.original_size[1]}x{p.original_size[0]} -> {p.bucket[0]}x{p.bucket[1]})")
+    say(f"data {source}: {report.summary()}")
+    upscaled = [r.name for r, p in zip(kept, sized.placements[::sized.crops]) if p.upscaled]
+    if upscaled:
+        say(f"WARNING: {len(upscaled)} image(s) smaller than their bucket were upscaled (soft detail teaches blur): "
+            f"{', '.join(upscaled[:10])}{' ...' if len(upscaled) > 10 else ''}")
+    return sized, kept, report
 
 
 def load(source: str, resolution: int, split: str = "train", image_column: str = "image", caption_column: str = "text",
@@ -359,13 +398,14 @@ def mask_root(root: Path, masks: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def load_masks(records: list[Record], masks: str, resolution: int) -> torch.Tensor:
-    """(N, 1, R, R) loss masks in [0, 1] for `records` (masked loss, as kohya's): 'alpha' = each image's alpha
+def load_masks(records: list[Record], masks: str, placements: list, crops: int = 1) -> list[torch.Tensor]:
+    """(1, H, W) loss masks in [0, 1] per training entry (masked loss, as kohya's): 'alpha' = each image's alpha
     channel, else a mask image of the same relative name (any image extension) in the folder `masks`.
-    Cropped exactly as the image was (`fit`). A missing or unreadable mask is an error naming the files:
-    training on some images without their mask would silently change the objective for them."""
+    Resized and cropped exactly as each entry's image was (`placements`, `crops` entries per record). A missing
+    or unreadable mask is an error naming the files: training on some images without their mask would silently
+    change the objective for them."""
     out, missing = [], []
-    for r in records:
+    for i, r in enumerate(records):
         if r.path is None:
             raise DataError(f"data.masks: {r.name} is not a local file; masks need a local image folder")
         root = Path(str(r.path)[:-len(r.name)])
@@ -384,10 +424,9 @@ def load_masks(records: list[Record], masks: str, resolution: int) -> torch.Tens
         except (OSError, ValueError) as e:
             missing.append(f"{r.name} ({e})")
             continue
-        if m.size != (r.extra["original_size"][1], r.extra["original_size"][0]):
-            m = m.resize((r.extra["original_size"][1], r.extra["original_size"][0]), Image.NEAREST)
-        out.append(np.asarray(fit(m, resolution)[0], dtype=np.float32) / 255.0)
+        for p in placements[i * crops:(i + 1) * crops]:
+            out.append(torch.from_numpy(np.asarray(p.apply(m), dtype=np.float32) / 255.0)[None])
     if missing:
         raise DataError(f"data.masks={masks!r}: {len(missing)} of {len(records)} images have no usable mask: "
                         f"{'; '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    return torch.from_numpy(np.stack(out))[:, None]
+    return out

@@ -44,6 +44,18 @@ def _per_image(outs: np.ndarray, inputs: np.ndarray, faces, masks) -> dict:
     return {k: np.array(v) for k, v in m.items()}
 
 
+def _square(images: list[np.ndarray], res: int) -> np.ndarray:
+    """(N, res, res, 3): each (H, W, 3) image's centre square at `res` (the identity for square inputs at res)."""
+    from PIL import Image
+    out = []
+    for x in images:
+        if x.shape[:2] != (res, res):
+            img = data.fit(Image.fromarray((x * 255).round().astype(np.uint8)), res)[0]
+            x = np.asarray(img, dtype=np.float32) / 255.0
+        out.append(x)
+    return np.stack(out)
+
+
 def _downsample(x: np.ndarray, size: int = 16) -> np.ndarray:
     t = torch.from_numpy(x).permute(0, 3, 1, 2).float()
     return torch.nn.functional.adaptive_avg_pool2d(t, size).flatten(1).numpy()
@@ -81,12 +93,13 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     warnings = []
 
     src_px, src_rec, _ = data.load(cfg.source, res, cfg.source_split, num_images=cfg.num_images, logger=log)
-    tgt_px, _, _ = data.load(cfg.target, res, cfg.target_split, num_images=cfg.num_target, logger=log)
+    tgt_px, tgt_rec, _ = data.load(cfg.target, res, cfg.target_split, num_images=cfg.num_target, logger=log)
     if len(tgt_px) < 2:
         raise data.DataError(f"target {cfg.target} (split {cfg.target_split}): {len(tgt_px)} usable image(s); KID needs at least 2")
     trained = set(facts.image_fingerprints)
-    for label, px in (("source", src_px), ("target", tgt_px)):
-        overlap = trained & set(data.image_fingerprints(px))
+    for label, px, recs in (("source", src_px, src_rec), ("target", tgt_px, tgt_rec)):
+        # content hashes (adapters since 0.9), and hashes of the sized pixels that earlier adapters recorded
+        overlap = trained & (set(data.image_fingerprints(px)) | {r.extra["content_hash"] for r in recs})
         if overlap:
             warnings.append(f"{len(overlap)} {label} evaluation images are identical to the adapter's training images "
                             f"(dataset fingerprint {facts.dataset_fingerprint}); use a held-out split")
@@ -111,13 +124,21 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
         rep.write(out, report)
         return report
 
-    inputs = _arr(src_px)
+    # Each source runs at its own aspect within res² pixels; preservation is measured at that size, and the
+    # classifier, KID and perceptual metrics see the centre square of each output (`_square`).
+    src_images = [sample.fit_budget(r.load(), res, bf.vae_factor) for r in src_rec]
+    square = all(img.size == (res, res) for img in src_images)
+    inputs = [sample.to_array(img) for img in src_images]
     faces = synthbench.faces_of(src_rec)
+    if faces is not None and not square:
+        faces = None
+        warnings.append("the benchmark's lens detector and shape check need square sources at the base's resolution; "
+                        "not computed for these non-square sources")
     masks = synthbench.Masks.of(faces, res) if faces is not None else None
     report["has_masks"] = faces is not None
-    src_images = [sample.to_pil(r.load(), res) for r in src_rec]
     prompts = [cfg.prompt.format(caption=r.caption) for r in src_rec]
-    ceiling = _per_image(_arr(classifier.vae_roundtrip(pipe.vae, src_px)), inputs, faces, masks)
+    round_trip = [_arr(classifier.vae_roundtrip(pipe.vae, torch.from_numpy(x).permute(2, 0, 1)[None] * 2 - 1))[0] for x in inputs]
+    ceiling = _per_image(round_trip, inputs, faces, masks)
     report["vae_ceiling"] = {k: float(v.mean()) for k, v in ceiling.items() if k in ("ssim", "psnr", "l2", "ssim_out", "psnr_out")}
     tgt_feat, tgt_pix = clf.features(tgt_px), _downsample(_arr(tgt_px))
     perc = _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device)
@@ -132,8 +153,8 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     if "masked" in cfg.modes:  # the adapter's own edit region, once per image (it depends on image and prompt only)
         settings = cfg.mask_settings()
         edit_mask = masking.auto_mask(pipe, src_images, prompts, [name], settings)
-        px = masking.pixel_mask(edit_mask, (res, res), 0)[:, 0].numpy() > 0.5  # (N, H, W)
-        mask_stats["mask_area"] = px.mean((1, 2))
+        px = [masking.pixel_mask(m[None], img.size[::-1], 0)[0, 0].numpy() > 0.5 for m, img in zip(edit_mask, src_images)]
+        mask_stats["mask_area"] = np.array([p.mean() for p in px])
         if masks is not None:
             mask_stats["mask_outside_band"] = np.array([synthbench.outside_band_share(p, b) for p, b in zip(px, masks.band)])
         log(f"edit masks (adapter-guided, t={settings.timestep}, threshold {settings.threshold}, dilate {settings.dilate}): "
@@ -156,9 +177,10 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
                                       paste_blur=cfg.mask_blur if masked and cfg.mask_paste else None, blend=cfg.mask_blend)
             if seed == 0:
                 grid_imgs[(strength, scale, mode)] = outs[:4]
-            arr = np.stack([sample.to_array(o) for o in outs])
-            outs_all.append(arr)
+            arr = [sample.to_array(o) for o in outs]
             m = _per_image(arr, inputs, faces, masks)
+            arr = _square(arr, res)  # (N, res, res, 3)
+            outs_all.append(arr)
             x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() * 2 - 1
             m["reach"] = (clf.prob_target(x) > 0.5).astype(float)
             m["feat"] = clf.features(x)

@@ -65,8 +65,18 @@ def _cond(pipe, prompts: list[str], size: tuple[int, int]) -> dict:
 
 
 @torch.no_grad()
-def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[str], settings: MaskSettings) -> torch.Tensor:
-    """Latent edit masks (N, 1, h, w) in {0, 1}: where the adapters `names` change the noise prediction."""
+def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[str], settings: MaskSettings):
+    """Latent edit masks in {0, 1}, (1, h, w) per image: where the adapters `names` change the noise prediction.
+    Stacked as an (N, 1, h, w) tensor when the images share one size, else a list (images of one size are
+    computed together)."""
+    sizes = {img.size for img in images}
+    if len(sizes) > 1:
+        out: list = [None] * len(images)
+        for size in sizes:
+            idx = [i for i, img in enumerate(images) if img.size == size]
+            for i, m in zip(idx, auto_mask(pipe, [images[i] for i in idx], [prompts[i] for i in idx], names, settings)):
+                out[i] = m
+        return out
     from diffusers import DDPMScheduler
 
     from adapt import lora
@@ -94,11 +104,14 @@ def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[s
     return m.cpu()
 
 
-def mask_from_images(masks: list[Image.Image], size: tuple[int, int], factor: int) -> torch.Tensor:
-    """Latent masks (N, 1, h, w) from user mask images (white = edit), resized to `size` (H, W) pixels;
-    a latent cell is on when any of its pixels is, so the mask covers what the user painted."""
-    px = torch.stack([torch.from_numpy(np.asarray(m.convert("L").resize(size[::-1], Image.NEAREST)) > 127) for m in masks])
-    return F.max_pool2d(px[:, None].float(), factor)
+def mask_from_images(masks: list[Image.Image], size, factor: int):
+    """Latent masks from user mask images (white = edit), each resized to its image's `size` (H, W) pixels (one
+    size for all, or a list with one per mask); a latent cell is on when any of its pixels is, so the mask covers
+    what the user painted. An (N, 1, h, w) tensor for one size, else a list of (1, h, w)."""
+    sizes = size if isinstance(size, list) else [size] * len(masks)
+    out = [F.max_pool2d(torch.from_numpy(np.asarray(m.convert("L").resize(s[::-1], Image.NEAREST)) > 127)[None].float(), factor)
+           for m, s in zip(masks, sizes)]
+    return torch.stack(out) if len({tuple(s) for s in sizes}) == 1 else out
 
 
 def pixel_mask(latent_mask: torch.Tensor, size: tuple[int, int], blur: float) -> torch.Tensor:
@@ -127,12 +140,12 @@ class Blend:
     """`callback_on_step_end` for diffusers img2img pipelines: after each step, outside the mask, the
     latent becomes the source noised to the next timestep; after the last step, the source itself."""
 
-    def __init__(self, pipe, images: list[Image.Image], latent_mask: torch.Tensor, seed: int):
+    def __init__(self, pipe, images: list[Image.Image], latent_mask: torch.Tensor, seeds: list[int]):
         self.z0 = _encode(pipe, images)
         self.mask = latent_mask.to(self.z0)
         # One fixed background noise per image, from its own seed: independent of batching.
-        self.noise = torch.cat([torch.randn((1, *self.z0.shape[1:]), generator=torch.Generator().manual_seed(seed + i))
-                                for i in range(len(images))]).to(self.z0)
+        self.noise = torch.cat([torch.randn((1, *self.z0.shape[1:]), generator=torch.Generator().manual_seed(s))
+                                for s in seeds]).to(self.z0)
 
     def __call__(self, pipe, i: int, t, kwargs: dict) -> dict:
         sched = pipe.scheduler

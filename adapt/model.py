@@ -36,6 +36,7 @@ class BaseFacts:
     vae_factor: int  # pixels per latent pixel
     latent_channels: int
     sample_size: int  # native resolution in pixels
+    size_multiple: int = 8  # pixel sides the UNet takes without padding: VAE factor x 2^(UNet downsamplings)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,6 +155,7 @@ def facts_of(pipe, source: str, resolved: str) -> BaseFacts:
         text_hidden_size=int(unet.config.cross_attention_dim),
         vae_factor=factor, latent_channels=int(vae.config.latent_channels),
         sample_size=int(unet.config.sample_size) * factor,
+        size_multiple=factor * 2 ** (len(unet.config.block_out_channels) - 1),
     )
 
 

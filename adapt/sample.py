@@ -7,6 +7,7 @@ own generator seeded `seed + index`, so results do not depend on batch size.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -63,39 +64,70 @@ def to_pil(img, size: int | None = None) -> Image.Image:
     return img
 
 
+def budget_size(width: int, height: int, budget: int, multiple: int) -> tuple[int, int]:
+    """(W, H) with the image's aspect and at most budget² pixels, sides multiples of `multiple` (the VAE factor)."""
+    a = width / height
+    w = max(multiple, int(math.sqrt(budget * budget * a) // multiple) * multiple)
+    h = max(multiple, int(math.sqrt(budget * budget / a) // multiple) * multiple)
+    return w, h
+
+
+def fit_budget(img, budget: int, multiple: int) -> Image.Image:
+    """Open a path or take a PIL image; RGB, resized (bicubic, no crop) to `budget_size`: img2img then keeps the
+    input's shape (a portrait stays a portrait) at the pixel count the model was trained for."""
+    img = to_pil(img)
+    size = budget_size(*img.size, budget, multiple)
+    return img if img.size == size else img.resize(size, Image.BICUBIC)
+
+
 @torch.no_grad()
 def img2img(pipe, images: list, prompts: list[str] | str, strength: float, steps: int = 50, guidance: float = 7.5,
             seed: int = 0, scheduler: str | None = "ddim", negative_prompt: str | None = None, batch_size: int = 8,
             mask: torch.Tensor | None = None, paste_blur: float | None = None, blend: bool = True) -> list[Image.Image]:
     """img2img on each image with its own seeded generator; returns PIL images.
 
-    mask: latent edit masks (N, 1, h, w) in [0, 1] (adapt.masking): outside them every step keeps the
-    noised source (latent blending; `blend=False` skips it), and with `paste_blur` (pixels, >= 0) the
-    decoded output is pasted onto the input through the feathered mask, so outside it the output is the input.
+    Images run at their own size (`fit_budget` them first); images of one size are batched together.
+    mask: latent edit masks, (1, h, w) per image (a list, or an (N, 1, h, w) tensor) in [0, 1]
+    (adapt.masking): outside them every step keeps the noised source (latent blending; `blend=False`
+    skips it), and with `paste_blur` (pixels, >= 0) the decoded output is pasted onto the input through
+    the feathered mask, so outside it the output is the input.
     """
     from adapt import masking
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if mask is not None and mask.shape[0] != len(images):
-        raise ValueError(f"mask: {mask.shape[0]} masks for {len(images)} images")
+    if mask is not None and len(mask) != len(images):
+        raise ValueError(f"mask: {len(mask)} masks for {len(images)} images")
     p = _variant(pipe, "img2img")
     if scheduler:
         p.scheduler = make_scheduler(pipe.scheduler, scheduler)
     prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
     gens = generators(seed, len(images))
-    out = []
-    for i in range(0, len(images), batch_size):
-        batch = images[i:i + batch_size]
+    out: list = [None] * len(images)
+    for idx in _same_size_batches(images, batch_size):
+        batch = [images[i] for i in idx]
         extra = {}
         if mask is not None and blend:
-            extra = {"callback_on_step_end": masking.Blend(p, batch, mask[i:i + batch_size], seed + i),
+            extra = {"callback_on_step_end": masking.Blend(p, batch, torch.stack([mask[i] for i in idx]), [seed + i for i in idx]),
                      "callback_on_step_end_tensor_inputs": ["latents"]}
-        out += p(prompt=prompts[i:i + batch_size], image=batch, strength=strength,
-                 num_inference_steps=steps, guidance_scale=guidance, generator=gens[i:i + batch_size],
-                 negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None, **extra).images
+        w, h = batch[0].size
+        res = p(prompt=[prompts[i] for i in idx], image=batch, strength=strength, height=h, width=w,
+                num_inference_steps=steps, guidance_scale=guidance, generator=[gens[i] for i in idx],
+                negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None, **extra).images
+        for i, img in zip(idx, res):
+            out[i] = img
     if mask is not None and paste_blur is not None:
-        out = masking.paste(out, images, masking.pixel_mask(mask, out[0].size[::-1], paste_blur))
+        out = [masking.paste([o], [x], masking.pixel_mask(m[None], o.size[::-1], paste_blur))[0]
+               for o, x, m in zip(out, images, mask)]
     return out
+
+
+def _same_size_batches(images: list[Image.Image], batch_size: int) -> list[list[int]]:
+    """Indices in batches of at most `batch_size` images of one size (a diffusers pipeline resizes a batch to
+    its first image's size), in order of first appearance."""
+    by_size: dict = {}
+    for i, img in enumerate(images):
+        by_size.setdefault(img.size, []).append(i)
+    return [idx[k:k + batch_size] for idx in by_size.values() for k in range(0, len(idx), batch_size)]
 
 
 @torch.no_grad()
@@ -115,13 +147,16 @@ def txt2img(pipe, prompts: list[str] | str, n: int = 1, steps: int = 50, guidanc
 
 
 def grid(rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2) -> Image.Image:
-    """Paste rows of equally sized images into one image (white padding)."""
-    w, h = rows[0][0].size
+    """Paste rows of images into one image on white. Cells are as large as the largest image; a smaller or
+    differently shaped image is centred in its cell at its own size (padded, never squashed)."""
+    w = max(img.size[0] for row in rows for img in row)
+    h = max(img.size[1] for row in rows for img in row)
     ncol = max(len(r) for r in rows)
     g = Image.new("RGB", (ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
-            g.paste(img.resize((w, h)), (pad + c * (w + pad), pad + r * (h + pad)))
+            iw, ih = img.size
+            g.paste(img.convert("RGB"), (pad + c * (w + pad) + (w - iw) // 2, pad + r * (h + pad) + (h - ih) // 2))
     return g
 
 

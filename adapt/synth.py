@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from dataclasses import replace as with_fields
 from pathlib import Path
 
 import numpy as np
@@ -145,13 +146,15 @@ def render(face: Face, sunglasses: bool, size: int = 64) -> Image.Image:
     return img.resize((size, size), Image.LANCZOS)
 
 
-def eye_mask(face: Face, size: int = 64, margin: float = 1.0) -> np.ndarray:
-    """Boolean (size, size) mask of the eye band: both lens boxes plus the bridge between them."""
+def eye_mask(face: Face, size: int | tuple[int, int] = 64, margin: float = 1.0) -> np.ndarray:
+    """Boolean (H, W) mask of the eye band: both lens boxes plus the bridge between them. `size`: the side of a
+    square image, or (W, H)."""
     (lx0, ly0, lx1, ly1), (rx0, ry0, rx1, ry1) = face.eye_boxes
-    m = np.zeros((size, size), dtype=bool)
+    w, h = (size, size) if isinstance(size, int) else size
+    m = np.zeros((h, w), dtype=bool)
     y0, y1 = int(np.floor(min(ly0, ry0) - margin)), int(np.ceil(max(ly1, ry1) + margin))
     x0, x1 = int(np.floor(face.face_box[0] - margin)), int(np.ceil(face.face_box[2] + margin))
-    m[max(y0, 0):min(y1, size), max(x0, 0):min(x1, size)] = True
+    m[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)] = True
     return m
 
 
@@ -184,11 +187,32 @@ def make(domain: str, split: str, index: int, size: int = 64) -> tuple[Image.Ima
     return render(face, glasses, size), face.caption(glasses), face
 
 
+def make_photo(domain: str, split: str, index: int, size: int = 64, aspect: float = 1.0,
+               scale: float = 1.0) -> tuple[Image.Image, str, Face]:
+    """A non-square "photo": face `index` (rendered at `size`) on a canvas of aspect `aspect` (width / height;
+    the short side is `size`) in its background colour, then resized by `scale`. The face sits at a seeded
+    place: anywhere along a landscape, in the upper third of a portrait (where phone portraits put it, and
+    where a centre crop cuts). The returned Face's boxes are in the photo's pixels."""
+    img, caption, face = make(domain, split, index, size)
+    w, h = (round(size * aspect), size) if aspect >= 1 else (size, round(size / aspect))
+    rng = np.random.default_rng(face.seed + 11)
+    left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, (h - size) // 3 + 1))
+    canvas = Image.new("RGB", (w, h), BACKGROUNDS[face.background])
+    canvas.paste(img, (left, top))
+    move = lambda b: [round((b[0] + left) * scale, 2), round((b[1] + top) * scale, 2),
+                      round((b[2] + left) * scale, 2), round((b[3] + top) * scale, 2)]
+    face = with_fields(face, face_box=move(face.face_box), eye_boxes=[move(b) for b in face.eye_boxes])
+    if scale != 1.0:
+        canvas = canvas.resize((round(w * scale), round(h * scale)), Image.LANCZOS)
+    return canvas, caption, face
+
+
 def build_imagefolder(domain: str, out: str | Path, n: int, split: str, size: int = 64, start: int = 0,
-                      replace: bool = False) -> Path:
+                      replace: bool = False, aspects: list | None = None, scales: list | None = None) -> Path:
     """Write `n` images of `split` as an imagefolder: PNGs plus metadata.jsonl.
 
-    Each metadata row holds `file_name`, `text`, `seed`, `face_box` and `eye_boxes`, so
+    `aspects` / `scales` (cycled over the images) make non-square photos of several sizes (`make_photo`);
+    None = squares of `size`. Each metadata row holds `file_name`, `text`, `seed`, `face_box` and `eye_boxes`, so
     evaluation can rebuild the eye-band mask of every image; `masks/` holds that mask as a PNG per image
     (white = the eye band, where sunglasses go), for masked-loss training (`data.masks=masks`). The folder is built beside `out` and renamed
     into place, so a failure (a full disk) leaves no half-built dataset; a non-empty `out` is refused
@@ -207,10 +231,15 @@ def build_imagefolder(domain: str, out: str | Path, n: int, split: str, size: in
         rows = []
         (tmp / "masks").mkdir()
         for i in range(start, start + n):
-            img, caption, face = make(domain, split, i, size)
+            if aspects or scales:
+                k = i - start
+                img, caption, face = make_photo(domain, split, i, size, (aspects or [1.0])[k % len(aspects or [1])],
+                                                (scales or [1.0])[k % len(scales or [1])])
+            else:
+                img, caption, face = make(domain, split, i, size)
             name = f"{split}_{i:06d}.png"
             img.save(tmp / name)
-            Image.fromarray(eye_mask(face, size).astype(np.uint8) * 255).save(tmp / "masks" / name)
+            Image.fromarray(eye_mask(face, img.size).astype(np.uint8) * 255).save(tmp / "masks" / name)
             rows.append({"file_name": name, "text": caption, "seed": face.seed,
                          "face_box": face.face_box, "eye_boxes": face.eye_boxes,
                          "attributes": {k: v for k, v in asdict(face).items() if k not in ("seed", "face_box", "eye_boxes")}})

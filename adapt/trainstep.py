@@ -10,13 +10,17 @@ from dataclasses import dataclass
 
 import torch
 
-from adapt import cache, objective
+from adapt import buckets, cache, objective
 
 
 @dataclass
 class TrainData:
-    """Everything a step draws from. Either cached posteriors or raw pixels (caching off)."""
-    captions: list[str]
+    """Everything a step draws from: cached posteriors, or raw pixels (caching off), in aspect buckets.
+
+    Entries: with `crops` crops per image, image i's crop v is entry i·crops + v; an entry's tensors have its
+    bucket's shape, and `sampler` makes every batch come from one bucket.
+    """
+    captions: list[str]  # per image
     caption_index: torch.Tensor  # (N,) row of each image's caption in `emb`
     emb: torch.Tensor  # (U+1, L, D) unique caption embeddings; last row is the empty prompt
     window: torch.Tensor  # (K,) timesteps training may draw
@@ -24,53 +28,43 @@ class TrainData:
     scaling_factor: float
     shift_factor: float
     prediction_type: str
-    post: dict | None = None  # {'mean', 'std'} (N, C, h, w) [+ 'mean_flip', 'std_flip']
-    pixels: torch.Tensor | None = None  # (N, 3, H, W) when caching is off
+    sampler: buckets.BucketSampler
+    crops: int = 1
+    post: dict | None = None  # {'mean', 'std'} [+ 'mean_flip', 'std_flip']: lists of (C, h, w) per entry
+    pixels: list | None = None  # (3, H, W) per entry when caching is off
     pooled: torch.Tensor | None = None  # (U+1, P) for SDXL
-    resolution: int = 64
-    time_ids: torch.Tensor | None = None  # (N, 6) SDXL micro-conditioning per image; None = (r, r, 0, 0, r, r)
-    loss_masks: torch.Tensor | None = None  # (N, 1, h, w) masked-loss weights at latent resolution; None = uniform
+    time_ids: torch.Tensor | None = None  # (entries, 6) SDXL micro-conditioning: original, crop, target (h, w)
+    time_ids_flip: torch.Tensor | None = None  # the same for the flipped entries
+    loss_masks: list | None = None  # (1, h, w) masked-loss weights per entry at latent resolution; None = uniform
 
     def __len__(self):
         return len(self.caption_index)
 
 
-def sdxl_time_ids(records, resolution: int) -> torch.Tensor:
-    """(N, 6) SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original (h, w), crop (top, left), target (r, r).
-
-    An image upscaled from a small original is conditioned on its small size, as SDXL was trained, so the adapter
-    does not learn that "native resolution" looks soft; pipelines sample with (r, r, 0, 0, r, r).
-    """
-    rows = []
-    for rec in records:
-        (h, w), (top, left) = rec.extra.get("original_size", (resolution, resolution)), rec.extra.get("crop_top_left", (0, 0))
-        rows.append([h, w, top, left, resolution, resolution])
-    return torch.tensor(rows, dtype=torch.float32)
+def latent_loss_masks(masks: list[torch.Tensor], factor: int, outside: float) -> list[torch.Tensor]:
+    """(1, H, W) pixel masks in [0, 1] per entry -> (1, H/f, W/f) loss weights: the share of each latent
+    cell's pixels inside the mask, mapped to [outside, 1]."""
+    return [outside + (1 - outside) * torch.nn.functional.avg_pool2d(m.float()[None], factor)[0] for m in masks]
 
 
-def latent_loss_masks(masks: torch.Tensor, factor: int, outside: float) -> torch.Tensor:
-    """(N, 1, R, R) pixel masks in [0, 1] -> (N, 1, R/f, R/f) loss weights: the share of each latent cell's
-    pixels inside the mask, mapped to [outside, 1]."""
-    m = torch.nn.functional.avg_pool2d(masks.float(), factor)
-    return outside + (1 - outside) * m
-
-
-def build(pipe, facts, captions: list[str], window: torch.Tensor, post: dict | None, pixels: torch.Tensor,
-          resolution: int, device="cpu", records=None) -> TrainData:
+def build(pipe, facts, captions: list[str], window: torch.Tensor, post: dict | None, sized: buckets.Sized,
+          batch_size: int, device="cpu", world: int = 1, seed: int = 0) -> TrainData:
     """TrainData for a pipeline: one embedding per unique caption plus the empty prompt (last row).
 
-    With `post` (cached posteriors) steps sample latents from it; without, steps encode `pixels`.
-    `records` (from data.load) give SDXL's per-image original sizes and crops.
-    """
+    With `post` (cached posteriors of `sized`'s entries) steps sample latents from it; without, steps encode
+    `sized.pixels`. The bucket sampler draws `world` x `batch_size` images a step; SDXL gets each entry's
+    original size and crop (`sized.placements`)."""
     uniq = sorted(set(captions))
     row = {c: i for i, c in enumerate(uniq)}
     enc = cache.encode_prompts(pipe, uniq + [""], device=device)
     prompts = {k: v[enc["index"]] for k, v in enc.items() if k != "index"}  # rows in uniq + [""] order
+    xl = "pooled" in prompts
     return TrainData(captions=captions, caption_index=torch.tensor([row[c] for c in captions]), emb=prompts["emb"],
                      window=window, alphas_cumprod=pipe.scheduler.alphas_cumprod, scaling_factor=facts.scaling_factor,
-                     shift_factor=facts.shift_factor, prediction_type=facts.prediction_type, post=post,
-                     pixels=None if post is not None else pixels, pooled=prompts.get("pooled"), resolution=resolution,
-                     time_ids=sdxl_time_ids(records, resolution) if records is not None and "pooled" in prompts else None)
+                     shift_factor=facts.shift_factor, prediction_type=facts.prediction_type,
+                     sampler=buckets.BucketSampler(sized.bucket_of(), batch_size, world, seed), crops=sized.crops,
+                     post=post, pixels=None if post is not None else sized.pixels, pooled=prompts.get("pooled"),
+                     time_ids=sized.time_ids() if xl else None, time_ids_flip=sized.time_ids(True) if xl else None)
 
 
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
@@ -78,30 +72,35 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
 
 
 def draw(data: TrainData, batch_size: int, g: torch.Generator, caption_dropout: float = 0.0, flip: bool = False,
-         noise_offset: float = 0.0, pipe=None) -> dict:
-    """A batch: z0 (B, C, h, w), t (B,), noise, emb (B, L, D) [+ pooled, time_ids for SDXL].
+         noise_offset: float = 0.0, pipe=None, at: int = 0, rank: int = 0) -> dict:
+    """A batch: z0 (B, C, h, w), t (B,), noise, emb (B, L, D), images (B,) indices [+ pooled, time_ids for SDXL, loss_mask].
 
-    With `pipe` given and no cached posteriors, the VAE and text encoder run on this batch
-    (the reference trainers' way; used to measure what caching saves).
+    Images come from `data.sampler` at draw number `at` (step x grad_accum + micro) for `rank`: one bucket,
+    disjoint across ranks. With `pipe` given and no cached posteriors, the VAE and text encoder run on this
+    batch (the reference trainers' way; used to measure what caching saves).
     """
-    idx = torch.randint(0, len(data), (batch_size,), generator=g)
+    _, idx = data.sampler.batch(at, rank)
+    if len(idx) != batch_size:
+        raise ValueError(f"the bucket sampler draws {len(idx)} images per rank, the step asked for {batch_size}")
+    crop = torch.randint(0, data.crops, (batch_size,), generator=g)
+    entry = (idx * data.crops + crop).tolist()
     use_flip = (torch.rand(batch_size, generator=g) < 0.5) if flip else torch.zeros(batch_size, dtype=torch.bool)
     drop = torch.rand(batch_size, generator=g) < caption_dropout
     cap = torch.where(drop, torch.full_like(idx, len(data.emb) - 1), data.caption_index[idx])
     t = objective.sample_timesteps(data.window, batch_size, g)
+    fl = use_flip.view(-1, 1, 1, 1)
+    pick = lambda xs: torch.stack([xs[e] for e in entry])
     if data.post is not None:
-        post = data.post
+        post = {"mean": pick(data.post["mean"]), "std": pick(data.post["std"])}
         if flip:
-            post = {"mean": torch.where(use_flip.view(-1, 1, 1, 1), post["mean_flip"][idx], post["mean"][idx]),
-                    "std": torch.where(use_flip.view(-1, 1, 1, 1), post["std_flip"][idx], post["std"][idx])}
-            z0 = cache.sample_latents(post, torch.arange(batch_size), data.scaling_factor, data.shift_factor, g)
-        else:
-            z0 = cache.sample_latents(post, idx, data.scaling_factor, data.shift_factor, g)
+            post = {"mean": torch.where(fl, pick(data.post["mean_flip"]), post["mean"]),
+                    "std": torch.where(fl, pick(data.post["std_flip"]), post["std"])}
+        z0 = cache.sample_latents(post, torch.arange(batch_size), data.scaling_factor, data.shift_factor, g)
         emb = data.emb[cap]
         pooled = data.pooled[cap] if data.pooled is not None else None
     else:  # caching off: encode this batch now
-        x = data.pixels[idx]
-        x = torch.where(use_flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = pick(data.pixels)
+        x = torch.where(fl, x.flip(-1), x)
         post = cache.encode_posteriors(pipe.vae, x, batch_size=batch_size)
         z0 = cache.sample_latents(post, torch.arange(batch_size), data.scaling_factor, data.shift_factor, g)
         caps = ["" if d else data.captions[i] for d, i in zip(drop.tolist(), idx.tolist())]
@@ -109,16 +108,13 @@ def draw(data: TrainData, batch_size: int, g: torch.Generator, caption_dropout: 
         emb = enc["emb"][enc["index"]]
         pooled = enc["pooled"][enc["index"]] if "pooled" in enc else None
     noise = objective.offset_noise(torch.randn(z0.shape, generator=g), noise_offset, g)
-    batch = {"z0": z0, "t": t, "noise": noise, "emb": emb}
+    batch = {"z0": z0, "t": t, "noise": noise, "emb": emb, "images": idx}
     if data.loss_masks is not None:
-        m = data.loss_masks[idx]
-        batch["loss_mask"] = torch.where(use_flip.view(-1, 1, 1, 1), m.flip(-1), m)
+        m = pick(data.loss_masks)
+        batch["loss_mask"] = torch.where(fl, m.flip(-1), m)
     if pooled is not None:
-        r = data.resolution  # SDXL micro-conditioning: original size, crop top-left, target size
         batch["pooled"] = pooled
-        # A flipped centre crop has the same offset from the other edge, so the crop coordinates stand.
-        batch["time_ids"] = data.time_ids[idx] if data.time_ids is not None else \
-            torch.tensor([[r, r, 0, 0, r, r]] * batch_size, dtype=torch.float32)
+        batch["time_ids"] = torch.where(use_flip.view(-1, 1), data.time_ids_flip[entry], data.time_ids[entry])
     return batch
 
 

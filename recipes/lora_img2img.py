@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import adapt
-from adapt import atomic, cache, checkpoint, config, data, lora, model, objective, runguard, sample, trainstep
+from adapt import atomic, buckets, cache, checkpoint, config, data, lora, model, objective, runguard, sample, trainstep
 from adapt import facts as facts_mod
 from adapt.card import write_model_card
 from adapt.facts import AdapterFacts
@@ -76,17 +76,21 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     say(f"base {cfg.model.base}: {facts.architecture}, {facts.prediction_type}, scaling_factor {facts.scaling_factor}, "
         f"{facts.num_train_timesteps} train timesteps, latent factor {facts.vae_factor}")
 
-    # 2. Data: decode, convert, size; every skipped file is named in the log.
-    pixels, records, report = data.load(cfg.data.source, cfg.data.resolution, cfg.data.split, cfg.data.image_column,
-                                        cfg.data.caption_column, cfg.data.default_caption, cfg.data.num_images,
-                                        cfg.data.cache_dir, logger=say, masks=cfg.data.masks)
-    fingerprint = data.fingerprint(records, pixels)
+    # 2. Data: decode, convert, place each image in its aspect bucket; every skipped file is named in the log.
+    d = cfg.data
+    sizing = _sizing(cfg, facts)
+    sized, records, report = data.load_sized(d.source, sizing, d.split, d.image_column, d.caption_column,
+                                             d.default_caption, d.num_images, d.cache_dir, logger=say, masks=d.masks)
+    sampler_view = buckets.BucketSampler(sized.bucket_of(), cfg.train.batch_size, acc.num_processes, cfg.train.seed)
+    say(f"sizing: {'buckets' if d.buckets else 'square'} at {d.resolution}² px (step {sizing.step}), "
+        f"{'random' if d.random_crop else 'centre'} crops x {d.crops_per_image}; " + "; ".join(sampler_view.summary()))
+    fingerprint = data.fingerprint(records, sized.pixels, sized.crops)
     loss_masks = None
-    if cfg.data.masks:  # masked loss: the masks are part of the data a resume must match
-        masks = data.load_masks(records, cfg.data.masks, cfg.data.resolution)
-        fingerprint = cache.cache_key(images=fingerprint, masks=hashlib.sha256(masks.numpy().tobytes()).hexdigest())[:16]
+    if d.masks:  # masked loss: the masks are part of the data a resume must match
+        masks = data.load_masks(records, d.masks, sized.placements, sized.crops)
+        fingerprint = cache.cache_key(images=fingerprint, masks=hashlib.sha256(b"".join(m.numpy().tobytes() for m in masks)).hexdigest())[:16]
         loss_masks = trainstep.latent_loss_masks(masks, facts.vae_factor, cfg.objective.mask_outside_weight)
-        say(f"masked loss: {len(masks)} masks ({cfg.data.masks}), mean area {float(masks.mean()):.1%}; "
+        say(f"masked loss: {len(masks)} masks ({d.masks}), mean area {float(torch.cat([m.flatten() for m in masks]).mean()):.1%}; "
             f"weight outside {cfg.objective.mask_outside_weight}")
     vae_fingerprint = cache.module_fingerprint(pipe.vae)
     run = {"config": facts_mod.flat(config.to_dict(cfg)), "data_fingerprint": fingerprint,  # what a resume must match
@@ -107,20 +111,25 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
             f"{[records[i].name for i in too_long[:5]]}")
 
     # 3. Cache posteriors (and flipped ones, if flipping) and prompt embeddings once.
+    # The key covers the sizing (buckets, crops, their seed): the pixels themselves are in the data fingerprint.
     key = cache.cache_key(base=facts.resolved, vae=vae_fingerprint, dtype=cfg.model.dtype, data=fingerprint,
-                          res=cfg.data.resolution, flip=cfg.data.random_flip)
+                          sizing=sizing.key(), flip=cfg.data.random_flip, layout=2)
 
     def encode():
-        post = cache.encode_posteriors(pipe.vae, pixels)
+        post = cache.encode_entries(pipe.vae, sized.pixels, log=say)
         if cfg.data.random_flip:
-            flipped = cache.encode_posteriors(pipe.vae, pixels, flip=True)
+            flipped = cache.encode_entries(pipe.vae, sized.pixels, flip=True, log=say)
             post.update(mean_flip=flipped["mean"], std_flip=flipped["std"])
-        return post
+        return cache.pack(post)
 
     t0 = time.time()
     cache_file = _cache_root(cfg) / "latents" / f"{key}.safetensors" if cfg.data.cache else None
     reused = cache_file is not None and cache_file.is_file()
-    post = cache.load_or_compute(cache_file, encode, log=say)
+    if not reused and (sized.crops > 1 or cfg.data.random_flip):
+        say(f"encoding {len(sized.pixels) * (2 if cfg.data.random_flip else 1)} latents for {len(sized)} images "
+            f"({sized.crops} crop(s){' x 2 for flips' if cfg.data.random_flip else ''}): the encoding time and cache size "
+            f"scale with that")
+    post = cache.unpack(cache.load_or_compute(cache_file, encode, log=say))
     stats = cache.latent_stats(post, facts.scaling_factor, facts.shift_factor)
     say(f"latents {'loaded from cache' if reused else 'encoded'} ({time.time() - t0:.1f}s{', ' + str(cache_file) if cache_file else ''}): scaled per-channel mean {_r(stats['channel_mean'])}, "
         f"std {_r(stats['channel_std'])}, overall std {stats['overall_std']:.3f}")
@@ -132,8 +141,8 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     window = objective.window_timesteps(sampler, cfg.objective.inference_steps, cfg.objective.strength, cfg.objective.window)
     say(f"window {cfg.objective.window} at strength {cfg.objective.strength} ({cfg.objective.scheduler}, "
         f"{cfg.objective.inference_steps} steps): {len(window)} timesteps in [{int(window.min())}, {int(window.max())}]")
-    td = trainstep.build(pipe, facts, captions, window, post if cfg.data.cache else None, pixels, cfg.data.resolution,
-                         acc.device, records=records)
+    td = trainstep.build(pipe, facts, captions, window, post if cfg.data.cache else None, sized, cfg.train.batch_size,
+                         acc.device, acc.num_processes, cfg.train.seed)
     td.loss_masks = loss_masks
 
     # 5. LoRA on the UNet (cross-attention by default); everything else stays frozen.
@@ -188,7 +197,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         for micro in range(cfg.train.grad_accum):
             g = trainstep.step_generator(cfg.train.seed, step, micro, rank)
             batch = trainstep.draw(td, cfg.train.batch_size, g, cfg.data.caption_dropout, cfg.data.random_flip,
-                                   cfg.objective.noise_offset, pipe=pipe)
+                                   cfg.objective.noise_offset, pipe=pipe, at=step * cfg.train.grad_accum + micro, rank=rank)
             hist += torch.bincount(batch["t"], minlength=len(hist))
             with acc.autocast():
                 loss = trainstep.forward_loss(unet, batch, td, cfg.objective.min_snr_gamma, acc.device, dtype).mean()
@@ -206,9 +215,12 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
             last = checkpoint.list_checkpoints(out)
             raise FloatingPointError(f"loss is {mean_loss} at step {step + 1}; stopping. Last good checkpoint: "
                                      f"{last[-1] if last else 'none'}. Lower optim.lr, or use fp32/bf16 instead of fp16.")
-        if acc.is_main_process and (step + 1) % cfg.train.log_every == 0:
+        logged = (step + 1) % cfg.train.log_every == 0
+        # which images each rank trained on (the last micro-batch), so a log shows the ranks' draws are disjoint
+        images = acc.gather(batch["images"].to(acc.device)).view(world, -1).tolist() if logged else None
+        if acc.is_main_process and logged:
             row = {"step": step + 1, "loss": mean_loss, "lr": lr_sched.get_last_lr()[0], "timesteps": batch["t"].tolist(),
-                   "time": round(time.time(), 3)}
+                   "bucket": f"{batch['z0'].shape[-1] * facts.vae_factor}x{batch['z0'].shape[-2] * facts.vae_factor}", "images": images, "time": round(time.time(), 3)}
             _append(log_path, json.dumps(row))
             if trackers:
                 acc.log({"loss": mean_loss, "lr": row["lr"]}, step=step + 1)
@@ -249,7 +261,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
             window_range=[int(window.min()), int(window.max())], scheduler=cfg.objective.scheduler,
             inference_steps=cfg.objective.inference_steps, steps_trained=cfg.train.max_steps, resolution=cfg.data.resolution,
             seed=cfg.train.seed, dataset=cfg.data.source, dataset_split=cfg.data.split, dataset_fingerprint=fingerprint,
-            image_fingerprints=data.image_fingerprints(pixels), num_images=len(records),
+            image_fingerprints=[r.extra["content_hash"] for r in records], num_images=len(records),
             example_prompt=captions[0] if captions else "", latent_stats=stats,
             audit={k: v for k, v in audit.items() if k != "modules"}, figures=figures, optim=config.to_dict(cfg.optim),
             resumes=resumes, adapt_version=adapt.__version__)
@@ -298,6 +310,20 @@ def _preflight(cfg, out: Path, say, main: bool) -> tuple[Path | None, dict | Non
     if cfg.data.cache:
         _cache_root(cfg)
     return resume, saved
+
+
+def _sizing(cfg, facts) -> buckets.Sizing:
+    """The data section's sizing settings, with the bucket step the base needs (its VAE factor x UNet downsampling)."""
+    d = cfg.data
+    step = d.bucket_step or facts.size_multiple
+    if d.bucket_step and d.bucket_step % facts.size_multiple:
+        raise config.ConfigError(f"data.bucket_step={d.bucket_step} is not a multiple of {facts.size_multiple} (this base's "
+                                 f"VAE factor {facts.vae_factor} x UNet downsampling): its latents would need padding")
+    try:
+        return buckets.Sizing(d.resolution, step, d.buckets, d.max_aspect, d.random_crop, d.crops_per_image,
+                              cfg.train.seed, d.min_size)
+    except ValueError as e:
+        raise config.ConfigError(str(e)) from None
 
 
 def _cache_root(cfg) -> Path:
@@ -396,7 +422,7 @@ class _Validator:
         v = cfg.validation
         pixels, recs, _ = data.load(v.source, cfg.data.resolution, v.split, num_images=v.num_images,
                                     cache_dir=cfg.data.cache_dir, logger=lambda m: None)
-        self.images = [sample.to_pil(r.load(), cfg.data.resolution) for r in recs]
+        self.images = [sample.fit_budget(r.load(), cfg.data.resolution, pipe.vae_scale_factor) for r in recs]
         self.prompts = [(v.prompt or "{caption}").format(caption=r.caption) for r in recs]
         self.base = None
 

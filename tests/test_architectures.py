@@ -10,7 +10,7 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
 from adapt.facts import AdapterFacts
-from adapt import export, lora, objective, trainstep
+from adapt import buckets, export, lora, objective, trainstep
 from conftest import run_recipe, ROOT
 
 FIX = Path(__file__).resolve().parents[1] / "adapt" / "archs"
@@ -59,8 +59,11 @@ def _step(unet, cross_dim, sdxl=False, prediction_type="epsilon"):
     td = trainstep.TrainData(captions=["x"], caption_index=torch.zeros(1, dtype=torch.long), emb=torch.randn(2, 77, cross_dim),
                              window=objective.window_timesteps(sched, 50, 0.5, "img2img_exact"), alphas_cumprod=sched.alphas_cumprod,
                              scaling_factor=0.18215, shift_factor=0.0, prediction_type=prediction_type,
-                             post={"mean": torch.randn(2, 4, 8, 8), "std": torch.full((2, 4, 8, 8), 0.01)},
-                             pooled=torch.randn(2, 1280) if sdxl else None, resolution=64)
+                             sampler=buckets.BucketSampler([(64, 64)] * 2, batch_size=1),
+                             post={"mean": list(torch.randn(2, 4, 8, 8)), "std": list(torch.full((2, 4, 8, 8), 0.01))},
+                             pooled=torch.randn(2, 1280) if sdxl else None,
+                             time_ids=torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2) if sdxl else None,
+                             time_ids_flip=torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2) if sdxl else None)
     t0 = time.time()
     batch = trainstep.draw(td, 1, torch.Generator().manual_seed(0))
     loss = trainstep.forward_loss(unet, batch, td).mean()
@@ -201,8 +204,9 @@ def test_gpu_configs_run_with_their_precision_on_tiny_bases(name, tiny_base, tin
     assert fx.architecture == ("sdxl" if name == "sdxl" else "sd")
 
 
-def test_sdxl_time_ids_carry_each_images_original_size_and_crop(tmp_path):
-    """SDXL micro-conditioning: original (h, w), crop (top, left) in resized pixels, target (r, r), per image."""
+def test_sdxl_time_ids_carry_each_images_original_size_crop_and_bucket(tmp_path):
+    """SDXL micro-conditioning per entry: original (h, w), crop (top, left) in resized pixels, target = the bucket
+    (h, w); a flipped crop's left offset counts from the other edge."""
     from PIL import Image
     from diffusers import StableDiffusionXLPipeline
     from adapt import data
@@ -210,15 +214,30 @@ def test_sdxl_time_ids_carry_each_images_original_size_and_crop(tmp_path):
     (tmp_path / "d").mkdir()
     for name, size in (("wide.png", (96, 48)), ("tall.png", (40, 80)), ("square.png", (64, 64))):  # PIL sizes are (w, h)
         Image.new("RGB", size, (120, 80, 60)).save(tmp_path / "d" / name)
-    pixels, records, _ = data.load(str(tmp_path / "d"), 32, default_caption="a face")
-    want = {"wide.png": [48, 96, 0, 16, 32, 32], "tall.png": [80, 40, 16, 0, 32, 32], "square.png": [64, 64, 0, 0, 32, 32]}
+    # budget 32², step 16: buckets 32x32, 48x16 (aspect 3 > 2.5: no), so square; with step 8: 40x24, 24x40, 48x16 ...
+    sizing = buckets.Sizing(32, 8, random_crop=True, crops=2, seed=0)
+    sized, records, _ = data.load_sized(str(tmp_path / "d"), sizing, default_caption="a face")
+    by_name = {r.name: sized.placements[2 * i:2 * i + 2] for i, r in enumerate(records)}
+    assert {p.bucket for p in by_name["wide.png"]} == {(40, 24)} and {p.bucket for p in by_name["tall.png"]} == {(24, 40)}
+    for name, (w, h) in (("wide.png", (96, 48)), ("tall.png", (40, 80)), ("square.png", (64, 64))):
+        for p in by_name[name]:
+            (rh, rw), (top, left), (bw, bh) = p.resized_size, p.crop_top_left, p.bucket
+            assert p.time_ids() == [h, w, top, left, bh, bw] and 0 <= left <= rw - bw and 0 <= top <= rh - bh
+            assert p.time_ids(flipped=True)[3] == rw - bw - left
     pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components())
-    td = trainstep.build(pipe, _facts(pipe), [r.caption for r in records], torch.tensor([500]), None,
-                         pixels, 32, records=records)
-    assert {r.name: row.tolist() for r, row in zip(records, td.time_ids)} == want
-    batch = trainstep.draw(td, 6, torch.Generator().manual_seed(0), pipe=pipe)
-    idx = torch.randint(0, len(td), (6,), generator=torch.Generator().manual_seed(0))  # draw's first use of g
-    assert torch.equal(batch["time_ids"], td.time_ids[idx])
+    td = trainstep.build(pipe, _facts(pipe), [r.caption for r in records], torch.tensor([500]), None, sized, 1)
+    seen = set()
+    for at in range(40):
+        g = torch.Generator().manual_seed(at)
+        batch = trainstep.draw(td, 1, g, flip=True, pipe=pipe, at=at)
+        _, idx = td.sampler.batch(at)
+        g = torch.Generator().manual_seed(at)
+        crop, flip = int(torch.randint(0, 2, (1,), generator=g)), bool(torch.rand(1, generator=g) < 0.5)  # draw's order
+        p = sized.placements[2 * int(idx) + crop]
+        assert batch["time_ids"][0].tolist() == p.time_ids(flip)
+        assert batch["z0"].shape[-2:] == (p.bucket[1] // 8, p.bucket[0] // 8)
+        seen.add((int(idx), crop, flip))
+    assert len(seen) > 6  # crops, flips and images all vary
 
 
 def _facts(pipe):

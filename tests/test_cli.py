@@ -93,3 +93,25 @@ def test_device_and_dtype_choice():
         model.pick_dtype("fp8", torch.device("cpu"))
     with pytest.raises(model.ModelError, match="device 'gpu0'"):
         model.pick_device("gpu0")
+
+
+def test_sample_keeps_each_inputs_aspect_and_the_grid_pads(tiny_base, adapter_dir, tmp_path):
+    """A portrait and a landscape photo run img2img at their own aspect (within --resolution² pixels, sides
+    multiples of the VAE factor), the outputs are written at that size, and the grid pads rather than squashes."""
+    from adapt import synth
+    paths = []
+    for name, aspect, scale in (("portrait.png", 0.5, 3.0), ("landscape.png", 1.5, 2.0)):
+        img, _, _ = synth.make_photo("faces", "eval", 0, 64, aspect, scale)
+        img.save(tmp_path / name)
+        paths.append(tmp_path / name)
+    r = adapt_cli("sample", "--base", tiny_base, "--adapter", adapter_dir, "--image", *paths, "--resolution", 128,
+                  "--out", tmp_path / "s", "--grid", tmp_path / "grid.png", "--mask", "auto")
+    assert r.returncode == 0, r.stderr
+    sizes = [Image.open(tmp_path / "s" / f"img2img_00{i}.png").size for i in range(2)]
+    assert sizes == [(88, 176), (152, 104)]  # 192x384 and 192x128 inputs at 128² px, multiples of 8
+    for (w, h), src in zip(sizes, paths):
+        sw, sh = Image.open(src).size
+        assert abs(w / h - sw / sh) / (sw / sh) < 0.05 and w * h <= 128 * 128
+    assert [Image.open(tmp_path / "s" / f"mask_00{i}.png").size for i in range(2)] == sizes
+    g = Image.open(tmp_path / "grid.png")
+    assert g.size == (4 * (152 + 2) + 2, 2 * (176 + 2) + 2)  # cells as large as the largest image, 4 columns

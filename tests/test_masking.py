@@ -62,7 +62,7 @@ def test_blending_keeps_the_source_outside_and_is_plain_img2img_with_a_full_mask
     assert np.abs(o - p).mean() > 0.01  # blending changed the result
     # In latent space the kept half is exactly the source latent after the last step.
     pipe = sample._variant(pipe_with_adapter, "img2img")
-    blend = masking.Blend(pipe, imgs, half, seed=3)
+    blend = masking.Blend(pipe, imgs, half, seeds=[3, 4])
     lat = pipe(prompt=prompts, image=imgs, strength=0.6, num_inference_steps=10, guidance_scale=1.0,
                generator=sample.generators(3, 2), output_type="latent", callback_on_step_end=blend,
                callback_on_step_end_tensor_inputs=["latents"]).images
@@ -155,15 +155,16 @@ def test_masked_loss_averages_under_the_mask_and_ignores_the_outside():
 
 
 def test_load_masks_from_a_folder_and_from_alpha_and_missing_ones_are_named(tmp_path):
-    from adapt import data, synth, trainstep
+    from adapt import buckets, data, synth, trainstep
     folder = synth.build_imagefolder("sunglasses", tmp_path / "sg", n=3, split="train")
-    pixels, recs, report = data.load(str(folder), 64, masks="masks")
+    sizing = buckets.Sizing(64, 16, buckets=False)
+    sized, recs, report = data.load_sized(str(folder), sizing, masks="masks")
     assert len(recs) == 3  # masks/ is not read as training images, and the log says so
     assert len(report.notes["mask files (masks/, data.masks) not read as images of the set"]) == 3
-    masks = data.load_masks(recs, "masks", 64)
+    masks = torch.stack(data.load_masks(recs, "masks", sized.placements))
     faces = synthbench.faces_of(recs)
     assert masks.shape == (3, 1, 64, 64) and torch.equal(masks[:, 0] > 0.5, torch.from_numpy(np.stack([synth.eye_mask(f) for f in faces])))
-    lat = trainstep.latent_loss_masks(masks, 4, 0.1)
+    lat = torch.stack(trainstep.latent_loss_masks(list(masks), 4, 0.1))
     assert lat.shape == (3, 1, 16, 16) and lat.min() == pytest.approx(0.1) and lat.max() == pytest.approx(1.0)
     # alpha channel: an RGBA copy of the images whose alpha is the mask
     rgba = tmp_path / "rgba"
@@ -172,13 +173,25 @@ def test_load_masks_from_a_folder_and_from_alpha_and_missing_ones_are_named(tmp_
         img = Image.open(r.path).convert("RGBA")
         img.putalpha(Image.fromarray((m[0].numpy() * 255).astype(np.uint8)))
         img.save(rgba / r.name)
-    _, recs2, _ = data.load(str(rgba), 64)
-    assert torch.equal(data.load_masks(recs2, "alpha", 64), masks)
+    sized2, recs2, _ = data.load_sized(str(rgba), sizing)
+    assert torch.equal(torch.stack(data.load_masks(recs2, "alpha", sized2.placements)), masks)
+    # random crops of a wider image: each crop's mask is cut where its image was
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    img = Image.open(rgba / recs[0].name)
+    Image.fromarray(np.concatenate([np.asarray(img)] * 2, 1)).save(wide / "w.png")  # 128x64, alpha = two eye masks
+    sized3, recs3, _ = data.load_sized(str(wide), buckets.Sizing(64, 16, buckets=False, random_crop=True, crops=3))
+    m3 = data.load_masks(recs3, "alpha", sized3.placements, crops=3)
+    alpha = np.asarray(Image.open(wide / "w.png").getchannel("A"), dtype=np.float32) / 255
+    for p, m in zip(sized3.placements, m3):
+        top, left = p.crop_top_left
+        assert np.array_equal(m[0].numpy(), alpha[top:top + 64, left:left + 64])
+    assert len({p.crop_top_left for p in sized3.placements}) > 1
     (folder / "masks" / recs[1].name).unlink()
     with pytest.raises(data.DataError, match=r"1 of 3 images have no usable mask: train_000001.png \(no mask file"):
-        data.load_masks(recs, "masks", 64)
+        data.load_masks(recs, "masks", sized.placements)
     with pytest.raises(data.DataError, match="no alpha channel"):
-        data.load_masks(recs, "alpha", 64)
+        data.load_masks(recs, "alpha", sized.placements)
 
 
 def test_recipe_trains_with_masked_loss(tiny_base, tmp_path):
