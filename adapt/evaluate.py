@@ -136,6 +136,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
                         "not computed for these non-square sources")
     masks = synthbench.Masks.of(faces, res) if faces is not None else None
     report["has_masks"] = faces is not None
+    report["source_sizes"] = sorted({f"{w}x{h}" for w, h in (img.size for img in src_images)})
     prompts = [cfg.prompt.format(caption=r.caption) for r in src_rec]
     round_trip = [_arr(classifier.vae_roundtrip(pipe.vae, torch.from_numpy(x).permute(2, 0, 1)[None] * 2 - 1))[0] for x in inputs]
     ceiling = _per_image(round_trip, inputs, faces, masks)

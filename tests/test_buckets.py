@@ -86,12 +86,13 @@ def test_size_images_places_each_image_in_its_bucket_with_seeded_crops():
 
 def test_budget_size_keeps_aspect_within_the_pixel_budget():
     from adapt import sample
-    assert sample.budget_size(4000, 3000, 512, 8) == (584, 440)
-    assert sample.budget_size(3000, 4000, 512, 8) == (440, 584)
+    assert sample.budget_size(4000, 3000, 512, 8) == (576, 432)  # exactly 4:3, 95% of the budget
+    assert sample.budget_size(3000, 4000, 512, 8) == (432, 576)
+    assert sample.budget_size(96, 128, 64, 8) == (56, 72)  # 3:4 at a tiny budget: 3.5% off (rounding each side: 11%)
     assert sample.budget_size(64, 64, 64, 4) == (64, 64)
     for w, h in ((4000, 3000), (1080, 1920), (500, 200), (64, 64)):
         bw, bh = sample.budget_size(w, h, 512, 8)
-        assert bw % 8 == 0 and bh % 8 == 0 and bw * bh <= 512 * 512 and abs(bw / bh - w / h) / (w / h) < 0.03
+        assert bw % 8 == 0 and bh % 8 == 0 and bw * bh <= 512 * 512 and abs(bw / bh - w / h) / (w / h) < 0.03 and bw * bh >= 0.8 * 512 * 512
 
 
 def test_grid_pads_instead_of_squashing():

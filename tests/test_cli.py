@@ -108,10 +108,10 @@ def test_sample_keeps_each_inputs_aspect_and_the_grid_pads(tiny_base, adapter_di
                   "--out", tmp_path / "s", "--grid", tmp_path / "grid.png", "--mask", "auto")
     assert r.returncode == 0, r.stderr
     sizes = [Image.open(tmp_path / "s" / f"img2img_00{i}.png").size for i in range(2)]
-    assert sizes == [(88, 176), (152, 104)]  # 192x384 and 192x128 inputs at 128² px, multiples of 8
+    assert sizes == [(88, 176), (144, 96)]  # 192x384 and 192x128 inputs at 128² px, multiples of 8
     for (w, h), src in zip(sizes, paths):
         sw, sh = Image.open(src).size
         assert abs(w / h - sw / sh) / (sw / sh) < 0.05 and w * h <= 128 * 128
     assert [Image.open(tmp_path / "s" / f"mask_00{i}.png").size for i in range(2)] == sizes
     g = Image.open(tmp_path / "grid.png")
-    assert g.size == (4 * (152 + 2) + 2, 2 * (176 + 2) + 2)  # cells as large as the largest image, 4 columns
+    assert g.size == (4 * (144 + 2) + 2, 2 * (176 + 2) + 2)  # cells as large as the largest image, 4 columns
