@@ -33,7 +33,7 @@ Trained by `adapt` to move images toward the domain of **{f.dataset}** (split `{
 | optimizer | {_optim(f.optim)} |
 {_resumes(f.resumes)}
 ## Use it
-With adapt (`source.png`: any image; it is resized on its short side and centre-cropped to the base's size):
+With adapt (`source.png`: any image; it runs at its own aspect with about {f.resolution}² pixels, sides multiples of the VAE factor):
 ```bash
 adapt sample --base {f.base} --adapter {out} --image source.png --prompt "{prompt}" --seed 0 --no-fuse --out adapted
 ```

@@ -30,7 +30,8 @@ def _add_sample(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="txt2img images")
     p.add_argument("--resolution", type=int, default=None, help="pixel budget: img2img runs each input at its own aspect "
-                   "with about resolution² pixels (sides multiples of the VAE factor); default: the base's native resolution")
+                   "with about resolution² pixels (sides multiples of the VAE factor); default: the adapter's training resolution, "
+                   "else the base's native one")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep adapters unfused (default: fused at the given scale, which is faster and equal within ~1e-6)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
@@ -81,7 +82,7 @@ def cmd_sample(a) -> int:
     if a.image:
         if a.strength is None:
             print(f"using strength {strength} stored in adapter {a.adapter[0]} (trained for it); pass --strength to override")
-        budget = a.resolution or facts.sample_size
+        budget = a.resolution or (first.resolution if first is not None and first.resolution else facts.sample_size)
         images = [sample.fit_budget(p, budget, facts.vae_factor) for p in a.image]
         mask, paste_blur = _edit_mask(a, pipe, images, prompts, names)
         with with_adapters():
