@@ -77,6 +77,8 @@ class DataConfig:
     caption_dropout: float = opt(0.0, "probability of training on the empty prompt (keeps unconditional guidance working)")
     cache: bool = opt(True, "cache VAE latents and prompt embeddings (computed once, reused across runs)")
     cache_dir: Optional[str] = opt(None, "where caches live; default $ADAPT_CACHE or ~/.cache/adapt")
+    cache_threads: Optional[int] = opt(None, "torch threads while encoding the latent cache (a one-off frozen pass); "
+                                       "None = this machine's cores shared by its local ranks")
     masks: Optional[str] = opt(None, "masked loss (as kohya's): 'alpha' = each image's alpha channel, or a folder (relative "
                                "to the image folder, or absolute) with a mask image per training image under the same name; "
                                "white = where the target domain differs. None = the whole image counts")
@@ -94,6 +96,7 @@ class DataConfig:
         _check(self.crops_per_image == 1 or self.random_crop, "data.crops_per_image",
                f"{self.crops_per_image} crops need data.random_crop=true (centre crops of an image are all the same)")
         _check(self.min_size is None or self.min_size > 0, "data.min_size", f"must be > 0, got {self.min_size}")
+        _check(self.cache_threads is None or self.cache_threads > 0, "data.cache_threads", f"must be > 0, got {self.cache_threads}")
 
 
 @dataclass

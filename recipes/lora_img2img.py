@@ -26,6 +26,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+T_LAUNCH = time.time()  # before torch and diffusers import: "first step after N s" counts what a user waits for
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -116,10 +118,20 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
                           sizing=sizing.key(), flip=cfg.data.random_flip, layout=2)
 
     def encode():
-        post = cache.encode_entries(pipe.vae, sized.pixels, log=say)
-        if cfg.data.random_flip:
-            flipped = cache.encode_entries(pipe.vae, sized.pixels, flip=True, log=say)
-            post.update(mean_flip=flipped["mean"], std_flip=flipped["std"])
+        # Encoding is a one-off, frozen forward pass: it gets this machine's cores (shared among the local ranks)
+        # even when training runs on fewer threads (train.num_threads), then training's count is restored.
+        train_threads, threads = torch.get_num_threads(), _cache_threads(cfg, acc)
+        torch.set_num_threads(threads)
+        t = time.time()
+        try:
+            post = cache.encode_entries(pipe.vae, sized.pixels, log=say)
+            if cfg.data.random_flip:
+                flipped = cache.encode_entries(pipe.vae, sized.pixels, flip=True, log=say)
+                post.update(mean_flip=flipped["mean"], std_flip=flipped["std"])
+        finally:
+            torch.set_num_threads(train_threads)
+        n = len(sized.pixels) * (2 if cfg.data.random_flip else 1)
+        say(f"encoded {n} latents in {time.time() - t:.1f}s on {threads} thread(s) ({n / max(time.time() - t, 1e-9):.1f}/s)")
         return cache.pack(post)
 
     t0 = time.time()
@@ -130,6 +142,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
             f"({sized.crops} crop(s){' x 2 for flips' if cfg.data.random_flip else ''}): the encoding time and cache size "
             f"scale with that")
     post = cache.unpack(cache.load_or_compute(cache_file, encode, log=say))
+    t0_cache_s = time.time() - t0
     stats = cache.latent_stats(post, facts.scaling_factor, facts.shift_factor)
     say(f"latents {'loaded from cache' if reused else 'encoded'} ({time.time() - t0:.1f}s{', ' + str(cache_file) if cache_file else ''}): scaled per-channel mean {_r(stats['channel_mean'])}, "
         f"std {_r(stats['channel_std'])}, overall std {stats['overall_std']:.3f}")
@@ -180,6 +193,11 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         if trackers:
             acc.init_trackers("adapt", config={k: str(v) for k, v in _flat(config.to_dict(cfg)).items()})
     validator = _Validator(cfg, pipe, base_unet, out, acc, say) if cfg.validation.source else None
+    if cfg.data.cache and not cfg.validation.source:
+        # Nothing reads the VAE or the text encoder(s) again: free them before the training peak (SD1.5: ~830 MB
+        # fp32). With validation they stay (img2img encodes its sources and prompts).
+        freed = _free_encoders(pipe)
+        say(f"freed the VAE and text encoder(s) after caching ({freed / 2**20:.0f} MB of weights; no validation needs them)")
 
     # 6. Loop. Batch, noise and t come from (seed, step, micro, rank): resume and DDP stay exact.
     world, rank = acc.num_processes, acc.process_index
@@ -192,6 +210,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     unet.train()
     progress = _progress(acc, start, cfg.train.max_steps)
     t_loop = time.time()
+    say(f"first step starts {t_loop - T_LAUNCH:.1f}s after launch ({t0_cache_s:.1f}s of it reading or encoding the latent cache)")
     for step in range(start, cfg.train.max_steps):
         total = 0.0
         for micro in range(cfg.train.grad_accum):
@@ -324,6 +343,28 @@ def _sizing(cfg, facts) -> buckets.Sizing:
                               cfg.train.seed, d.min_size)
     except ValueError as e:
         raise config.ConfigError(str(e)) from None
+
+
+def _cache_threads(cfg, acc) -> int:
+    """Threads for encoding the cache: data.cache_threads, else this machine's cores shared by its local ranks."""
+    import os
+    if cfg.data.cache_threads:
+        return cfg.data.cache_threads
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks on this machine (set by accelerate launch / torchrun)
+    return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // local)
+
+
+def _free_encoders(pipe) -> int:
+    """Drop the pipeline's VAE and text encoder(s); returns the bytes of weights released."""
+    import gc
+    freed = 0
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        m = getattr(pipe, name, None)
+        if m is not None:
+            freed += sum(p.numel() * p.element_size() for p in m.parameters())
+            setattr(pipe, name, None)
+    gc.collect()
+    return freed
 
 
 def _cache_root(cfg) -> Path:
