@@ -41,10 +41,22 @@ CASES = {
     "lever-adamw-forloop": ("sd15", 32, 1, True, {"adamw": "forloop"}),
     "lever-adamw-fused": ("sd15", 32, 1, True, {"adamw": "fused"}),
     "lever-compile-tiny": ("tiny", None, 8, True, {"compile": True}),  # inductor compile of SD1.5 fwd+bwd takes too long here
+    "lever-compile-regional-tiny": ("tiny", None, 8, True, {"compile": "regional"}),  # diffusers' compile_repeated_blocks
+    "lever-channels-last-tiny": ("tiny", None, 8, True, {"channels_last": True}),
+    "lever-adamw-fused-tiny": ("tiny", None, 8, True, {"adamw": "fused"}),
+    "lever-batch16-tiny": ("tiny", None, 16, True, {}),
+    # issue 16's P1 / P6 cases: adapt's cached step against the reference trainer (diffusers'
+    # train_text_to_image_lora.py, run from --reference-venv / --reference-script) at the same sizes
+    "p1-tiny": ("tiny", None, 8, True, {}),
+    "p1-sd15": ("sd15", 32, 4, True, {}),
+    "ref-tiny": ("tiny", None, 8, False, {"reference": True}),
+    "ref-sd15": ("sd15", 32, 4, False, {"reference": True}),
     "sample-tiny": ("tiny", None, 1, True, {"sample": True}),
     "sample-sd15-8": ("sd15", 8, 1, True, {"sample": True}),
 }
 QUICK = ["train-tiny-cache", "train-tiny-nocache", "train-tiny-cache-gc", "train-tiny-buckets", "sample-tiny"]
+# P1 / P2 / P6 against the reference (with --reference-venv/--reference-script), interleaved: adapt, reference, ...
+PERF = ["p1-tiny", "ref-tiny", "p1-sd15", "ref-sd15"]
 PHOTO_ASPECTS = [0.75, 1.333, 0.5, 1.0, 1.778, 0.5625, 2.0]  # as datasets/synth_sunglasses_photos
 PHOTO_SCALES = [1.0, 2.0, 0.75, 4.0, 1.5]
 
@@ -118,10 +130,16 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
     window = objective.window_timesteps(sample.make_scheduler(pipe.scheduler, "ddim"), 50, 0.6, "img2img_exact")
     post = cache.encode_entries(pipe.vae, sized.pixels) if use_cache else None
     td = trainstep.build(pipe, facts, caps, window, post, sized, batch)
+    if use_cache:  # as the recipe does when no validation needs them: the training peak runs without them
+        pipe.vae = pipe.text_encoder = None
+        import gc
+        gc.collect()
     params = [p for p in unet.parameters() if p.requires_grad]
     kind = extra.get("adamw", "foreach")
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=kind == "foreach", fused=kind == "fused" or None)
-    fwd = torch.compile(unet) if extra.get("compile") else unet
+    if extra.get("compile") == "regional":  # compile one BasicTransformerBlock graph, reused by every block
+        unet.compile_repeated_blocks(fullgraph=False)
+    fwd = torch.compile(unet) if extra.get("compile") is True else unet
     unet.train()
 
     def step(i: int):
@@ -206,6 +224,48 @@ def sample_case(name: str, reps: int = 3) -> list[dict]:
     return rows
 
 
+def reference_case(name: str, steps: int = 13) -> dict:
+    """The reference trainer (diffusers' examples/text_to_image/train_text_to_image_lora.py: VAE and text encoder
+    every step, LoRA on attn1 + attn2) on the same base, images, batch, rank and threads as the p1-* case.
+    ADAPT_REF_VENV: a venv that runs it (it needs torchvision); ADAPT_REF_SCRIPT: the script, from a diffusers
+    checkout (read and run from a scratch folder; its check_min_version line is dropped to run on the release)."""
+    import re
+    import tempfile
+    arch, side, batch, _, _ = CASES[name]
+    venv, script = os.environ.get("ADAPT_REF_VENV"), os.environ.get("ADAPT_REF_SCRIPT")
+    if not venv or not script:
+        raise SystemExit("reference cases need --reference-venv and --reference-script")
+    pipe, facts = _pipeline(arch)
+    size = (side or pipe.unet.config.sample_size) * facts.vae_factor
+    tmp = Path(tempfile.mkdtemp(prefix="adapt-ref-"))
+    pipe.save_pretrained(tmp / "base")
+    from adapt import synth
+    synth.build_imagefolder("sunglasses", tmp / "data", n=16, split="train", size=size)
+    text = re.sub(r"^check_min_version\(.*\)$", "pass", Path(script).read_text(), flags=re.M)
+    (tmp / "t2i_lora.py").write_text(text)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"))
+    cmd = [str(Path(venv) / "bin" / "accelerate"), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp / "t2i_lora.py"),
+           "--pretrained_model_name_or_path", str(tmp / "base"), "--train_data_dir", str(tmp / "data"),
+           "--resolution", str(size), "--train_batch_size", str(batch), "--max_train_steps", str(steps),
+           "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--rank", "8", "--output_dir", str(tmp / "out"),
+           "--seed", "0", "--dataloader_num_workers", "0"]
+    t0 = time.time()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"reference trainer failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    rates = re.findall(rf"{steps}/{steps} \[[0-9:]+<[0-9:]+, +([0-9.]+)(s/it|it/s)", r.stderr.replace("\r", "\n"))
+    if not rates:
+        raise SystemExit("reference trainer: no final tqdm rate in its output")
+    v, unit = float(rates[-1][0]), rates[-1][1]
+    step_s = v if unit == "s/it" else 1 / v  # tqdm's smoothed rate at the end: the steady step, as in BENCHMARKS.md
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"name": name, "kind": "reference", "arch": arch, "batch": batch, "samples_per_s": batch / step_s,
+            "step_s": step_s, "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -217,10 +277,12 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def run(cases: list[str], threads: int, out: str | None) -> dict:
+def run(cases: list[str], threads: int, out: str | None, reference: tuple | None = None) -> dict:
     results = []
     for c in cases:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        if reference:
+            env.update(ADAPT_REF_VENV=str(reference[0]), ADAPT_REF_SCRIPT=str(reference[1]))
         t = time.time()
         r = subprocess.run([sys.executable, "-m", "adapt.bench", "--case", c, "--threads", str(threads)], env=env,
                            capture_output=True, text=True)
@@ -250,13 +312,19 @@ def _speedups(report: dict) -> None:
     for name, r in by.items():
         if name.endswith("-cache") and name.replace("-cache", "-nocache") in by and "step_s" in by[name.replace("-cache", "-nocache")]:
             r["speedup_vs_nocache"] = by[name.replace("-cache", "-nocache")]["step_s"] / r["step_s"]
-        ref = "train-tiny-cache" if name.endswith("-tiny") else "train-sd15-32-cache"
+        base_case = "train-tiny-cache" if name.endswith("-tiny") else "train-sd15-32-cache"
+        ref = by.get(name.replace("p1-", "ref-"), {}) if name.startswith("p1-") else {}
+        if "samples_per_s" in ref and "samples_per_s" in r:  # issue 16: P1 throughput and P6 memory vs the reference
+            r["P1_vs_reference"] = r["samples_per_s"] / ref["samples_per_s"]
+            r["P6_rss_vs_reference"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
+        if name.startswith("p1-") and "matmul_fraction" in r:
+            r["P2_matmul_fraction"] = r["matmul_fraction"]
         square = name.replace("-buckets", "-cache")
         if name.endswith("-buckets") and "samples_per_s" in by.get(square, {}):
             r["throughput_vs_square"] = r["samples_per_s"] / by[square]["samples_per_s"]
-        if name.startswith("lever-") and "step_s" in r and "step_s" in by.get(ref, {}):
+        if name.startswith("lever-") and "step_s" in r and "step_s" in by.get(base_case, {}):
             # batch changes the work per step: compare throughput, not step time
-            r["speedup_vs_default"] = r["samples_per_s"] / by[ref]["samples_per_s"]
+            r["speedup_vs_default"] = r["samples_per_s"] / by[base_case]["samples_per_s"]
 
 
 def table(report: dict) -> str:
@@ -268,7 +336,8 @@ def table(report: dict) -> str:
             lines.append(f"{r['name']:32s} ERROR {r['error']}")
             continue
         notes = []
-        for k in ("speedup_vs_nocache", "speedup_vs_default", "throughput_vs_square", "kept_square_crop", "kept_buckets",
+        for k in ("P1_vs_reference", "P6_rss_vs_reference", "P2_matmul_fraction", "warmup_s", "wall_s",
+                  "speedup_vs_nocache", "speedup_vs_default", "throughput_vs_square", "kept_square_crop", "kept_buckets",
                   "overhead_vs_base", "max_abs_diff_vs_unfused_0_255", "image_s"):
             if k in r:
                 notes.append(f"{k}={r[k]:.3f}")
@@ -280,17 +349,26 @@ def table(report: dict) -> str:
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="training/sampling throughput, FLOP efficiency and memory; prints a table, writes JSON")
-    p.add_argument("--config", default="quick", help=f"'quick' ({', '.join(QUICK)}), 'all', or comma-separated case names: {', '.join(CASES)}")
+    p.add_argument("--config", default="quick", help=f"'quick' ({', '.join(QUICK)}), 'p1' ({', '.join(PERF)}: needs "
+                   f"--reference-*), 'all' (every adapt case), or comma-separated case names: {', '.join(CASES)}")
     p.add_argument("--out", default=None, help="JSON output file")
+    p.add_argument("--reference-venv", default=None, help="ref-* cases: a venv that runs diffusers' LoRA example (with torchvision)")
+    p.add_argument("--reference-script", default=None, help="ref-* cases: examples/text_to_image/train_text_to_image_lora.py "
+                   "from a diffusers checkout")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(a) -> int:
-    cases = QUICK if a.config == "quick" else list(CASES) if a.config == "all" else a.config.split(",")
+    cases = QUICK if a.config == "quick" else PERF if a.config == "p1" else \
+        [c for c in CASES if not c.startswith("ref-")] if a.config == "all" else a.config.split(",")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise SystemExit(f"error: unknown bench case(s) {unknown}; known: {list(CASES)}")
-    run(cases, torch.get_num_threads() if a.threads is None else a.threads, a.out)
+    refs = [c for c in cases if c.startswith("ref-")]
+    if refs and not (a.reference_venv and a.reference_script):
+        raise SystemExit(f"error: {refs} need --reference-venv and --reference-script")
+    reference = (Path(a.reference_venv).resolve(), Path(a.reference_script).resolve()) if refs else None
+    run(cases, torch.get_num_threads() if a.threads is None else a.threads, a.out, reference)
     return 0
 
 
@@ -304,7 +382,8 @@ def main():
     torch.set_num_threads(a.threads)
     adapt.quiet()
     torch.manual_seed(0)
-    rows = sample_case(a.case) if CASES[a.case][4].get("sample") else [train_case(a.case)]
+    kind = CASES[a.case][4]
+    rows = sample_case(a.case) if kind.get("sample") else [reference_case(a.case)] if kind.get("reference") else [train_case(a.case)]
     for r in rows:
         print(json.dumps(r))
 

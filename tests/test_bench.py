@@ -1,0 +1,44 @@
+"""`adapt bench`: the bucketed case runs and reports what it keeps; the P1/P2/P6 ratios against the reference."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapt import bench
+from conftest import ROOT
+
+
+def test_ratios_against_the_reference_and_the_square_case():
+    report = {"results": [
+        {"name": "p1-sd15", "samples_per_s": 0.5, "step_s": 8.0, "peak_rss_mb": 6000.0, "matmul_fraction": 0.9},
+        {"name": "ref-sd15", "samples_per_s": 0.25, "step_s": 16.0, "peak_rss_mb": 8000.0},
+        {"name": "train-tiny-cache", "samples_per_s": 30.0, "step_s": 0.25, "peak_rss_mb": 500.0},
+        {"name": "train-tiny-buckets", "samples_per_s": 27.0, "step_s": 0.3, "peak_rss_mb": 520.0},
+    ]}
+    bench._speedups(report)
+    by = {r["name"]: r for r in report["results"]}
+    assert by["p1-sd15"]["P1_vs_reference"] == pytest.approx(2.0) and by["p1-sd15"]["P6_rss_vs_reference"] == pytest.approx(0.75)
+    assert by["p1-sd15"]["P2_matmul_fraction"] == 0.9 and "P1_vs_reference" not in by["ref-sd15"]
+    assert by["train-tiny-buckets"]["throughput_vs_square"] == pytest.approx(0.9)
+    assert "P1_vs_reference=2.000" in bench.table({"machine": {"cpu": "x", "threads": 1, "torch": "t"}, **report})
+
+
+def test_reference_cases_need_the_reference_trainer():
+    exe = Path(sys.executable).parent / "adapt"
+    r = subprocess.run([str(exe), "--threads", "1", "bench", "--config", "p1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "--reference-venv and --reference-script" in r.stderr
+
+
+@pytest.mark.integration  # a bench subprocess per case: `make test-integration`
+def test_bucketed_bench_case_reports_kept_pixels_and_throughput(tmp_path):
+    exe = Path(sys.executable).parent / "adapt"
+    r = subprocess.run([str(exe), "--threads", "1", "bench", "--config", "train-tiny-cache,train-tiny-buckets", "--out",
+                        str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    by = {x["name"]: x for x in json.loads((tmp_path / "b.json").read_text())["results"]}
+    b = by["train-tiny-buckets"]
+    assert b["buckets"] == ["48x80", "64x64", "80x48"] and b["kept_buckets"] > b["kept_square_crop"] + 0.1
+    assert b["throughput_vs_square"] > 0 and b["peak_rss_mb"] > 0 and "throughput_vs_square" in r.stdout
