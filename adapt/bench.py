@@ -241,6 +241,8 @@ def reference_case(name: str, steps: int = 13) -> dict:
     pipe.save_pretrained(tmp / "base")
     from adapt import synth
     synth.build_imagefolder("sunglasses", tmp / "data", n=16, split="train", size=size)
+    import shutil
+    shutil.rmtree(tmp / "data" / "masks")  # an imagefolder reader would take the masks for training images
     text = re.sub(r"^check_min_version\(.*\)$", "pass", Path(script).read_text(), flags=re.M)
     (tmp / "t2i_lora.py").write_text(text)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"))
@@ -260,7 +262,6 @@ def reference_case(name: str, steps: int = 13) -> dict:
         raise SystemExit("reference trainer: no final tqdm rate in its output")
     v, unit = float(rates[-1][0]), rates[-1][1]
     step_s = v if unit == "s/it" else 1 / v  # tqdm's smoothed rate at the end: the steady step, as in BENCHMARKS.md
-    import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     return {"name": name, "kind": "reference", "arch": arch, "batch": batch, "samples_per_s": batch / step_s,
             "step_s": step_s, "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
