@@ -54,7 +54,13 @@ class Sizing:
         return make_buckets(self.resolution, self.step, self.max_aspect)
 
     def key(self) -> dict:
-        return {**dataclasses.asdict(self), "version": SIZING_VERSION}
+        """What the cached latents depend on: the seed only matters for random crops (a new train.seed with centre
+        crops reuses the cache); min_size only selects images, which the data fingerprint covers."""
+        d = dataclasses.asdict(self)
+        if not self.random_crop:
+            d.pop("seed")
+        d.pop("min_size")
+        return {**d, "version": SIZING_VERSION}
 
 
 def make_buckets(resolution: int, step: int, max_aspect: float = 2.5) -> list[tuple[int, int]]:

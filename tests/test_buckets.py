@@ -68,6 +68,8 @@ def test_sizing_is_validated_and_keys_the_cache():
         buckets.Sizing(512, 64, crops=2)
     a, b = buckets.Sizing(512, 64), buckets.Sizing(512, 64, random_crop=True)
     assert a.key() != b.key() and a.key() == buckets.Sizing(512, 64).key()
+    assert a.key() == buckets.Sizing(512, 64, seed=7).key()  # centre crops: the seed changes nothing cached
+    assert b.key() != buckets.Sizing(512, 64, random_crop=True, seed=7).key()
 
 
 def test_size_images_places_each_image_in_its_bucket_with_seeded_crops():
