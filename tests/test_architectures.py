@@ -56,7 +56,7 @@ def _step(unet, cross_dim, sdxl=False, prediction_type="epsilon"):
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    td = trainstep.TrainData(captions=["x"], caption_index=torch.zeros(1, dtype=torch.long), emb=torch.randn(2, 77, cross_dim),
+    td = trainstep.TrainData(captions=["x", "x"], caption_index=torch.zeros(2, dtype=torch.long), emb=torch.randn(2, 77, cross_dim),
                              window=objective.window_timesteps(sched, 50, 0.5, "img2img_exact"), alphas_cumprod=sched.alphas_cumprod,
                              scaling_factor=0.18215, shift_factor=0.0, prediction_type=prediction_type,
                              sampler=buckets.BucketSampler([(64, 64)] * 2, batch_size=1),
