@@ -232,7 +232,8 @@ def read_definition(folder: Path, split: str, num_images: int | None, cache_dir:
         from adapt import synth
         n = num_images or spec.get("default_n", {}).get(split) or 64
         shapes = {k: spec[k] for k in ("aspects", "scales") if k in spec}  # non-square photos (synth.make_photo)
-        tag = "-" + cache_key_short(shapes) if shapes else ""
+        from adapt.cache import cache_key
+        tag = "-" + cache_key(**shapes)[:8] if shapes else ""
         out = cache_dir / "datasets" / folder.name / f"{split}-{n}-{spec.get('size', 64)}{tag}-m"  # -m: with masks/
         if not (out / "metadata.jsonl").exists():  # several processes may build at once: last rename wins
             import os
@@ -251,10 +252,6 @@ def read_definition(folder: Path, split: str, num_images: int | None, cache_dir:
         return read_folder(folder / spec["path"].format(split=split), spec.get("caption_column", "text"),
                            spec.get("default_caption", ""), report, masks)
     raise DataError(f"{folder / 'dataset.yaml'}: unknown builder {builder!r} (expected synth, hub or folder)")
-
-
-def cache_key_short(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def default_cache_dir() -> Path:

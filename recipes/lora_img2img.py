@@ -83,9 +83,6 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     sizing = _sizing(cfg, facts)
     sized, records, report = data.load_sized(d.source, sizing, d.split, d.image_column, d.caption_column,
                                              d.default_caption, d.num_images, d.cache_dir, logger=say, masks=d.masks)
-    sampler_view = buckets.BucketSampler(sized.bucket_of(), cfg.train.batch_size, acc.num_processes, cfg.train.seed)
-    say(f"sizing: {'buckets' if d.buckets else 'square'} at {d.resolution}² px (step {sizing.step}), "
-        f"{'random' if d.random_crop else 'centre'} crops x {d.crops_per_image}; " + "; ".join(sampler_view.summary()))
     fingerprint = data.fingerprint(records, sized.pixels, sized.crops)
     loss_masks = None
     if d.masks:  # masked loss: the masks are part of the data a resume must match
@@ -156,6 +153,8 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         f"{cfg.objective.inference_steps} steps): {len(window)} timesteps in [{int(window.min())}, {int(window.max())}]")
     td = trainstep.build(pipe, facts, captions, window, post if cfg.data.cache else None, sized, cfg.train.batch_size,
                          acc.device, acc.num_processes, cfg.train.seed)
+    say(f"sizing: {'buckets' if d.buckets else 'square'} at {d.resolution}² px (step {sizing.step}), "
+        f"{'random' if d.random_crop else 'centre'} crops x {d.crops_per_image}; " + "; ".join(td.sampler.summary()))
     td.loss_masks = loss_masks
 
     # 5. LoRA on the UNet (cross-attention by default); everything else stays frozen.
