@@ -128,13 +128,8 @@ def scaled(z: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) ->
 
 def sample_latents(post: dict, idx: torch.Tensor, scaling_factor: float, shift_factor: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled posterior samples for rows `idx`: (B, C, h, w). `post` holds stacked tensors or lists of
-    entries of one shape at `idx` (a batch comes from one bucket)."""
-    mean, std = post["mean"], post["std"]
-    if isinstance(mean, list):
-        mean, std = torch.stack([mean[j] for j in idx.tolist()]), torch.stack([std[j] for j in idx.tolist()])
-    else:
-        mean, std = mean[idx], std[idx]
+    """Scaled posterior samples for rows `idx`: (B, C, h, w)."""
+    mean, std = post["mean"][idx], post["std"][idx]
     z = mean + std * torch.randn(mean.shape, generator=generator)
     return scaled(z, scaling_factor, shift_factor)
 
@@ -143,8 +138,8 @@ def sample_latents(post: dict, idx: torch.Tensor, scaling_factor: float, shift_f
 def latent_stats(post: dict, scaling_factor: float, shift_factor: float = 0.0, seed: int = 0) -> dict:
     """Per-channel mean/std of scaled posterior samples over every entry, and the overall std (should be ≈ 1)."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.cat([sample_latents({"mean": [m], "std": [s]}, torch.tensor([0]), scaling_factor, shift_factor, g)[0].flatten(1)
-                   for m, s in zip(post["mean"], post["std"])], 1)  # (C, all latent pixels)
+    z = torch.cat([scaled(m + s * torch.randn(m.shape, generator=g), scaling_factor, shift_factor).flatten(1)
+                   for m, s in zip(post["mean"], post["std"])], 1)  # entries may differ in shape: (C, all latent pixels)
     return {"channel_mean": z.mean(1).tolist(), "channel_std": z.std(1).tolist(),
             "overall_std": float(z.std()), "overall_mean": float(z.mean()), "num_images": len(post["mean"])}
 

@@ -127,17 +127,16 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
                 post.update(mean_flip=flipped["mean"], std_flip=flipped["std"])
         finally:
             torch.set_num_threads(train_threads)
-        n = len(sized.pixels) * (2 if cfg.data.random_flip else 1)
-        say(f"encoded {n} latents in {time.time() - t:.1f}s on {threads} thread(s) ({n / max(time.time() - t, 1e-9):.1f}/s)")
+        flips = 2 if cfg.data.random_flip else 1
+        n, dt = len(sized.pixels) * flips, time.time() - t
+        # the cost of crops and flips: encoding time and cache size scale with the number of latents
+        say(f"encoded {n} latents ({len(sized)} images x {sized.crops} crop(s) x {flips} flip(s)) in {dt:.1f}s on "
+            f"{threads} thread(s) ({n / max(dt, 1e-9):.1f}/s)")
         return cache.pack(post)
 
     t0 = time.time()
     cache_file = _cache_root(cfg) / "latents" / f"{key}.safetensors" if cfg.data.cache else None
     reused = cache_file is not None and cache_file.is_file()
-    if not reused and (sized.crops > 1 or cfg.data.random_flip):
-        say(f"encoding {len(sized.pixels) * (2 if cfg.data.random_flip else 1)} latents for {len(sized)} images "
-            f"({sized.crops} crop(s){' x 2 for flips' if cfg.data.random_flip else ''}): the encoding time and cache size "
-            f"scale with that")
     post = cache.unpack(cache.load_or_compute(cache_file, encode, log=say))
     t0_cache_s = time.time() - t0
     stats = cache.latent_stats(post, facts.scaling_factor, facts.shift_factor)
