@@ -164,7 +164,8 @@ class TrainSection:
     resume_from_checkpoint: Optional[str] = opt(None, "'latest' (the newest intact checkpoint) or a checkpoint folder")
     resume_allow: list = opt([], "optimizer keys a resume may change, e.g. [optim.lr]; identity keys (base, data, LoRA "
                              "shape, objective, seed) can never change on resume")
-    log_every: int = opt(1, "log loss every N steps")
+    log_every: int = opt(10, "read the loss back from the device every N steps (and at checkpoints, validation, the end): "
+                               "the log still has a row per step; under DDP a stop signal takes effect at these points")
     num_threads: Optional[int] = opt(None, "torch CPU threads; None = torch's default")
     overwrite: bool = opt(False, "allow writing into an out_dir that already holds a finished run")
 

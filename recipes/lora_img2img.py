@@ -209,8 +209,38 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     progress = _progress(acc, start, cfg.train.max_steps)
     t_loop = time.time()
     say(f"first step starts {t_loop - T_LAUNCH:.1f}s after launch ({t0_cache_s:.1f}s of it reading or encoding the latent cache)")
+    # Host syncs: each step's loss stays on the device until the next sync point (every train.log_every steps, a
+    # checkpoint, a validation, the last step), where one gather reads back the pending losses and stop signals of
+    # every rank and one more their images. A per-step .item() would stall a GPU's kernel queue every step, and
+    # under DDP cost collectives per step. The log still gets one row per step; a non-finite loss still names
+    # its step, and no checkpoint is written before the losses since the previous one were read back.
+    pending: list[dict] = []
+
+    def sync() -> int | None:
+        """Flush the pending steps to the log; returns the stop signal agreed across ranks, or None."""
+        n = len(pending)
+        own = torch.cat([torch.stack([r["loss"] for r in pending]).float(),
+                         torch.tensor([float(stopper.signum or 0)], device=acc.device)])
+        vals = acc.gather(own).view(world, n + 1).cpu()  # the one host sync of the losses
+        losses, sig = vals[:, :n].mean(dim=0).tolist(), int(vals[:, n].max())
+        images = acc.gather(torch.stack([r["images"] for r in pending]).to(acc.device)).view(world, n, -1).transpose(0, 1).tolist()
+        for r, loss, imgs in zip(pending, losses, images):
+            if not math.isfinite(loss):
+                last = [c for c in checkpoint.list_checkpoints(out) if int(c.name.split("-")[1]) < r["step"]]
+                raise FloatingPointError(f"loss is {loss} at step {r['step']}; stopping. Last good checkpoint: "
+                                         f"{last[-1] if last else 'none'}. Lower optim.lr, or use fp32/bf16 instead of fp16.")
+            if acc.is_main_process:  # which images each rank trained on (the last micro-batch): ranks' draws are disjoint
+                row = {"step": r["step"], "loss": loss, "lr": r["lr"], "timesteps": r["t"], "bucket": r["bucket"],
+                       "images": imgs, "time": r["time"]}
+                _append(log_path, json.dumps(row))
+                if trackers:
+                    acc.log({"loss": loss, "lr": r["lr"]}, step=r["step"])
+        progress(pending[-1]["step"], losses[-1])
+        pending.clear()
+        return sig or None
+
     for step in range(start, cfg.train.max_steps):
-        total = 0.0
+        total = torch.zeros((), device=acc.device)
         for micro in range(cfg.train.grad_accum):
             g = trainstep.step_generator(cfg.train.seed, step, micro, rank)
             batch = trainstep.draw(td, cfg.train.batch_size, g, cfg.data.caption_dropout, cfg.data.random_flip,
@@ -218,8 +248,8 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
             hist += torch.bincount(batch["t"], minlength=len(hist))
             with acc.autocast():
                 loss = trainstep.forward_loss(unet, batch, td, cfg.objective.min_snr_gamma, acc.device, dtype).mean()
-            sync = micro == cfg.train.grad_accum - 1
-            with (acc.no_sync(unet) if not sync and world > 1 else nullcontext()):
+            sync_grads = micro == cfg.train.grad_accum - 1
+            with (acc.no_sync(unet) if not sync_grads and world > 1 else nullcontext()):
                 acc.backward(loss / cfg.train.grad_accum)
             total += loss.detach() / cfg.train.grad_accum
         if cfg.optim.max_grad_norm:
@@ -227,28 +257,24 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
-        mean_loss = acc.reduce(total.reshape(1), "mean").item()
-        if not math.isfinite(mean_loss):
-            last = checkpoint.list_checkpoints(out)
-            raise FloatingPointError(f"loss is {mean_loss} at step {step + 1}; stopping. Last good checkpoint: "
-                                     f"{last[-1] if last else 'none'}. Lower optim.lr, or use fp32/bf16 instead of fp16.")
-        logged = (step + 1) % cfg.train.log_every == 0
-        # which images each rank trained on (the last micro-batch), so a log shows the ranks' draws are disjoint
-        images = acc.gather(batch["images"].to(acc.device)).view(world, -1).tolist() if logged else None
-        if acc.is_main_process and logged:
-            row = {"step": step + 1, "loss": mean_loss, "lr": lr_sched.get_last_lr()[0], "timesteps": batch["t"].tolist(),
-                   "bucket": f"{batch['z0'].shape[-1] * facts.vae_factor}x{batch['z0'].shape[-2] * facts.vae_factor}", "images": images, "time": round(time.time(), 3)}
-            _append(log_path, json.dumps(row))
-            if trackers:
-                acc.log({"loss": mean_loss, "lr": row["lr"]}, step=step + 1)
-        progress(step + 1, mean_loss)
+        pending.append({"step": step + 1, "loss": total, "lr": lr_sched.get_last_lr()[0], "t": batch["t"].tolist(),
+                        "bucket": f"{batch['z0'].shape[-1] * facts.vae_factor}x{batch['z0'].shape[-2] * facts.vae_factor}",
+                        "images": batch["images"], "time": round(time.time(), 3)})
         last = step + 1 == cfg.train.max_steps
-        if last or (cfg.train.checkpointing_steps and (step + 1) % cfg.train.checkpointing_steps == 0):
+        ckpt = cfg.train.checkpointing_steps and (step + 1) % cfg.train.checkpointing_steps == 0
+        validate = validator and cfg.validation.steps and (step + 1) % cfg.validation.steps == 0
+        # a signal on a single process is seen at once; ranks of a DDP run agree on it at the next sync point
+        sig = None
+        if last or ckpt or validate or (step + 1) % cfg.train.log_every == 0 or (world == 1 and stopper.signum):
+            sig = sync()
+        else:
+            progress(step + 1, None)
+        if last or ckpt:
             _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes)
-        if validator and cfg.validation.steps and (step + 1) % cfg.validation.steps == 0:
+        if validate:
             validator(step + 1)
-        if not last and (sig := stopper.requested(acc)) is not None:
-            if not (cfg.train.checkpointing_steps and (step + 1) % cfg.train.checkpointing_steps == 0):
+        if not last and sig is not None:
+            if not ckpt:
                 _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes)
             say(f"interrupted at step {step + 1}; checkpoint-{step + 1} written. Resume with the same command plus "
                 f"train.resume_from_checkpoint=latest")
@@ -512,9 +538,10 @@ def _append(path: Path, line: str) -> None:
 def _progress(acc, start: int, total: int):
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train", mininterval=2.0)
-    def update(step: int, loss: float):
+    def update(step: int, loss: float | None):
         bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if step == total:
             bar.close()
     return update

@@ -259,11 +259,13 @@ def test_sigterm_exit_code_and_killed_launcher_stops_the_trainer(tiny_base, sg_f
 
 def test_ddp_ranks_agree_to_stop_when_one_is_signalled(tiny_base, sg_folder, tmp_path):
     out = tmp_path / "ddp"
-    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=50"), nproc=2, timeout=300,
-                   env_extra={"ADAPT_FAULT": "sigterm_on_rank1_after_step:2"})  # only rank 1 is told
-    assert r.returncode != 0 and "interrupted at step 3" in r.stdout, (r.stdout + r.stderr)[-3000:]
-    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-3"] and len(read_log(out)) == 3
-    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=4", "train.resume_from_checkpoint=latest"), nproc=2, timeout=300)
+    # only rank 1 is told, during step 3; the ranks agree at the next sync point (train.log_every=5): step 5
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=50", "train.log_every=5"), nproc=2, timeout=300,
+                   env_extra={"ADAPT_FAULT": "sigterm_on_rank1_after_step:2"})
+    assert r.returncode != 0 and "interrupted at step 5" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-5"]
+    assert [x["step"] for x in read_log(out)] == [1, 2, 3, 4, 5]
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=6", "train.resume_from_checkpoint=latest"), nproc=2, timeout=300)
     _ok(r)
     assert "all 2 ranks hold identical LoRA weights" in r.stdout
 

@@ -25,6 +25,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_base, sg_folder, tmp
     assert not (out / lora.WEIGHTS_NAME).exists()
     lora_sd, _, state = checkpoint.load(out / "checkpoint-1")
     assert state["step"] == 1 and all(torch.isfinite(v).all() for v in lora_sd.values())
+    # losses read back every 5 steps (train.log_every): the error still names the first bad step, nothing is saved
+    out = tmp_path / "nan5"
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "optim.lr=1e12", "optim.max_grad_norm=null", "train.max_steps=30",
+                         "train.log_every=5", "train.checkpointing_steps=0"), launcher="python")
+    assert r.returncode == 2 and "loss is nan at step 2" in r.stderr and "Last good checkpoint: none" in r.stderr, r.stderr[-2000:]
+    assert not checkpoint.list_checkpoints(out) and not (out / lora.WEIGHTS_NAME).exists()
 
 
 def test_fp16_vae_nan_latents_are_caught_with_advice(tiny_base):
