@@ -70,7 +70,7 @@ def vae_roundtrip(vae, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train(source: torch.Tensor, target: torch.Tensor, vae=None, heldout: float = 0.2, epochs: int = 15,
+def train(source: torch.Tensor, target: torch.Tensor, vae=None, heldout: float = 0.2, epochs: int = 8,
           batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> TrainedClassifier:
     """Train on (1-heldout) of each class, report accuracy on the rest. Inputs (N, 3, H, W) in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
