@@ -135,3 +135,13 @@ def test_offset_noise():
     assert objective.offset_noise(n, 0.0) is n
     o = objective.offset_noise(n, 0.1, torch.Generator().manual_seed(0))
     assert o.shape == n.shape and torch.all(o[:, :, :1, :1] == o)  # constant per (sample, channel)
+
+
+def test_compare_windows_reports_first_and_held_crossings():
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from compare_windows import crossings
+    det = {125: 0.5, 250: 0.91, 375: 0.8, 500: 0.92, 625: 0.95}  # crosses at 250, dips, holds from 500
+    assert crossings({s: {"detected": d} for s, d in det.items()}) == (250, 500)
+    assert crossings({125: {"detected": 0.5}, 250: {"detected": 0.89}}) == (None, None)
