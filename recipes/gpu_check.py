@@ -31,6 +31,7 @@ CASES = {
     "sd15": dict(res=512, batch=4, steps=40, gc=False, config="sd15_sunglasses.yaml", ref="train_text_to_image_lora.py"),
     "sdxl": dict(res=1024, batch=1, steps=30, gc=True, config="sdxl_sunglasses.yaml", ref="train_text_to_image_lora_sdxl.py"),
 }
+SYNC = 10  # train.log_every for adapt's runs: the loss is read back from the device every SYNC steps
 
 
 def build_base(case: str, where: Path, tiny: bool) -> Path:
@@ -97,11 +98,12 @@ def _launch(tiny: bool, mixed: str) -> list[str]:
 
 def run_adapt(case, c, base, data, out, tiny, preset="cross_attn", timeout=600) -> dict:
     run_dir = out / f"adapt_{case}_{preset}"
+    sync = 1 if tiny else SYNC  # the tiny CPU path runs 3 steps: every step a sync point
     cmd = _launch(tiny, "bf16") + [str(ROOT / "recipes/lora_img2img.py"), "--config", str(ROOT / "recipes/configs" / c["config"]),
                                    f"model.base={base}", f"data.source={data}", f"data.resolution={c['res']}",
                                    f"train.batch_size={c['batch']}", f"train.max_steps={c['steps']}", "lora.rank=8", "lora.alpha=8",
                                    f"lora.preset={preset}", f"train.gradient_checkpointing={str(c['gc']).lower()}",
-                                   "data.random_flip=false", "train.checkpointing_steps=0", "validation.source=null",
+                                   "data.random_flip=false", "train.checkpointing_steps=0", "validation.source=null", f"train.log_every={sync}",
                                    f"out_dir={run_dir}", "train.overwrite=true"] + (["train.num_threads=1"] if tiny else [])
     t0 = time.time()
     with GpuMemory() as mem:
@@ -111,8 +113,11 @@ def run_adapt(case, c, base, data, out, tiny, preset="cross_attn", timeout=600) 
         return {"trainer": f"adapt {preset}", "error": (r.stderr or r.stdout)[-1500:]}
     rows = [json.loads(l) for l in (run_dir / "logs/train_log.jsonl").read_text().splitlines() if l.strip()]
     fx = json.loads(__import__("safetensors").safe_open(str(run_dir / "pytorch_lora_weights.safetensors"), "pt").metadata()["adapt"])
-    half = rows[len(rows) // 2:]
-    steady = (len(half) - 1) / (half[-1]["time"] - half[0]["time"]) if len(half) > 1 and half[-1]["time"] > half[0]["time"] else None
+    # rows of steps the device had finished: the sync points (every `sync` steps, and the last); the rows between
+    # them carry the time the host queued their step
+    half = [x for x in rows[len(rows) // 2:] if x["step"] % sync == 0 or x is rows[-1]]
+    steady = (half[-1]["step"] - half[0]["step"]) / (half[-1]["time"] - half[0]["time"]) \
+        if len(half) > 1 and half[-1]["time"] > half[0]["time"] else None
     first, last = _quarters([x["loss"] for x in rows])
     return {"trainer": f"adapt {preset}", "steps": len(rows), "steady_it_s": steady and round(steady, 3),
             "samples_s": steady and round(steady * c["batch"], 3), "wall_s": round(wall, 1),

@@ -222,6 +222,8 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         own = torch.cat([torch.stack([r["loss"] for r in pending]).float(),
                          torch.tensor([float(stopper.signum or 0)], device=acc.device)])
         vals = acc.gather(own).view(world, n + 1).cpu()  # the one host sync of the losses
+        # a row's time is when the host finished queueing its step; the device has caught up only at a sync point
+        pending[-1]["time"] = round(time.time(), 3)
         losses, sig = vals[:, :n].mean(dim=0).tolist(), int(vals[:, n].max())
         images = acc.gather(torch.stack([r["images"] for r in pending]).to(acc.device)).view(world, n, -1).transpose(0, 1).tolist()
         for r, loss, imgs in zip(pending, losses, images):
