@@ -231,8 +231,12 @@ class PretrainConfig:
     vae_steps: int = opt(6000, "VAE optimizer steps")
     vae_clutter: float = opt(0.0, "share of VAE batches overdrawn with random shapes and lines (synth.clutter), so the "
                              "codec can represent what the source faces lack (a thin dark line); the UNet never sees them")
+    vae_latent_channels: int = opt(4, "latent channels of the VAE (SD 1.x/2.x/XL: 4; SD3/FLUX: 16, which keep fine detail "
+                                    "such as thin lines and text, Esser et al. 2024)")
     vae_batch: int = opt(16, "VAE batch size")
     vae_lr: float = opt(1e-3, "VAE peak learning rate (cosine to 5%)")
+    vae_edge_weight: float = opt(0.0, "weight of an L1 loss on image gradients (horizontal and vertical differences): L1/L2 "
+                                 "alone blur a 1-2 px line into a faint band, since its pixels are few")
     vae_kl: float = opt(1e-5, "KL weight: small, as in LDM's 'KL-reg' autoencoders")
     unet_cross_attn_levels: int = opt(2, "latent levels (of 3, deepest first) whose blocks have cross-attention: 2 = 8x8 and 4x4 "
                                       "(v1), 3 = also the full 16x16 level (v2), where a caption can steer thin details")
@@ -247,6 +251,8 @@ class PretrainConfig:
 
     def __post_init__(self):
         _check(0.0 <= self.vae_clutter <= 1.0, "vae_clutter", f"must be in [0, 1], got {self.vae_clutter}")
+        _check(self.vae_edge_weight >= 0, "vae_edge_weight", f"must be >= 0, got {self.vae_edge_weight}")
+        _check(self.vae_latent_channels in (4, 8, 16), "vae_latent_channels", f"must be 4, 8 or 16, got {self.vae_latent_channels}")
         _check(self.unet_cross_attn_levels in (2, 3), "unet_cross_attn_levels", f"must be 2 or 3, got {self.unet_cross_attn_levels}")
         _check(self.vae_from is None or Path(self.vae_from, "vae", "config.json").exists(), "vae_from",
                f"{self.vae_from}: no vae/config.json there (a diffusers pipeline folder is expected)")

@@ -65,7 +65,9 @@ def pareto(rows, path: Path, has_masks: bool, recommended: dict | None = None) -
                 label=_label(curve), ls="--" if curve[0] == 0 else "-")
         for r in rs:
             ax.annotate(f"{r['strength']:g}", (r[pres], r[reach]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    front = sorted((r for r in rows if r.get("on_frontier")), key=lambda r: r[pres])
+    # the 2-D envelope drawn here; the report's on_frontier also counts the shape check when it exists
+    front = sorted((r for r in rows if not any(o[reach] >= r[reach] and o[pres] >= r[pres] and (o[reach] > r[reach] or o[pres] > r[pres])
+                                              for o in rows)), key=lambda r: r[pres])
     if front:
         ax.step([r[pres] for r in front], [r[reach] for r in front], where="post", color="grey", lw=3, alpha=0.3, label="frontier")
     if recommended and recommended.get("strength") is not None:

@@ -1,4 +1,4 @@
-"""The evaluation report: per-setting aggregates, the reach-vs-preservation frontier, the
+"""The evaluation report: per-setting aggregates, the reach / (shape) / preservation frontier, the
 recommendation rule, and the files (report.json, report.csv, summary.md). No model code here:
 `adapt.evaluate` runs the sweep and hands this module per-image arrays.
 
@@ -101,21 +101,30 @@ def add_deltas(rows: list[dict]) -> None:
         r["delta_vs_base"] = {k: r[k] - b[k] for k in NUMERIC if b is not None and isinstance(r.get(k), float) and k in b}
 
 
-def mark_frontier(rows: list[dict], has_geometry: bool) -> None:
-    """on_frontier: no other row has at least the reach and the preservation, and more of one (Pareto)."""
+def frontier_metrics(has_geometry: bool) -> tuple[str, ...]:
+    """What the frontier trades off: reach and preservation, and with the benchmark's geometry also the shape
+    check, so a setting that draws real lenses (two lenses and a bridge) is not dominated by one that only
+    darkens the eyes a little more."""
     rk, pk = keys(has_geometry)
+    return (rk, "shape_pass", pk) if has_geometry else (rk, pk)
+
+
+def mark_frontier(rows: list[dict], has_geometry: bool) -> None:
+    """on_frontier: no other row has at least as much of every frontier metric and more of one (Pareto)."""
+    ks = frontier_metrics(has_geometry)
     for r in rows:
-        r["on_frontier"] = not any(o[rk] >= r[rk] and o[pk] >= r[pk] and (o[rk] > r[rk] or o[pk] > r[pk]) for o in rows)
+        r["on_frontier"] = not any(all(o[k] >= r[k] for k in ks) and any(o[k] > r[k] for k in ks) for o in rows)
 
 
 def recommend(rows: list[dict], threshold: float, has_geometry: bool) -> dict:
     """The setting to use: among adapter rows on the frontier (any strength, scale and sampling mode)
     that keep preservation >= threshold, the highest reach; then the better shape check; then the
     better preservation; then the lower strength. Picking from the whole frontier, not the scale-1
-    row, is what lets a lower scale or masked sampling win when it keeps more at the same reach."""
+    row, is what lets a lower scale or masked sampling win when it keeps more at the same reach, and a
+    scale above 1 win when it draws the lenses' shape at the same reach."""
     rk, pk = keys(has_geometry)
-    rule = (f"highest {rk} among adapter rows on the reach-vs-preservation frontier with {pk} >= {threshold}; "
-            f"ties (reach within 0.01): higher shape_pass, then higher {pk}, then lower strength")
+    rule = (f"highest {rk} among adapter rows on the {' / '.join(frontier_metrics(has_geometry))} frontier with "
+            f"{pk} >= {threshold}; ties (reach within 0.01): higher shape_pass, then higher {pk}, then lower strength")
     ok = [r for r in rows if r["scale"] > 0 and r["on_frontier"] and r[pk] >= threshold]
     if not ok:
         return {"strength": None, "scale": None, "mode": None, "rule": rule, "reach_metric": rk, "preservation_metric": pk,

@@ -15,23 +15,25 @@ if [ -f adapt/zoo/tiny-faces/model_index.json ]; then
   accelerate launch -q --config_file accelerate_config.yaml recipes/lora_img2img.py \
       --config recipes/configs/tiny_sunglasses.yaml out_dir="$OUT/adapter" train.overwrite=true train.num_threads="$THREADS"
   T1=$(date +%s)
-  echo "== 2/3 sample: held-out faces, input | base | adapter | adapter masked, at the adapter's strength"
-  adapt --threads "$THREADS" data build synth_faces --out "$OUT/heldout" --n 8 --split eval --overwrite > /dev/null
-  adapt --threads "$THREADS" sample --base tiny-faces --adapter "$OUT/adapter" --image "$OUT"/heldout/eval_00000{0..7}.png \
-      --prompt "{caption} wearing sunglasses" --guidance 1.0 --mask auto --grid "$OUT/before_after.png" --out "$OUT/samples" --overwrite
+  echo "== 2/3 evaluate: strength x scale x mode sweep against the base"
+  adapt --threads "$THREADS" eval --config recipes/configs/tiny_sunglasses_eval.yaml --adapter "$OUT/adapter" --out "$OUT/eval" overwrite=true
   T2=$(date +%s)
-  if adapt eval --help > /dev/null 2>&1; then
-    echo "== 3/3 evaluate: strength x scale sweep against the base"
-    adapt --threads "$THREADS" eval --config recipes/configs/tiny_sunglasses_eval.yaml --adapter "$OUT/adapter" --out "$OUT/eval" overwrite=true
-  else
-    echo "== 3/3 evaluate: skipped (adapt eval is not available in this version)"
-  fi
+  # the setting the evaluation recommends (strength, scale; masked or plain), else the adapter's own strength at scale 1
+  read -r STRENGTH SCALE MODE < <(python -c "import json; r = json.load(open('$OUT/eval/report.json')).get('recommended') or {}; \
+print(r.get('strength') or '-', r.get('scale') or 1.0, r.get('mode') or 'plain')")
+  [ "$STRENGTH" = "-" ] && STRENGTH=""
+  echo "== 3/3 sample: held-out faces, input | base | adapter | adapter masked, at the recommended setting" \
+       "(strength ${STRENGTH:-trained}, scale $SCALE, $MODE)"
+  adapt --threads "$THREADS" data build synth_faces --out "$OUT/heldout" --n 8 --split eval --overwrite > /dev/null
+  adapt --threads "$THREADS" sample --base tiny-faces --adapter "$OUT/adapter" --scale "$SCALE" ${STRENGTH:+--strength "$STRENGTH"} \
+      --image "$OUT"/heldout/eval_00000{0..7}.png --prompt "{caption} wearing sunglasses" --guidance 1.0 --mask auto \
+      --grid "$OUT/before_after.png" --out "$OUT/samples" --overwrite
   T3=$(date +%s)
   echo
   echo "adapter:     $OUT/adapter/pytorch_lora_weights.safetensors (model card: $OUT/adapter/README.md)"
   echo "grids:       $OUT/before_after.png, validation grids in $OUT/adapter/validation/"
   echo "evaluation:  $OUT/eval/ (summary.md, report.json, curves.png, pareto.png, grid.png)"
-  echo "time:        train $((T1 - T0)) s, sample $((T2 - T1)) s, eval $((T3 - T2)) s, total $((T3 - T0)) s"
+  echo "time:        train $((T1 - T0)) s, eval $((T2 - T1)) s, sample $((T3 - T2)) s, total $((T3 - T0)) s"
 else
   echo "== embedded base adapt/zoo/tiny-faces not found: running the offline tiny smoke path"
   python -c "from adapt.tiny import save_tiny_pipeline; save_tiny_pipeline('$OUT/tiny-base')"

@@ -103,20 +103,20 @@ def sunglasses_probe(n: int):
     return probe
 
 
-def build_vae() -> AutoencoderKL:
+def build_vae(latent_channels: int = 4) -> AutoencoderKL:
     # 3 blocks -> factor 4: 64 px -> 16x16 latents, so an eye spans ~2 latent pixels.
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(16, 32, 64),
                          down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                          layers_per_block=1, norm_num_groups=8, sample_size=64)
 
 
-def build_unet(cross_attn_levels: int = 2) -> UNet2DConditionModel:
+def build_unet(cross_attn_levels: int = 2, latent_channels: int = 4) -> UNet2DConditionModel:
     # levels 2 (v1): cross-attention at 8x8, 4x4 and the mid block: 7 transformer blocks, 6.6 M params.
     # levels 3 (v2): also at 16x16 (one down, two up blocks), where a lens bridge is one latent pixel
     # wide; 10 transformer blocks, 6.9 M params, ~2.2x the step time (256-token self-attention).
     full = cross_attn_levels == 3
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+        sample_size=16, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1, block_out_channels=(64, 128, 128),
         down_block_types=("CrossAttnDownBlock2D" if full else "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D" if full else "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=32, norm_num_groups=32)
@@ -130,7 +130,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> AutoencoderKL:
     final = work / "vae_final.safetensors"
-    vae = build_vae()
+    vae = build_vae(cfg.vae_latent_channels)
     if cfg.vae_from:  # reuse a trained VAE (e.g. v1's for a v2 UNet); fold_latent_shift re-derives its scaling
         log(f"VAE: reusing {cfg.vae_from}/vae")
         return AutoencoderKL.from_pretrained(cfg.vae_from, subfolder="vae", torch_dtype=torch.float32)
@@ -161,6 +161,9 @@ def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> Autoenco
         rec = vae.decode(post.sample(generator=g)).sample
         err = rec - batch
         loss = err.abs().mean() + err.pow(2).mean() + cfg.vae_kl * post.kl().mean() / batch[0].numel()
+        if cfg.vae_edge_weight:  # a thin line is all gradient: weight its edges, not only its few pixels
+            loss = loss + cfg.vae_edge_weight * ((err[..., 1:, :] - err[..., :-1, :]).abs().mean()
+                                                 + (err[..., :, 1:] - err[..., :, :-1]).abs().mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -198,8 +201,8 @@ def fold_latent_shift(vae: AutoencoderKL, x: torch.Tensor) -> dict:
 
 
 def train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work: Path):
-    unet = build_unet(cfg.unet_cross_attn_levels)
-    ema = build_unet(cfg.unet_cross_attn_levels)
+    unet = build_unet(cfg.unet_cross_attn_levels, vae.config.latent_channels)
+    ema = build_unet(cfg.unet_cross_attn_levels, vae.config.latent_channels)
     final = work / "unet_ema_final.safetensors"
     if final.exists():
         ema.load_state_dict(load_file(str(final)))

@@ -176,7 +176,7 @@ def test_vae_roundtrip_upcasts_an_fp16_vae_that_asks_for_it():
 
 def _row(strength, scale, mode, reach, pres, shape=0.0):
     return {"strength": strength, "scale": scale, "mode": mode, "detector_reach": reach, "target_reach": reach,
-            "preservation_ssim_outside_mask": pres, "shape_pass": shape, "delta_vs_base": {"detector_reach": reach}}
+            "preservation_ssim_outside_mask": pres, "preservation_ssim": pres, "shape_pass": shape, "delta_vs_base": {"detector_reach": reach}}
 
 
 def test_recommendation_picks_from_the_whole_frontier_not_the_scale_1_row():
@@ -187,12 +187,17 @@ def test_recommendation_picks_from_the_whole_frontier_not_the_scale_1_row():
     rep.mark_frontier(plain, True)  # (0.4, 1) keeps as much as the base and reaches; (0.6, 0.8) loses to it on both
     assert [r["on_frontier"] for r in plain] == [False, True, True, False]
     assert rep.recommend(plain, 0.85, True)["strength"] == 0.4  # highest reach that keeps 0.85
+    rep.mark_frontier(rows, True)  # (0.6, 1, masked) keeps less than (0.8, 1, masked) but draws the shape: both on it
+    assert [r["on_frontier"] for r in rows] == [False, False, False, False, True, True]
+    rec = rep.recommend(rows, 0.95, True)
+    assert (rec["strength"], rec["scale"], rec["mode"]) == (0.6, 1.0, "masked") and "shape_pass" in rec["rule"]
+    rec = rep.recommend(rows, 0.975, True)  # only (0.8, 1, masked) keeps that much
+    assert (rec["strength"], rec["mode"]) == (0.8, "masked")
+    rows[5]["shape_pass"] = 0.1  # same shape, less preservation: dominated again
     rep.mark_frontier(rows, True)
     assert [r["on_frontier"] for r in rows] == [False, False, False, False, True, False]
-    rec = rep.recommend(rows, 0.95, True)
-    assert (rec["strength"], rec["scale"], rec["mode"]) == (0.8, 1.0, "masked") and "frontier" in rec["rule"]
-    rec = rep.recommend(rows, 0.85, True)  # (0.6, 1, masked) is off the frontier: same reach, less preservation
-    assert (rec["strength"], rec["mode"]) == (0.8, "masked")
+    rep.mark_frontier(rows, False)  # a user's own domain: reach and preservation only
+    assert [r["on_frontier"] for r in rows] == [False, False, False, False, True, False]
     none = rep.recommend(plain, 0.95, True)
     assert none["strength"] is None and "no adapter setting" in none["note"]
     # ties in reach (within 0.01) go to the better shape check
