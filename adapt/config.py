@@ -158,6 +158,10 @@ class TrainSection:
     seed: int = opt(0, "seed for init, data order, noise and timesteps")
     mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision; LoRA weights stay fp32")
     gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward: less memory, ~30% slower")
+    compile: Literal["auto", "off", "regional"] = opt(
+        "auto", "torch.compile of the UNet's repeated transformer blocks (diffusers' compile_repeated_blocks: one block "
+        "graph compiled once, reused by every block). auto = regional on CUDA when the run has >= 300 steps to pay "
+        "back the warm-up, off on CPU (measured 1.01x after 53 s of compiling on the embedded base); the decision is logged")
     checkpointing_steps: int = opt(0, "save a resumable checkpoint every N steps; a final one is always written (so a "
                                    "finished run can be extended by raising max_steps); 0 = only the final one")
     checkpoints_total_limit: Optional[int] = opt(2, "keep at most N checkpoints")
@@ -363,8 +367,9 @@ def _coerce(value, tp, key: str):
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) and ("no" if not value else "yes") in choices:
-            value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` / `yes` as a boolean
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / off / yes / on as a boolean
+            spelled = [c for c in (("yes", "on", "true") if value else ("no", "off", "false")) if c in choices]
+            value = spelled[0] if spelled else value
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
         return value

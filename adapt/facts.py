@@ -110,7 +110,7 @@ class AdapterFacts:
 
 FREE = ("out_dir", "train.max_steps", "train.checkpointing_steps", "train.checkpoints_total_limit",
         "train.resume_from_checkpoint", "train.resume_allow", "train.log_every", "train.num_threads", "train.overwrite",
-        "train.gradient_checkpointing", "data.cache", "data.cache_dir", "data.cache_threads", "validation.")
+        "train.gradient_checkpointing", "train.compile", "data.cache", "data.cache_dir", "data.cache_threads", "validation.")
 OPTIMIZER = ("optim.",)
 
 

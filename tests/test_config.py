@@ -47,6 +47,10 @@ def test_frozen_dtype_must_match_autocast():
 def test_yaml_booleans_for_no_and_yes():
     assert _load("train.mixed_precision=no").train.mixed_precision == "no"  # YAML 1.1 reads `no` as False
     assert config.load(RunConfig, None, ["data.source=x"]).train.mixed_precision == "no"
+    assert _load("train.compile=off").train.compile == "off"  # and `off` / `false` as False
+    assert _load("train.compile=false").train.compile == "off"
+    with pytest.raises(ConfigError, match=r"train.compile: True is not one of \['auto', 'off', 'regional'\]"):
+        _load("train.compile=on")  # no choice spells True
 
 
 def test_missing_source_and_missing_file(tmp_path):

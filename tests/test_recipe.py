@@ -26,6 +26,7 @@ def test_recipe_end_to_end_with_accelerate(tiny_base, sg_folder, tmp_path):
     np.testing.assert_allclose(losses, PINNED, rtol=1e-4)
     for f in ("pytorch_lora_weights.safetensors", "config.yaml", "README.md", "validation/step_000004.png"):
         assert (out / f).is_file(), f
+    assert "compile: off (auto: cpu" in r.stdout  # the decision is logged; auto never compiles on CPU
     facts = lora.facts(out)
     assert facts.strength == 0.6 and facts.window == "img2img_exact" and facts.steps_trained == 4
     assert facts.rank == 4 and facts.alpha == 2.0 and len(facts.dataset_fingerprint) == 16
@@ -138,3 +139,34 @@ def test_latent_cache_is_reused_and_caching_off_trains(tiny_base, sg_folder, tmp
     r3 = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "c", "train.max_steps=2", "data.cache=false"), launcher="python")
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert len(read_log(tmp_path / "c")) == 2 and (tmp_path / "c" / lora.WEIGHTS_NAME).is_file()
+
+
+@pytest.mark.slow  # inductor compiles the transformer block on CPU (~1 min)
+def test_regional_compile_trains_the_same_losses_and_resumes_uncompiled(tiny_base, sg_folder, tmp_path):
+    """train.compile=regional compiles the repeated blocks in place: the same losses as eager (fp32, within
+    inductor's reordering), a standard adapter, and a checkpoint that an uncompiled run resumes."""
+    out = tmp_path / "compiled"
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.compile=regional", "train.checkpointing_steps=2"), launcher="python")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compile: regional (train.compile=regional)" in r.stdout
+    np.testing.assert_allclose([row["loss"] for row in read_log(out)], PINNED, rtol=1e-3)
+    (out / lora.WEIGHTS_NAME).unlink()
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.compile=off", "train.max_steps=5",
+                               "train.resume_from_checkpoint=latest"), launcher="python")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compile: off (train.compile=off)" in r.stdout and "at step 4" in r.stdout and len(read_log(out)) == 5
+    assert lora.facts(out).steps_trained == 5
+
+
+def test_compile_decision():
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("lora_img2img", ROOT / "recipes" / "lora_img2img.py")
+    rec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rec)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert rec._compile_decision("auto", cuda, 1000) == (True, "auto: cuda, 1000 steps left")
+    assert rec._compile_decision("auto", cuda, 100)[0] is False and "100 steps left < 300" in rec._compile_decision("auto", cuda, 100)[1]
+    assert rec._compile_decision("auto", cpu, 10_000)[0] is False
+    assert rec._compile_decision("regional", cpu, 1) == (True, "train.compile=regional")
+    assert rec._compile_decision("off", cuda, 10_000) == (False, "train.compile=off")
