@@ -96,21 +96,22 @@ def _launch(tiny: bool, mixed: str) -> list[str]:
     return acc + (["--cpu"] if tiny else [])
 
 
-def run_adapt(case, c, base, data, out, tiny, preset="cross_attn", timeout=600) -> dict:
-    run_dir = out / f"adapt_{case}_{preset}"
+def run_adapt(case, c, base, data, out, tiny, preset="cross_attn", timeout=600, compile_mode="off") -> dict:
+    name = f"adapt {preset}" + (f" compile={compile_mode}" if compile_mode != "off" else "")
+    run_dir = out / f"adapt_{case}_{preset}" if compile_mode == "off" else out / f"adapt_{case}_{preset}_compile"
     sync = 1 if tiny else SYNC  # the tiny CPU path runs 3 steps: every step a sync point
     cmd = _launch(tiny, "bf16") + [str(ROOT / "recipes/lora_img2img.py"), "--config", str(ROOT / "recipes/configs" / c["config"]),
                                    f"model.base={base}", f"data.source={data}", f"data.resolution={c['res']}",
                                    f"train.batch_size={c['batch']}", f"train.max_steps={c['steps']}", "lora.rank=8", "lora.alpha=8",
                                    f"lora.preset={preset}", f"train.gradient_checkpointing={str(c['gc']).lower()}",
                                    "data.random_flip=false", "train.checkpointing_steps=0", "validation.source=null", f"train.log_every={sync}",
-                                   f"out_dir={run_dir}", "train.overwrite=true"] + (["train.num_threads=1"] if tiny else [])
+                                   f"train.compile={compile_mode}", f"out_dir={run_dir}", "train.overwrite=true"] + (["train.num_threads=1"] if tiny else [])
     t0 = time.time()
     with GpuMemory() as mem:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     wall = time.time() - t0
     if r.returncode != 0:
-        return {"trainer": f"adapt {preset}", "error": (r.stderr or r.stdout)[-1500:]}
+        return {"trainer": name, "error": (r.stderr or r.stdout)[-1500:]}
     rows = [json.loads(l) for l in (run_dir / "logs/train_log.jsonl").read_text().splitlines() if l.strip()]
     fx = json.loads(__import__("safetensors").safe_open(str(run_dir / "pytorch_lora_weights.safetensors"), "pt").metadata()["adapt"])
     # rows of steps the device had finished: the sync points (every `sync` steps, and the last); the rows between
@@ -119,7 +120,7 @@ def run_adapt(case, c, base, data, out, tiny, preset="cross_attn", timeout=600) 
     steady = (half[-1]["step"] - half[0]["step"]) / (half[-1]["time"] - half[0]["time"]) \
         if len(half) > 1 and half[-1]["time"] > half[0]["time"] else None
     first, last = _quarters([x["loss"] for x in rows])
-    return {"trainer": f"adapt {preset}", "steps": len(rows), "steady_it_s": steady and round(steady, 3),
+    return {"trainer": name, "steps": len(rows), "steady_it_s": steady and round(steady, 3),
             "samples_s": steady and round(steady * c["batch"], 3), "wall_s": round(wall, 1),
             "first_step_after_s": round(rows[0]["time"] - t0, 1), "peak_gpu_mb": mem.peak and mem.peak - (mem.idle or 0),
             "torch_peak_mb": fx["figures"].get("peak_cuda_mb"), "loss_first_quarter": first, "loss_last_quarter": last}
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="sd15,sdxl")
     ap.add_argument("--tiny", action="store_true", help="tiny models, 64 px, 3 steps, CPU: the path, not the speed")
     ap.add_argument("--all-attn", action="store_true", help="also run adapt with the reference's layers (all_attn)")
+    ap.add_argument("--compile", action="store_true", help="also run adapt with train.compile=regional (steady it/s after "
+                    "the warm-up, and the first step's delay, against the eager run)")
     ap.add_argument("--steps", type=int, default=None, help="override every case's step count")
     ap.add_argument("--no-reference", action="store_true", help="run adapt only")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per trainer run")
@@ -195,6 +198,9 @@ def main(argv=None) -> int:
             print(f"[gpu_check] {case}: {runs[-1]}", flush=True)
         if a.all_attn:
             runs.append(run_adapt(case, c, base, data, out, a.tiny, preset="all_attn", timeout=a.timeout))
+            print(f"[gpu_check] {case}: {runs[-1]}", flush=True)
+        if a.compile:
+            runs.append(run_adapt(case, c, base, data, out, a.tiny, timeout=a.timeout, compile_mode="regional"))
             print(f"[gpu_check] {case}: {runs[-1]}", flush=True)
         results["cases"][case] = {"settings": c, "runs": runs}
         (out / "results.json").write_text(json.dumps(results, indent=1))
