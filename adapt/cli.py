@@ -43,6 +43,8 @@ def _add_sample(sub):
                    "--image (white = edit)")
     p.add_argument("--mask-threshold", type=float, default=0.5, help="auto mask: threshold on the normalised difference")
     p.add_argument("--mask-timestep", type=int, default=441, help="auto mask: timestep of the comparison")
+    p.add_argument("--mask-close", type=int, default=2, help="auto mask: morphological closing radius in latent pixels "
+                   "(fills gaps between parts of the edit, such as the bridge between two lenses), before the dilation")
     p.add_argument("--mask-dilate", type=int, default=1, help="auto mask: dilation in latent pixels")
     p.add_argument("--mask-blur", type=float, default=1.0, help="paste-back feathering, Gaussian sigma in pixels")
     p.add_argument("--no-paste", dest="paste", action="store_false", help="masked: keep the decoded pixels outside the "
@@ -120,7 +122,8 @@ def _edit_mask(a, pipe, images, prompts, names):
     if not a.mask:
         return None, None
     try:
-        settings = masking.MaskSettings(timestep=a.mask_timestep, threshold=a.mask_threshold, dilate=a.mask_dilate,
+        settings = masking.MaskSettings(timestep=a.mask_timestep, threshold=a.mask_threshold, close=a.mask_close,
+                                        dilate=a.mask_dilate,
                                         blur=a.mask_blur, paste=a.paste, seed=a.seed)
     except ValueError as e:
         raise CliError(f"--mask-*: {e}") from None
@@ -128,7 +131,8 @@ def _edit_mask(a, pipe, images, prompts, names):
         if not names:
             raise CliError("--mask auto: needs --adapter (the mask is where the adapter changes the image)")
         mask = masking.auto_mask(pipe, images, prompts, names, settings)
-        how = f"adapter-guided (t={settings.timestep}, threshold {settings.threshold}, dilate {settings.dilate})"
+        how = (f"adapter-guided (t={settings.timestep}, threshold {settings.threshold}, close {settings.close}, "
+               f"dilate {settings.dilate})")
     else:
         mask = masking.mask_from_images([open_image(p) for p in a.mask], [img.size[::-1] for img in images],
                                         pipe.vae_scale_factor)

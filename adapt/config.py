@@ -283,6 +283,8 @@ class EvalConfig:
     mask_timestep: int = opt(441, "masked: timestep at which adapter and base noise predictions are compared")
     mask_draws: int = opt(4, "masked: noise draws averaged for the mask")
     mask_threshold: float = opt(0.5, "masked: threshold on the per-image normalised difference, in (0, 1)")
+    mask_close: int = opt(2, "masked: morphological closing radius in latent pixels (fills gaps between parts of the edit, "
+                          "such as the bridge between two lenses), before the dilation")
     mask_dilate: int = opt(1, "masked: dilation in latent pixels")
     mask_blend: bool = opt(True, "masked: latent blending (keep the noised source outside the mask at every step)")
     mask_paste: bool = opt(True, "masked: paste the input back outside the mask after decoding")
@@ -335,7 +337,7 @@ class EvalConfig:
         from adapt.masking import MaskSettings
         try:
             return MaskSettings(timestep=self.mask_timestep, draws=self.mask_draws, threshold=self.mask_threshold,
-                                dilate=self.mask_dilate, blur=self.mask_blur, paste=self.mask_paste)
+                                close=self.mask_close, dilate=self.mask_dilate, blur=self.mask_blur, paste=self.mask_paste)
         except ValueError as e:
             raise ConfigError(f"mask_*: {e}") from None
 

@@ -158,7 +158,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
         mask_stats["mask_area"] = np.array([p.mean() for p in px])
         if masks is not None:
             mask_stats["mask_outside_band"] = np.array([synthbench.outside_band_share(p, b) for p, b in zip(px, masks.band)])
-        log(f"edit masks (adapter-guided, t={settings.timestep}, threshold {settings.threshold}, dilate {settings.dilate}): "
+        log(f"edit masks (adapter-guided, t={settings.timestep}, threshold {settings.threshold}, close {settings.close}, dilate {settings.dilate}): "
             f"mean area {mask_stats['mask_area'].mean():.1%}"
             + (f", {mask_stats['mask_outside_band'].mean():.0%} of it outside the eye band" if masks is not None else ""))
 

@@ -4,7 +4,7 @@
    source latent z0 to timestep t with a few noise draws and compare the UNet's noise prediction with
    the adapter on and off, both with the target prompt. |ε_adapter − ε_base|, averaged over draws and
    channels, is large where the adapter would draw something new. Normalised per image to [0, 1],
-   thresholded and dilated, it is the latent edit mask. A user can give a mask image instead.
+   thresholded, closed and dilated, it is the latent edit mask. A user can give a mask image instead.
 2. Latent blending (Avrahami et al. 2023, "Blended Latent Diffusion"): after every denoising step the
    latent outside the mask is replaced by the source noised to the next timestep (one fixed noise per
    image), so the sampler redraws only the masked region, in context.
@@ -31,6 +31,10 @@ class MaskSettings:
     timestep: int = 441        # mid-noise: the edit's location is decided, the face still recognisable (DDIM 25-step grid)
     draws: int = 4             # noise draws averaged; 1 draw gave ragged masks
     threshold: float = 0.5     # on the per-image min-max normalised difference (DiffEdit's default)
+    close: int = 2             # latent pixels: morphological closing before the dilation fills gaps up to 2·close wide
+                               # between parts of one edit and holes inside it: the bridge between two lenses lay partly
+                               # outside 21% of the demo's masks; closing 2 raised the shape check 0.50 -> 0.56 for +0.4%
+                               # area (plain img2img, no mask: 0.62), where a lower threshold (0.3) cost +3.4% area
     dilate: int = 1            # latent pixels; undilated masks cover only the hottest cells (reach fell 0.98 -> 0.39)
     blur: float = 1.0          # pixel paste-back: Gaussian sigma of the feathered edge, in pixels; 0 = hard edge
     paste: bool = True         # paste the input back outside the mask after decoding
@@ -39,8 +43,9 @@ class MaskSettings:
     def __post_init__(self):
         if not 0 <= self.timestep < 1000:
             raise ValueError(f"mask timestep must be in [0, 1000), got {self.timestep}")
-        if self.draws < 1 or self.dilate < 0 or self.blur < 0:
-            raise ValueError(f"mask draws >= 1, dilate >= 0 and blur >= 0 required, got {self.draws}, {self.dilate}, {self.blur}")
+        if self.draws < 1 or self.dilate < 0 or self.close < 0 or self.blur < 0:
+            raise ValueError(f"mask draws >= 1, close >= 0, dilate >= 0 and blur >= 0 required, got {self.draws}, "
+                             f"{self.close}, {self.dilate}, {self.blur}")
         if not 0 < self.threshold < 1:
             raise ValueError(f"mask threshold must be in (0, 1), got {self.threshold}")
 
@@ -99,9 +104,21 @@ def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[s
         diff += (eps_a - eps_b).abs().float().mean(1, keepdim=True)
     lo, hi = diff.amin((2, 3), keepdim=True), diff.amax((2, 3), keepdim=True)
     m = ((diff - lo) / (hi - lo).clamp_min(1e-8) > settings.threshold).float()
-    if settings.dilate:
-        m = F.max_pool2d(m, 2 * settings.dilate + 1, stride=1, padding=settings.dilate)
-    return m.cpu()
+    return morph(m, settings.close, settings.dilate).cpu()
+
+
+def morph(m: torch.Tensor, close: int, dilate: int) -> torch.Tensor:
+    """Binary masks (N, 1, h, w): closing of radius `close` (dilate, then erode), then dilation by `dilate`.
+    Square structuring elements, in latent pixels; outside the image counts as unmasked, so the closing neither
+    grows a region toward the border nor eats one that touches it."""
+    if close:
+        k, r = 2 * close + 1, close
+        p = F.pad(m, (2 * r,) * 4)  # room for the dilation to spread and the erosion to see background beyond it
+        p = -F.max_pool2d(-F.max_pool2d(p, k, stride=1, padding=r), k, stride=1, padding=r)
+        m = p[..., 2 * r:-2 * r, 2 * r:-2 * r]
+    if dilate:
+        m = F.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
+    return m
 
 
 def mask_from_images(masks: list[Image.Image], size, factor: int):

@@ -226,3 +226,18 @@ def test_masked_img2img_runs_on_sdxl(tmp_path):
     out = sample.img2img(pipe, imgs, prompts, 0.6, 4, 1.0, seed=0, mask=m, paste_blur=0.0)
     hard = masking.pixel_mask(m, (64, 64), 0)[:, 0].numpy() > 0.5
     assert all(np.array_equal(np.asarray(o)[~h], np.asarray(x)[~h]) for o, x, h in zip(out, imgs, hard))
+
+
+def test_closing_joins_two_lenses_and_keeps_the_rest():
+    m = torch.zeros(1, 1, 8, 12)
+    m[0, 0, 3:5, 1:4] = 1  # left lens
+    m[0, 0, 3:5, 8:11] = 1  # right lens, 4 latent pixels away
+    assert masking.morph(m, 0, 0).equal(m)
+    assert masking.morph(m, 1, 0).equal(m)  # a 4-pixel gap needs radius 2
+    closed = masking.morph(m, 2, 0)
+    assert closed[0, 0, 3:5, 1:11].eq(1).all()  # the bridge is in
+    assert closed.sum() == 2 * 10 and closed[0, 0, :3].eq(0).all() and closed[0, 0, 5:].eq(0).all()  # nothing else
+    edge = torch.zeros(1, 1, 6, 6)
+    edge[0, 0, :, :2] = 1  # touching the border: erosion must not eat it
+    assert masking.morph(edge, 2, 0).equal(edge)
+    assert masking.morph(m, 0, 1).sum() == 2 * 4 * 5  # dilation alone: each 2x3 lens grows to 4x5
