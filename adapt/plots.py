@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from adapt import atomic, sample  # noqa: E402
+from adapt import report as rep  # noqa: E402
 
 
 def _by_curve(rows):
@@ -66,8 +67,7 @@ def pareto(rows, path: Path, has_masks: bool, recommended: dict | None = None) -
         for r in rs:
             ax.annotate(f"{r['strength']:g}", (r[pres], r[reach]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     # the 2-D envelope drawn here; the report's on_frontier also counts the shape check when it exists
-    front = sorted((r for r in rows if not any(o[reach] >= r[reach] and o[pres] >= r[pres] and (o[reach] > r[reach] or o[pres] > r[pres])
-                                              for o in rows)), key=lambda r: r[pres])
+    front = sorted((r for r, on in zip(rows, rep.pareto(rows, (reach, pres))) if on), key=lambda r: r[pres])
     if front:
         ax.step([r[pres] for r in front], [r[reach] for r in front], where="post", color="grey", lw=3, alpha=0.3, label="frontier")
     if recommended and recommended.get("strength") is not None:

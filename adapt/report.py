@@ -109,11 +109,15 @@ def frontier_metrics(has_geometry: bool) -> tuple[str, ...]:
     return (rk, "shape_pass", pk) if has_geometry else (rk, pk)
 
 
+def pareto(rows: list[dict], ks: tuple[str, ...]) -> list[bool]:
+    """Per row: no other row has at least as much of every metric in `ks` and more of one."""
+    return [not any(all(o[k] >= r[k] for k in ks) and any(o[k] > r[k] for k in ks) for o in rows) for r in rows]
+
+
 def mark_frontier(rows: list[dict], has_geometry: bool) -> None:
-    """on_frontier: no other row has at least as much of every frontier metric and more of one (Pareto)."""
-    ks = frontier_metrics(has_geometry)
-    for r in rows:
-        r["on_frontier"] = not any(all(o[k] >= r[k] for k in ks) and any(o[k] > r[k] for k in ks) for o in rows)
+    """on_frontier: Pareto-optimal in the frontier metrics."""
+    for r, on in zip(rows, pareto(rows, frontier_metrics(has_geometry))):
+        r["on_frontier"] = on
 
 
 def recommend(rows: list[dict], threshold: float, has_geometry: bool) -> dict:
