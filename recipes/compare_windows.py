@@ -1,8 +1,10 @@
 """Does the strength window matter? Train the demo adapter with objective.window=img2img_exact and
 =full (same steps, seed and data), checkpointing as it goes, and measure at each checkpoint how far
-it reaches at the setting the evaluation recommends (its strength, scale 1, masked or plain sampling).
+it reaches at a sampling setting (by default the adapter's strength at scale 1; --strength / --scale for the
+setting the evaluation recommends), masked or plain.
 
-    python recipes/compare_windows.py [--out runs/compare_windows] [--every 250] [--mode masked] [key=value ...]
+    python recipes/compare_windows.py [--out runs/compare_windows] [--every 250] [--mode masked]
+                                      [--strength S] [--scale C] [key=value ...]
 
 Reported per window: lens-detector reach, shape check and SSIM outside the eye band at every
 checkpoint (32 held-out faces x 2 seeds), and the first step at which detector reach >= 0.9.
@@ -23,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapt
-from adapt import checkpoint, lora, masking, metrics, model, sample, synth, synthbench
+from adapt import atomic, checkpoint, lora, masking, metrics, model, sample, synth, synthbench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +38,7 @@ def set_lora(pipe, name: str, tensors: dict) -> None:
         getattr(modules[mod], "lora_" + kind.split(".")[0])[name].weight.data.copy_(v)
 
 
-def judge(pipe, name, strength, mode, n=32, seeds=2) -> dict:
+def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2) -> dict:
     imgs, faces, prompts = [], [], []
     for i in range(n):
         im, cap, f = synth.make("faces", "eval", i)
@@ -48,7 +50,7 @@ def judge(pipe, name, strength, mode, n=32, seeds=2) -> dict:
     edit = masking.auto_mask(pipe, imgs, prompts, [name], masking.MaskSettings()) if mode == "masked" else None
     res = {"detected": [], "shape": [], "ssim_out": []}
     for seed in range(seeds):
-        with lora.applied(pipe, [name], [1.0]):
+        with lora.applied(pipe, [name], [scale]):
             outs = sample.img2img(pipe, imgs, prompts, strength, 25, 1.0, 1000 * seed, "ddim", batch_size=32,
                                   mask=edit, paste_blur=1.0 if edit is not None else None)
         for i, o in enumerate(outs):
@@ -69,19 +71,34 @@ def crossings(curve: dict, level: float = 0.9) -> tuple[int | None, int | None]:
     return first, held
 
 
+def _read(summary: Path) -> dict:
+    """Results already in summary.json, curve steps back to ints (JSON keys are strings)."""
+    if not summary.is_file():
+        return {}
+    results = json.loads(summary.read_text())
+    for r in results.values():
+        r["curve"] = {int(k): v for k, v in r["curve"].items()}
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/compare_windows")
     ap.add_argument("--config", default=str(ROOT / "recipes/configs/tiny_sunglasses.yaml"))
     ap.add_argument("--every", type=int, default=250, help="checkpoint and measure every N steps")
     ap.add_argument("--mode", default="masked", choices=["masked", "plain"])
+    ap.add_argument("--strength", type=float, default=None, help="img2img strength measured (default: the adapter's)")
+    ap.add_argument("--scale", type=float, default=1.0, help="adapter scale measured")
+    ap.add_argument("--windows", default="img2img_exact,full", help="windows trained (one per process runs them in parallel; "
+                    "the comparison is printed when both are in --out)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     adapt.quiet()
     torch.set_num_threads(1)
     out = Path(a.out)
-    results = {}
-    for window in ("img2img_exact", "full"):
+    summary = out / "summary.json"
+    results = _read(summary)  # a window measured by another process stays in the file
+    for window in a.windows.split(","):
         run_dir = out / window
         cmd = [sys.executable, str(ROOT / "recipes/lora_img2img.py"), "--config", a.config, f"out_dir={run_dir}",
                f"objective.window={window}", "train.overwrite=true", "validation.steps=0",
@@ -94,13 +111,16 @@ def main(argv=None):
         for ck in checkpoint.list_checkpoints(run_dir):
             step = int(ck.name.split("-")[1])
             set_lora(pipe, name, load_file(str(ck / checkpoint.WEIGHTS) + ".safetensors"))
-            curve[step] = judge(pipe, name, facts.strength, a.mode)
+            curve[step] = judge(pipe, name, a.strength or facts.strength, a.mode, a.scale)
             print(f"{window} step {step}: {curve[step]}", flush=True)
         first, held = crossings(curve)
-        results[window] = {"strength": facts.strength, "mode": a.mode, "curve": curve, "first_step_reach_0.9": first,
+        results[window] = {"strength": a.strength or facts.strength, "scale": a.scale, "mode": a.mode, "curve": curve, "first_step_reach_0.9": first,
                            "held_from_step_reach_0.9": held}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(results, indent=1))
+    results = {**_read(summary), **{w: results[w] for w in a.windows.split(",")}}  # the other may have finished meanwhile
+    atomic.write_text(summary, json.dumps(results, indent=1))
+    if not {"img2img_exact", "full"} <= results.keys():
+        return
     steps = sorted(results["full"]["curve"])
     print(f"\n{'step':>6} | {'exact: det, shape, SSIM-out':>28} | {'full: det, shape, SSIM-out':>27}")
     for s in steps:
