@@ -46,7 +46,7 @@ def test_demo_config_short_run(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(read_log(out)) == 3 and (out / "validation" / "step_000003.png").is_file()
     f = lora.facts(out)
-    assert f.base == "tiny-faces" and f.strength == 0.6 and f.num_images == 32
+    assert f.base == "tiny-faces" and f.strength == 0.8 and f.num_images == 32
 
 
 def _blocks(markdown: str, lang: str) -> list[str]:
