@@ -123,8 +123,7 @@ def _edit_mask(a, pipe, images, prompts, names):
         return None, None
     try:
         settings = masking.MaskSettings(timestep=a.mask_timestep, threshold=a.mask_threshold, close=a.mask_close,
-                                        dilate=a.mask_dilate,
-                                        blur=a.mask_blur, paste=a.paste, seed=a.seed)
+                                        dilate=a.mask_dilate, blur=a.mask_blur, paste=a.paste, seed=a.seed)
     except ValueError as e:
         raise CliError(f"--mask-*: {e}") from None
     if a.mask == ["auto"]:
