@@ -1,6 +1,6 @@
 """GPU check: adapt's recipe and diffusers' reference LoRA trainer side by side on one GPU.
 
-    python recipes/gpu_check.py --out runs/gpu_check [--peer DIR] [--cases sd15,sdxl] [--tiny]
+    python recipes/gpu_check.py --out runs/gpu_check [--peer DIR] [--cases sd15,sdxl] [--compile] [--deadline S] [--tiny]
 
 Cases (random weights in the published shapes, since a GPU box here reaches no hub):
   sd15  SD 1.5 architecture, 512 px, bf16, batch 4, rank 8
@@ -156,55 +156,8 @@ def run_reference(case, c, base, data, out, tiny, peer: Path, timeout=600) -> di
             "loss_first_quarter": first, "loss_last_quarter": last, "note": "tqdm's smoothed rate"}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--peer", default=None, help="folder holding diffusers' reference scripts (optional)")
-    ap.add_argument("--cases", default="sd15,sdxl")
-    ap.add_argument("--tiny", action="store_true", help="tiny models, 64 px, 3 steps, CPU: the path, not the speed")
-    ap.add_argument("--all-attn", action="store_true", help="also run adapt with the reference's layers (all_attn)")
-    ap.add_argument("--compile", action="store_true", help="also run adapt with train.compile=regional (steady it/s after "
-                    "the warm-up, and the first step's delay, against the eager run)")
-    ap.add_argument("--steps", type=int, default=None, help="override every case's step count")
-    ap.add_argument("--no-reference", action="store_true", help="run adapt only")
-    ap.add_argument("--timeout", type=int, default=420, help="seconds per trainer run")
-    a = ap.parse_args(argv)
-    out = Path(a.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    from adapt import synth
-    import torch
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    results = {"device": device, "torch": torch.__version__, "cases": {}}
-    peer = Path(a.peer).resolve() if a.peer else None
-    for case in a.cases.split(","):
-        c = dict(CASES[case])
-        if a.tiny:
-            c.update(res=64, steps=3, batch=2)
-        if a.steps:
-            c.update(steps=a.steps)
-        data = out / f"data_{c['res']}"  # rendered at the training size: adapt skips images under half of it
-        if not (data / "metadata.jsonl").is_file():
-            synth.build_imagefolder("sunglasses", data, n=8 if a.tiny else 32, split="train", size=c["res"])
-        t0 = time.time()
-        base = build_base(case, out / f"base_{case}", a.tiny)
-        print(f"[gpu_check] {case}: base built in {time.time() - t0:.0f}s", flush=True)
-        runs = [run_adapt(case, c, base, data, out, a.tiny, timeout=a.timeout)]
-        print(f"[gpu_check] {case}: {runs[-1]}", flush=True)
-        if peer and not a.no_reference and (peer / c["ref"]).is_file():
-            try:
-                runs.append(run_reference(case, c, base, data, out, a.tiny, peer, timeout=a.timeout))
-            except subprocess.TimeoutExpired:
-                runs.append({"trainer": "reference", "error": f"timed out after {a.timeout}s"})
-            print(f"[gpu_check] {case}: {runs[-1]}", flush=True)
-        if a.all_attn:
-            runs.append(run_adapt(case, c, base, data, out, a.tiny, preset="all_attn", timeout=a.timeout))
-            print(f"[gpu_check] {case}: {runs[-1]}", flush=True)
-        if a.compile:
-            runs.append(run_adapt(case, c, base, data, out, a.tiny, timeout=a.timeout, compile_mode="regional"))
-            print(f"[gpu_check] {case}: {runs[-1]}", flush=True)
-        results["cases"][case] = {"settings": c, "runs": runs}
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = [f"device: {device}, torch {torch.__version__}", "",
+def _table(results: dict) -> str:
+    lines = [f"device: {results['device']}, torch {results['torch']}", "",
              "| case | trainer | samples/s | peak GPU MB (smi) | torch peak MB | first step after s | wall s | loss first→last quarter |",
              "|---|---|---|---|---|---|---|---|"]
     for case, r in results["cases"].items():
@@ -214,9 +167,92 @@ def main(argv=None) -> int:
                 continue
             lines.append(f"| {case} | {x['trainer']} | {x['samples_s']} | {x['peak_gpu_mb']} | {x['torch_peak_mb']} | "
                          f"{x['first_step_after_s']} | {x['wall_s']} | {x['loss_first_quarter']} → {x['loss_last_quarter']} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0 if all("error" not in x for r in results["cases"].values() for x in r["runs"]) else 1
+    lines += [f"skipped: {x}" for x in results["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _write(results: dict, dests: list[Path]) -> None:
+    """After every run: a lease that ends mid-plan still leaves the finished runs on disk."""
+    for d in dests:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "results.json").write_text(json.dumps(results, indent=1))
+        (d / "results.md").write_text(_table(results))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--results", default=None, help="also write results.json/.md here after every run (default: --out only)")
+    ap.add_argument("--peer", default=None, help="folder holding diffusers' reference scripts (optional)")
+    ap.add_argument("--cases", default="sd15,sdxl")
+    ap.add_argument("--tiny", action="store_true", help="tiny models, 64 px, 3 steps, CPU: the path, not the speed")
+    ap.add_argument("--all-attn", action="store_true", help="also run adapt with the reference's layers (all_attn)")
+    ap.add_argument("--compile", nargs="?", const="all", default=None, metavar="CASES",
+                    help="also run adapt with train.compile=regional (steady it/s after the warm-up, and the first step's "
+                    "delay, against the eager run): for every case, or the comma-separated CASES")
+    ap.add_argument("--steps", type=int, default=None, help="override every case's step count")
+    ap.add_argument("--no-reference", action="store_true", help="run adapt only")
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per trainer run")
+    ap.add_argument("--deadline", type=int, default=None, help="seconds for the whole check: each run gets what is left "
+                    "(at most --timeout) and runs that would get under 30 s are skipped and listed, so results land in time")
+    a = ap.parse_args(argv)
+    t_start = time.time()
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    dests = [out] + ([Path(a.results).resolve()] if a.results else [])
+    from adapt import synth
+    import torch
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    results = {"device": device, "torch": torch.__version__, "cases": {}, "skipped": []}
+    peer = Path(a.peer).resolve() if a.peer else None
+    cases = {}
+    for case in a.cases.split(","):
+        c = dict(CASES[case])
+        if a.tiny:
+            c.update(res=64, steps=3, batch=2)
+        if a.steps:
+            c.update(steps=a.steps)
+        cases[case] = c
+        results["cases"][case] = {"settings": c, "runs": []}
+    # The plan: each case's eager adapt run and its reference first (the comparison the issue asks for), then the
+    # extra adapt variants, so a short lease still returns the headline pairs.
+    plan = []
+    for case, c in cases.items():
+        plan.append((case, "adapt"))
+        if peer and not a.no_reference and (peer / c["ref"]).is_file():
+            plan.append((case, "reference"))
+    plan += [(case, "all_attn") for case in cases if a.all_attn]
+    plan += [(case, "compile") for case in cases if a.compile and (a.compile == "all" or case in a.compile.split(","))]
+    prepared = {}
+    for case, what in plan:
+        c = cases[case]
+        timeout = a.timeout if a.deadline is None else min(a.timeout, int(a.deadline - (time.time() - t_start)) - 5)
+        if timeout < 30:
+            results["skipped"].append(f"{case} {what}: {timeout + 5}s left of --deadline")
+            print(f"[gpu_check] skipped {case} {what}: out of time", flush=True)
+            continue
+        if case not in prepared:
+            data = out / f"data_{c['res']}"  # rendered at the training size: adapt skips images under half of it
+            if not (data / "metadata.jsonl").is_file():
+                synth.build_imagefolder("sunglasses", data, n=8 if a.tiny else 32, split="train", size=c["res"])
+            t0 = time.time()
+            prepared[case] = (build_base(case, out / f"base_{case}", a.tiny), data)
+            print(f"[gpu_check] {case}: base built in {time.time() - t0:.0f}s", flush=True)
+        base, data = prepared[case]
+        try:
+            if what == "reference":
+                run = run_reference(case, c, base, data, out, a.tiny, peer, timeout=timeout)
+            else:
+                run = run_adapt(case, c, base, data, out, a.tiny, preset="all_attn" if what == "all_attn" else "cross_attn",
+                                timeout=timeout, compile_mode="regional" if what == "compile" else "off")
+        except subprocess.TimeoutExpired:
+            run = {"trainer": what, "error": f"timed out after {timeout}s"}
+        results["cases"][case]["runs"].append(run)
+        print(f"[gpu_check] {case}: {run}", flush=True)
+        _write(results, dests)
+    _write(results, dests)
+    print(_table(results))
+    return 0 if all("error" not in x for r in results["cases"].values() for x in r["runs"]) and not results["skipped"] else 1
 
 
 if __name__ == "__main__":

@@ -36,3 +36,20 @@ def test_gpu_check_compile_run_on_cpu(tmp_path):
     assert eager["trainer"] == "adapt cross_attn" and compiled["trainer"] == "adapt cross_attn compile=regional"
     assert compiled["steps"] == 3 and compiled["samples_s"] > 0
     assert "compile: regional" in (tmp_path / "adapt_sd15_cross_attn_compile" / "train.log").read_text()
+
+
+def test_gpu_check_deadline_skips_and_lists_runs(tmp_path):
+    """A lease too short for the plan returns a results file that names every skipped run, and exits non-zero."""
+    res_dir = tmp_path / "res"
+    r = subprocess.run([sys.executable, str(ROOT / "recipes/gpu_check.py"), "--out", str(tmp_path / "out"), "--tiny",
+                        "--compile", "sd15", "--deadline", "20", "--results", str(res_dir)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    assert "skipped" in r.stdout
+    # --deadline 20 leaves under 30 s for every run: nothing is built or launched, and each planned run is named
+    assert not (tmp_path / "out" / "base_sd15").exists()
+    for d in (tmp_path / "out", res_dir):
+        res = json.loads((d / "results.json").read_text())
+        assert [x.split(":")[0] for x in res["skipped"]] == ["sd15 adapt", "sdxl adapt", "sd15 compile"]
+        assert all(not r["runs"] for r in res["cases"].values())
+        assert "skipped: sd15 compile" in (d / "results.md").read_text()
