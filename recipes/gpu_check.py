@@ -28,8 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
-    "sd15": dict(res=512, batch=4, steps=40, gc=False, config="sd15_sunglasses.yaml", ref="train_text_to_image_lora.py"),
-    "sdxl": dict(res=1024, batch=1, steps=30, gc=True, config="sdxl_sunglasses.yaml", ref="train_text_to_image_lora_sdxl.py"),
+    "sd15": dict(res=512, batch=4, steps=100, gc=False, config="sd15_sunglasses.yaml", ref="train_text_to_image_lora.py"),
+    "sdxl": dict(res=1024, batch=1, steps=100, gc=True, config="sdxl_sunglasses.yaml", ref="train_text_to_image_lora_sdxl.py"),
 }
 SYNC = 10  # train.log_every for adapt's runs: the loss is read back from the device every SYNC steps
 

@@ -384,18 +384,16 @@ def _cache_threads(cfg, acc) -> int:
     return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // local)
 
 
-COMPILE_MIN_STEPS = 300  # below this the warm-up (minutes for an SD-sized UNet) is not paid back
-
-
 def _compile_decision(mode: str, device: torch.device, steps_left: int) -> tuple[bool, str]:
-    """(compile the repeated blocks?, why) for train.compile."""
+    """(compile the repeated blocks?, why) for train.compile.
+
+    auto compiles nowhere yet: measured, regional compilation lost on both kinds of device, so it is opt-in."""
     if mode != "auto":
         return mode == "regional", f"train.compile={mode}"
-    if device.type != "cuda":
-        return False, f"auto: {device.type} (regional compile measured 1.01x on CPU; train.compile=regional forces it)"
-    if steps_left < COMPILE_MIN_STEPS:
-        return False, f"auto: {steps_left} steps left < {COMPILE_MIN_STEPS}, too few to pay back the warm-up"
-    return True, f"auto: cuda, {steps_left} steps left"
+    if device.type == "cuda":
+        return False, (f"auto: cuda, {steps_left} steps left; regional compile measured 0.78x steady after a 32 s warm-up "
+                       "(SD 1.5, 512 px, bf16, H200, torch 2.11); train.compile=regional forces it")
+    return False, f"auto: {device.type} (regional compile measured 1.01x on CPU; train.compile=regional forces it)"
 
 
 def _free_encoders(pipe) -> int:

@@ -165,8 +165,8 @@ def test_compile_decision():
     rec = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rec)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert rec._compile_decision("auto", cuda, 1000) == (True, "auto: cuda, 1000 steps left")
-    assert rec._compile_decision("auto", cuda, 100)[0] is False and "100 steps left < 300" in rec._compile_decision("auto", cuda, 100)[1]
+    on, why = rec._compile_decision("auto", cuda, 1000)  # measured slower on an H200: auto leaves it off, and says so
+    assert on is False and why.startswith("auto: cuda, 1000 steps left; regional compile measured 0.78x")
     assert rec._compile_decision("auto", cpu, 10_000)[0] is False
     assert rec._compile_decision("regional", cpu, 1) == (True, "train.compile=regional")
     assert rec._compile_decision("off", cuda, 10_000) == (False, "train.compile=off")
