@@ -17,16 +17,21 @@ from pathlib import Path
 
 def _add_sample(sub):
     p = sub.add_parser("sample", help="txt2img, or img2img with --image, with optional adapters")
-    p.add_argument("--base", default="tiny-faces", help="embedded name, diffusers folder, hub id or .safetensors file")
+    p.add_argument("--base", default=None, help="embedded name, diffusers folder, hub id or .safetensors file "
+                   "(default: the --recommended report's base, else tiny-faces)")
     p.add_argument("--adapter", action="append", default=[], help="adapter folder or .safetensors (repeatable)")
     p.add_argument("--scale", action="append", type=float, default=[], help="scale per adapter (default 1.0)")
-    p.add_argument("--prompt", default="", help="prompt; '{caption}' expands to each image's caption from the "
-                   "metadata.jsonl beside it, e.g. '{caption} wearing sunglasses'")
+    p.add_argument("--prompt", default=None, help="prompt; '{caption}' expands to each image's caption from the "
+                   "metadata.jsonl beside it, e.g. '{caption} wearing sunglasses' (default: the --recommended report's, else '')")
+    p.add_argument("--recommended", default=None, metavar="REPORT",
+                   help="img2img at the setting an `adapt eval` report (its folder or report.json) recommends for this "
+                   "--adapter: strength, scale, masked or plain with the evaluation's mask settings, steps, scheduler, "
+                   "guidance and prompt; flags given explicitly win")
     p.add_argument("--image", nargs="+", action="extend", default=[], help="source image(s) for img2img")
     p.add_argument("--strength", type=float, default=None, help="img2img strength; default: the adapter's trained strength")
     p.add_argument("--steps", type=int, default=None, help="inference steps; default: the adapter's, else 50")
     p.add_argument("--scheduler", default=None, help="ddim|ddpm|euler|pndm|dpm; default: the adapter's, else ddim")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="txt2img images")
     p.add_argument("--resolution", type=int, default=None, help="pixel budget: img2img runs each input at its own aspect "
@@ -41,20 +46,28 @@ def _add_sample(sub):
     p.add_argument("--mask", nargs="+", default=None, help="img2img: 'auto' = edit only where the adapter changes the image "
                    "(adapter-guided mask, then latent blending and paste-back: adapt/masking.py), or one mask image per "
                    "--image (white = edit)")
-    p.add_argument("--mask-threshold", type=float, default=0.5, help="auto mask: threshold on the normalised difference")
-    p.add_argument("--mask-timestep", type=int, default=441, help="auto mask: timestep of the comparison")
-    p.add_argument("--mask-close", type=int, default=2, help="auto mask: morphological closing radius in latent pixels "
-                   "(fills gaps between parts of the edit, such as the bridge between two lenses), before the dilation")
-    p.add_argument("--mask-dilate", type=int, default=1, help="auto mask: dilation in latent pixels")
-    p.add_argument("--mask-blur", type=float, default=1.0, help="paste-back feathering, Gaussian sigma in pixels")
-    p.add_argument("--no-paste", dest="paste", action="store_false", help="masked: keep the decoded pixels outside the "
-                   "mask instead of pasting the input back")
+    # mask settings default to None here and to masking.MaskSettings' values (or the --recommended report's) later
+    from adapt.config import MaskSettings
+    d = MaskSettings()
+    p.add_argument("--mask-threshold", type=float, default=None, help=f"auto mask: threshold on the normalised difference "
+                   f"(default {d.threshold})")
+    p.add_argument("--mask-timestep", type=int, default=None, help=f"auto mask: timestep of the comparison (default {d.timestep})")
+    p.add_argument("--mask-draws", type=int, default=None, help=f"auto mask: noise draws averaged (default {d.draws})")
+    p.add_argument("--mask-close", type=int, default=None, help="auto mask: morphological closing radius in latent pixels "
+                   f"(fills gaps between parts of the edit, such as the bridge between two lenses), before the dilation "
+                   f"(default {d.close})")
+    p.add_argument("--mask-dilate", type=int, default=None, help=f"auto mask: dilation in latent pixels (default {d.dilate})")
+    p.add_argument("--mask-blur", type=float, default=None, help=f"paste-back feathering, Gaussian sigma in pixels "
+                   f"(default {d.blur})")
+    p.add_argument("--no-paste", dest="paste", action="store_false", default=None, help="masked: keep the decoded pixels "
+                   "outside the mask instead of pasting the input back")
     p.add_argument("--overwrite", action="store_true", help="replace images already in --out (default: refuse)")
     p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(a) -> int:
     from adapt import atomic, lora, masking, model, sample
+    _apply_recommended(a)
     _check_sample_args(a)
     stored = [lora.facts(ad) for ad in a.adapter]  # reads (and checks) every adapter before the base loads
     first = stored[0] if stored else None
@@ -115,6 +128,58 @@ class CliError(ValueError):
     """A command-line value is wrong; the message names the flag and the value."""
 
 
+MASK_FLAGS = {"mask_timestep": "timestep", "mask_draws": "draws", "mask_threshold": "threshold", "mask_close": "close", "mask_dilate": "dilate",
+              "mask_blur": "blur", "paste": "paste"}  # `adapt sample` flag -> MaskSettings field
+
+
+def _apply_recommended(a) -> None:
+    """Fill every flag the user left unset: from the --recommended report when one is given, then the defaults.
+    The report must have evaluated this very adapter (its weights' sha256), or sampling would not match it."""
+    from adapt import lora, report
+    rec = None
+    if a.recommended:
+        try:
+            rec = report.load_recommendation(a.recommended)
+        except report.RecommendationError as e:
+            raise CliError(f"--recommended {e}") from None
+        if len(a.adapter) != 1 or not a.image:
+            raise CliError(f"--recommended: give the one --adapter the report evaluated ({rec.adapter}) and --image(s); "
+                           f"got {len(a.adapter)} adapter(s) and {len(a.image)} image(s)")
+        given = lora.weights_path(a.adapter[0])
+        if rec.adapter_sha256 is not None:
+            sha = lora.weights_sha256(given)
+            if sha != rec.adapter_sha256:
+                raise CliError(f"--recommended {rec.report}: the report evaluated adapter {rec.adapter} (weights sha256 "
+                               f"{rec.adapter_sha256[:12]}), not --adapter {a.adapter[0]} (sha256 {sha[:12]}); evaluate "
+                               "this adapter with `adapt eval`, or drop --recommended")
+        elif given.resolve() != lora.weights_path(rec.adapter).resolve():
+            raise CliError(f"--recommended {rec.report}: the report evaluated adapter {rec.adapter}, not --adapter "
+                           f"{a.adapter[0]} (the report predates weight hashes, so the paths must match)")
+        if a.base is not None and a.base != rec.base:
+            print(f"note: the report evaluated base {rec.base}; sampling with --base {a.base}")
+        explicit = [f"--{k.replace('_', '-')}" for k in ("strength", "scale", "steps", "scheduler", "guidance", "prompt", "mask")
+                    if getattr(a, k) not in (None, [])]
+        a.base = a.base if a.base is not None else rec.base
+        a.strength = a.strength if a.strength is not None else rec.strength
+        a.scale = a.scale or [rec.scale]
+        a.steps = a.steps or rec.steps
+        a.scheduler = a.scheduler or rec.scheduler
+        a.guidance = a.guidance if a.guidance is not None else rec.guidance
+        a.prompt = a.prompt if a.prompt is not None else rec.prompt
+        if a.mask is None and rec.mode == "masked":
+            a.mask = ["auto"]
+        print(f"using the setting {rec.report} recommends: strength {rec.strength}, scale {rec.scale}, {rec.mode} "
+              f"({rec.figures})" + (f"; given explicitly: {' '.join(explicit)}" if explicit else ""))
+    a.base = a.base if a.base is not None else "tiny-faces"
+    a.prompt = a.prompt if a.prompt is not None else ""
+    a.guidance = a.guidance if a.guidance is not None else 7.5
+    from adapt.config import MaskSettings
+    defaults = rec.mask if rec is not None and rec.mask is not None else MaskSettings()
+    for flag, field in MASK_FLAGS.items():
+        if getattr(a, flag) is None:
+            setattr(a, flag, getattr(defaults, field))
+
+
 def _edit_mask(a, pipe, images, prompts, names):
     """(latent masks (N, 1, h, w) or None, paste-back blur or None) for `adapt sample --mask`."""
     from adapt import masking
@@ -122,16 +187,16 @@ def _edit_mask(a, pipe, images, prompts, names):
     if not a.mask:
         return None, None
     try:
-        settings = masking.MaskSettings(timestep=a.mask_timestep, threshold=a.mask_threshold, close=a.mask_close,
-                                        dilate=a.mask_dilate, blur=a.mask_blur, paste=a.paste, seed=a.seed)
+        settings = masking.MaskSettings(timestep=a.mask_timestep, draws=a.mask_draws, threshold=a.mask_threshold,
+                                        close=a.mask_close, dilate=a.mask_dilate, blur=a.mask_blur, paste=a.paste, seed=a.seed)
     except ValueError as e:
         raise CliError(f"--mask-*: {e}") from None
     if a.mask == ["auto"]:
         if not names:
             raise CliError("--mask auto: needs --adapter (the mask is where the adapter changes the image)")
         mask = masking.auto_mask(pipe, images, prompts, names, settings)
-        how = (f"adapter-guided (t={settings.timestep}, threshold {settings.threshold}, close {settings.close}, "
-               f"dilate {settings.dilate})")
+        how = (f"adapter-guided (t={settings.timestep}, {settings.draws} draws, threshold {settings.threshold}, "
+               f"close {settings.close}, dilate {settings.dilate})")
     else:
         mask = masking.mask_from_images([open_image(p) for p in a.mask], [img.size[::-1] for img in images],
                                         pipe.vae_scale_factor)

@@ -113,6 +113,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     log(f"domain classifier: held-out accuracy {clf.accuracy:.3f} ({clf.n_heldout} real images, raw and VAE round-tripped)")
     report = {"version": rep.REPORT_VERSION, "status": "ok",
               "settings": {**config.to_dict(cfg), "base": base, "steps": steps, "scheduler": sched,
+                           "adapter_sha256": lora.weights_sha256(cfg.adapter),
                            "noise_seeds": [1000 * s for s in range(cfg.seeds)], "n_source": len(src_rec),
                            "n_target": len(tgt_px), "n_classifier": clf.n_train},
               "versions": rep.versions(), "classifier_accuracy": clf.accuracy, "warnings": warnings,

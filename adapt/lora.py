@@ -118,6 +118,13 @@ def weights_path(adapter: str | Path) -> Path:
     return p
 
 
+def weights_sha256(adapter: str | Path) -> str:
+    """sha256 of an adapter's weights file: what ties an evaluation report to the adapter it measured."""
+    import hashlib
+    with open(weights_path(adapter), "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def refuse_pickle_reason() -> str:
     return ("pickle files (.bin/.pt/.ckpt) can execute arbitrary code when loaded, so adapt refuses them. "
             "Convert once in a trusted environment: sd = torch.load(path, weights_only=True); "

@@ -17,37 +17,12 @@ Shapes: images (N, 3, H, W); latent masks (N, 1, h, w) with h = H / vae factor; 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-
-@dataclass
-class MaskSettings:
-    """How `--mask auto` finds the edit region; recorded with every masked output."""
-    timestep: int = 441        # mid-noise: the edit's location is decided, the face still recognisable (DDIM 25-step grid)
-    draws: int = 4             # noise draws averaged; 1 draw gave ragged masks
-    threshold: float = 0.5     # on the per-image min-max normalised difference (DiffEdit's default)
-    close: int = 2             # latent pixels: morphological closing before the dilation fills gaps up to 2·close wide
-                               # between parts of one edit and holes inside it: the bridge between two lenses lay partly
-                               # outside 21% of the demo's masks; closing 2 raised the shape check 0.50 -> 0.56 for +0.4%
-                               # area (plain img2img, no mask: 0.62), where a lower threshold (0.3) cost +3.4% area
-    dilate: int = 1            # latent pixels; undilated masks cover only the hottest cells (reach fell 0.98 -> 0.39)
-    blur: float = 1.0          # pixel paste-back: Gaussian sigma of the feathered edge, in pixels; 0 = hard edge
-    paste: bool = True         # paste the input back outside the mask after decoding
-    seed: int = 0
-
-    def __post_init__(self):
-        if not 0 <= self.timestep < 1000:
-            raise ValueError(f"mask timestep must be in [0, 1000), got {self.timestep}")
-        if self.draws < 1 or self.dilate < 0 or self.close < 0 or self.blur < 0:
-            raise ValueError(f"mask draws >= 1, close >= 0, dilate >= 0 and blur >= 0 required, got {self.draws}, "
-                             f"{self.close}, {self.dilate}, {self.blur}")
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"mask threshold must be in (0, 1), got {self.threshold}")
+from adapt.config import MaskSettings  # the settings, torch-free, shared with the CLI and EvalConfig
 
 
 def _encode(pipe, images: list[Image.Image]) -> torch.Tensor:

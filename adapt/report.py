@@ -24,11 +24,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from adapt import atomic, metrics
+from adapt.config import MaskSettings
 
 REPORT_VERSION = 2
 REPORT_SCHEMA = {
@@ -181,3 +183,67 @@ def write(out: Path, report: dict) -> None:
         w.writerows(flat)
     atomic.write_text(out / "report.csv", buf.getvalue())
     atomic.write_text(out / "summary.md", summary_markdown(report))
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The setting a report recommends for the adapter it evaluated, as `adapt sample --recommended` applies it.
+    Read from a report of version REPORT_VERSION by `load_recommendation`, which checks everything below."""
+    report: str                   # the report.json it came from
+    base: str                     # the base the evaluation sampled with
+    adapter: str                  # the adapter as given to `adapt eval`
+    adapter_sha256: str | None    # sha256 of its weights file (None in reports written before it was recorded)
+    strength: float
+    scale: float
+    mode: str                     # "plain" | "masked"
+    steps: int
+    scheduler: str
+    guidance: float
+    prompt: str                   # may hold '{caption}'
+    mask: MaskSettings | None     # masked mode: the evaluation's mask settings; plain: None
+    figures: str                  # what the evaluation measured at this setting, for the log
+
+
+class RecommendationError(ValueError):
+    """A report cannot give a setting; the message names the file and the reason."""
+
+
+def load_recommendation(path: str | Path) -> Recommendation:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    try:
+        report = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise RecommendationError(f"{p}: not found (an `adapt eval` output folder or its report.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecommendationError(f"{p}: not a readable report.json ({type(e).__name__}: {e})") from None
+    try:
+        validate_report(report)
+    except ValueError as e:
+        raise RecommendationError(f"{p}: {e}") from None
+    if report["status"] != "ok":
+        raise RecommendationError(f"{p}: the evaluation was refused ({report.get('reason', 'no reason recorded')}), "
+                                  "so it recommends nothing")
+    rec, st = report["recommended"], report["settings"]
+    if rec.get("strength") is None:
+        raise RecommendationError(f"{p}: recommends no setting ({rec.get('note', 'none met the rule')}; rule: {rec['rule']})")
+    if rec["mode"] not in ("plain", "masked"):
+        raise RecommendationError(f"{p}: recommended mode {rec['mode']!r} is neither 'plain' nor 'masked'")
+    mask = None
+    if rec["mode"] == "masked":
+        try:
+            mask = MaskSettings(timestep=st["mask_timestep"], draws=st["mask_draws"], threshold=st["mask_threshold"],
+                                close=st["mask_close"], dilate=st["mask_dilate"], blur=st["mask_blur"], paste=st["mask_paste"])
+        except (KeyError, ValueError) as e:
+            raise RecommendationError(f"{p}: settings hold no usable mask settings ({type(e).__name__}: {e})") from None
+    figures = ", ".join(f"{name} {rec[k]:.3g}" for name, k in ((rec["reach_metric"], "reach"), ("shape_pass", "shape_pass"),
+                                                                (rec["preservation_metric"], "preservation")) if k in rec)
+    try:
+        return Recommendation(report=str(p), base=str(st["base"]), adapter=str(st["adapter"]),
+                              adapter_sha256=st.get("adapter_sha256"), strength=float(rec["strength"]),
+                              scale=float(rec["scale"]), mode=rec["mode"], steps=int(st["steps"]),
+                              scheduler=str(st["scheduler"]), guidance=float(st["guidance"]), prompt=str(st["prompt"]),
+                              mask=mask, figures=figures)
+    except KeyError as e:
+        raise RecommendationError(f"{p}: settings lack {e.args[0]!r}") from None

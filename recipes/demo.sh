@@ -18,16 +18,10 @@ if [ -f adapt/zoo/tiny-faces/model_index.json ]; then
   echo "== 2/3 evaluate: strength x scale x mode sweep against the base"
   adapt --threads "$THREADS" eval --config recipes/configs/tiny_sunglasses_eval.yaml --adapter "$OUT/adapter" --out "$OUT/eval" overwrite=true
   T2=$(date +%s)
-  # the setting the evaluation recommends (strength, scale; masked or plain), else the adapter's own strength at scale 1
-  read -r STRENGTH SCALE MODE < <(python -c "import json; r = json.load(open('$OUT/eval/report.json')).get('recommended') or {}; \
-print(r.get('strength') or '-', r.get('scale') or 1.0, r.get('mode') or 'plain')")
-  [ "$STRENGTH" = "-" ] && STRENGTH=""
-  echo "== 3/3 sample: held-out faces, input | base | adapter | adapter masked, at the recommended setting" \
-       "(strength ${STRENGTH:-trained}, scale $SCALE, $MODE)"
+  echo "== 3/3 sample: held-out faces, input | base | adapter | adapter masked, at the setting the evaluation recommends"
   adapt --threads "$THREADS" data build synth_faces --out "$OUT/heldout" --n 8 --split eval --overwrite > /dev/null
-  adapt --threads "$THREADS" sample --base tiny-faces --adapter "$OUT/adapter" --scale "$SCALE" ${STRENGTH:+--strength "$STRENGTH"} \
-      --image "$OUT"/heldout/eval_00000{0..7}.png --prompt "{caption} wearing sunglasses" --guidance 1.0 --mask auto \
-      --grid "$OUT/before_after.png" --out "$OUT/samples" --overwrite
+  adapt --threads "$THREADS" sample --adapter "$OUT/adapter" --recommended "$OUT/eval" \
+      --image "$OUT"/heldout/eval_00000{0..7}.png --mask auto --grid "$OUT/before_after.png" --out "$OUT/samples" --overwrite
   T3=$(date +%s)
   echo
   echo "adapter:     $OUT/adapter/pytorch_lora_weights.safetensors (model card: $OUT/adapter/README.md)"

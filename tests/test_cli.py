@@ -115,3 +115,94 @@ def test_sample_keeps_each_inputs_aspect_and_the_grid_pads(tiny_base, adapter_di
     assert [Image.open(tmp_path / "s" / f"mask_00{i}.png").size for i in range(2)] == sizes
     g = Image.open(tmp_path / "grid.png")
     assert g.size == (4 * (144 + 2) + 2, 2 * (176 + 2) + 2)  # cells as large as the largest image, 4 columns
+
+
+def _report(tmp_path, adapter, base, sha=None, **rec):
+    """A minimal valid report.json (schema of adapt.report) recommending `rec` for `adapter`."""
+    from adapt import report
+    settings = {"adapter": str(adapter), "base": str(base), "steps": 10, "scheduler": "ddim", "guidance": 1.0,
+                "prompt": "{caption} wearing sunglasses", "mask_timestep": 441, "mask_draws": 2, "mask_threshold": 0.4,
+                "mask_close": 1, "mask_dilate": 1, "mask_blur": 0.5, "mask_paste": True,
+                "adapter_sha256": sha or lora.weights_sha256(adapter)}
+    recommended = {"strength": 0.7, "scale": 1.5, "mode": "masked", "rule": "test", "reach_metric": "detector_reach",
+                   "preservation_metric": "preservation_ssim_outside_mask", "reach": 1.0, "preservation": 0.97,
+                   "shape_pass": 0.5, **rec}
+    r = {"version": report.REPORT_VERSION, "status": "ok", "settings": settings, "versions": {}, "classifier_accuracy": 1.0,
+         "vae_ceiling": {}, "rows": [], "spearman": {}, "recommended": recommended, "optional_metrics": {}, "warnings": []}
+    (tmp_path / "eval").mkdir(exist_ok=True)
+    (tmp_path / "eval" / "report.json").write_text(json.dumps(r))
+    return tmp_path / "eval"
+
+
+def test_load_recommendation_checks_the_report(adapter_dir, tiny_base, tmp_path):
+    from adapt import report
+    rec = report.load_recommendation(_report(tmp_path, adapter_dir, tiny_base))  # the folder is enough
+    assert (rec.strength, rec.scale, rec.mode, rec.steps, rec.guidance) == (0.7, 1.5, "masked", 10, 1.0)
+    assert (rec.mask.threshold, rec.mask.close, rec.mask.draws, rec.mask.blur) == (0.4, 1, 2, 0.5)
+    assert rec.figures == "detector_reach 1, shape_pass 0.5, preservation_ssim_outside_mask 0.97"
+    assert report.load_recommendation(_report(tmp_path, adapter_dir, tiny_base, mode="plain")).mask is None
+    with pytest.raises(report.RecommendationError, match=r"recommends no setting \(nothing met it"):
+        report.load_recommendation(_report(tmp_path, adapter_dir, tiny_base, strength=None, note="nothing met it"))
+    d = _report(tmp_path, adapter_dir, tiny_base)
+    r = json.loads((d / "report.json").read_text())
+    (d / "report.json").write_text(json.dumps({**r, "status": "refused", "reason": "classifier 0.6"}))
+    with pytest.raises(report.RecommendationError, match=r"refused \(classifier 0.6\)"):
+        report.load_recommendation(d)
+    (d / "report.json").write_text(json.dumps({**r, "version": 1}))
+    with pytest.raises(report.RecommendationError, match="version 1, this adapt reads version 2"):
+        report.load_recommendation(d)
+    (d / "report.json").write_text("{")
+    with pytest.raises(report.RecommendationError, match="not a readable report.json"):
+        report.load_recommendation(d)
+    with pytest.raises(report.RecommendationError, match="not found"):
+        report.load_recommendation(tmp_path / "nowhere")
+
+
+def test_recommended_refuses_another_adapter(adapter_dir, tiny_base, tmp_path):
+    from adapt import cli
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(img)
+    a = cli.build_parser().parse_args(["sample", "--adapter", str(adapter_dir), "--image", str(img), "--recommended",
+                                       str(_report(tmp_path, adapter_dir, tiny_base, sha="ab" * 32))])
+    with pytest.raises(cli.CliError, match=r"the report evaluated adapter .* \(weights sha256 abababababab\), not --adapter"):
+        cli._apply_recommended(a)
+    a = cli.build_parser().parse_args(["sample", "--image", str(img), "--recommended", str(tmp_path / "eval")])
+    with pytest.raises(cli.CliError, match="give the one --adapter the report evaluated"):
+        cli._apply_recommended(a)
+
+
+def test_recommended_fills_unset_flags_and_explicit_ones_win(adapter_dir, tiny_base, tmp_path):
+    from adapt import cli
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(img)
+    rep = str(_report(tmp_path, adapter_dir, tiny_base))
+    a = cli.build_parser().parse_args(["sample", "--adapter", str(adapter_dir), "--image", str(img), "--recommended", rep])
+    cli._apply_recommended(a)
+    assert (a.base, a.strength, a.scale, a.steps, a.scheduler, a.guidance) == (str(tiny_base), 0.7, [1.5], 10, "ddim", 1.0)
+    assert (a.mask, a.mask_threshold, a.mask_close, a.mask_draws, a.mask_blur, a.prompt) == \
+        (["auto"], 0.4, 1, 2, 0.5, "{caption} wearing sunglasses")
+    a = cli.build_parser().parse_args(["sample", "--adapter", str(adapter_dir), "--image", str(img), "--recommended", rep,
+                                       "--scale", "1", "--mask-close", "3", "--guidance", "2"])
+    cli._apply_recommended(a)
+    assert (a.scale, a.mask_close, a.guidance, a.strength) == ([1.0], 3, 2.0, 0.7)
+    a = cli.build_parser().parse_args(["sample", "--image", str(img), "--strength", "0.5"])  # no report: the defaults
+    cli._apply_recommended(a)
+    assert (a.base, a.guidance, a.prompt, a.mask, a.mask_threshold, a.mask_close, a.paste) == ("tiny-faces", 7.5, "", None, 0.5, 2, True)
+
+
+@pytest.mark.integration  # two subprocess samples: `make test-integration`
+def test_sample_at_the_recommended_setting_equals_the_flags_spelled_out(adapter_dir, tiny_base, tmp_path):
+    img = tmp_path / "x.png"
+    from adapt import synth
+    synth.make("faces", "eval", 0)[0].save(img)
+    r1 = adapt_cli("sample", "--adapter", adapter_dir, "--image", img, "--recommended", _report(tmp_path, adapter_dir, tiny_base),
+                   "--out", tmp_path / "rec")
+    assert r1.returncode == 0, r1.stderr
+    assert "recommends: strength 0.7, scale 1.5, masked (detector_reach 1" in r1.stdout
+    r2 = adapt_cli("sample", "--base", tiny_base, "--adapter", adapter_dir, "--image", img, "--strength", 0.7, "--scale", 1.5,
+                   "--steps", 10, "--scheduler", "ddim", "--guidance", 1.0, "--prompt", "{caption} wearing sunglasses",
+                   "--mask", "auto", "--mask-threshold", 0.4, "--mask-close", 1, "--mask-draws", 2, "--mask-blur", 0.5, "--out", tmp_path / "flags")
+    assert r2.returncode == 0, r2.stderr
+    assert "2 draws, threshold 0.4, close 1, dilate 1" in r1.stdout and "2 draws, threshold 0.4, close 1" in r2.stdout
+    for name in ("img2img_000.png", "mask_000.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "rec" / name)), np.asarray(Image.open(tmp_path / "flags" / name)))
