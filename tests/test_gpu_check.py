@@ -53,3 +53,14 @@ def test_gpu_check_deadline_skips_and_lists_runs(tmp_path):
         assert [x.split(":")[0] for x in res["skipped"]] == ["sd15 adapt", "sdxl adapt", "sd15 compile"]
         assert all(not r["runs"] for r in res["cases"].values())
         assert "skipped: sd15 compile" in (d / "results.md").read_text()
+
+
+def test_gpu_check_sh_runs_the_check_verbatim(tmp_path):
+    """`bash recipes/gpu_check.sh OUT ARGS` (the README's command): environment set-up, versions, then gpu_check.py."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", WHEELS=str(tmp_path / "no_wheels"))
+    r = subprocess.run(["bash", str(ROOT / "recipes/gpu_check.sh"), str(tmp_path), "--tiny", "--cases", "sd15", "--deadline", "20"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]  # every run skipped: the check says so in its exit code
+    assert "torch " in r.stdout and " datasets " in r.stdout  # the versions line
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["skipped"][0].startswith("sd15 adapt:")
