@@ -142,7 +142,9 @@ def summary_markdown(report: dict) -> str:
                   f"{_NAMES.get(rk, rk)} {rec['reach']:.2f}" + (f", shape check {rec['shape_pass']:.2f}" if "shape_pass" in rec else "")
                   + f", {_NAMES.get(rec['preservation_metric'], rec['preservation_metric'])} {rec['preservation']:.3f}"
                   + (f", {rec['gain_over_base']:+.2f} reach over the base at the same strength" if rec.get("gain_over_base") is not None else "")
-                  + ".", "", f"Rule: {rec['rule']}."]
+                  + ".", "", f"Rule: {rec['rule']}.", "",
+                  f"Sample at it: `adapt sample --adapter {report['settings']['adapter']} --recommended "
+                  f"{report['settings']['out']} --image YOUR_IMAGES`"]
     lines += ["", "Spearman ρ (strength vs reach / vs preservation, 95% CI over images):"]
     for curve, sp in report["spearman"].items():
         scale, mode = curve.split("/")

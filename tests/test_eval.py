@@ -111,6 +111,14 @@ def test_sweep_end_to_end_writes_every_file(adapter, tmp_path):
     assert "fid" not in row and "intra_lpips" not in row
     assert all(r["delta_vs_base"]["target_reach"] == 0 for r in saved["rows"] if r["scale"] == 0)
     assert "Recommended" in (tmp_path / "summary.md").read_text()
+    assert saved["settings"]["adapter_sha256"] == lora.weights_sha256(adapter)  # what ties the report to this adapter
+    if rec["strength"] is not None:  # `adapt sample --recommended` reads the same setting back, and the summary says how
+        got = rep.load_recommendation(tmp_path)
+        assert (got.strength, got.scale, got.mode) == (rec["strength"], rec["scale"], rec["mode"])
+        assert f"--recommended {tmp_path}" in (tmp_path / "summary.md").read_text()
+    else:
+        with pytest.raises(rep.RecommendationError, match="recommends no setting"):
+            rep.load_recommendation(tmp_path)
     # deterministic on CPU with fixed seeds; this time with FID and (Intra-)LPIPS weights on disk
     from adapt import synth
     from test_perceptual import _Detector, save_tiny_clip, write_lpips
