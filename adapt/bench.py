@@ -49,6 +49,7 @@ CASES = {
     # train_text_to_image_lora.py, run from --reference-venv / --reference-script) at the same sizes
     "p1-tiny": ("tiny", None, 8, True, {}),
     "p1-sd15": ("sd15", 32, 4, True, {}),
+    "p1-sd15-regional": ("sd15", 32, 4, True, {"compile": "regional"}),  # what train.compile=auto does for long CPU runs
     "ref-tiny": ("tiny", None, 8, False, {"reference": True}),
     "ref-sd15": ("sd15", 32, 4, False, {"reference": True}),
     "sample-tiny": ("tiny", None, 1, True, {"sample": True}),
@@ -56,7 +57,7 @@ CASES = {
 }
 QUICK = ["train-tiny-cache", "train-tiny-nocache", "train-tiny-cache-gc", "train-tiny-buckets", "sample-tiny"]
 # P1 / P2 / P6 against the reference (with --reference-venv/--reference-script), interleaved: adapt, reference, ...
-PERF = ["p1-tiny", "ref-tiny", "p1-sd15", "ref-sd15"]
+PERF = ["p1-tiny", "ref-tiny", "p1-sd15", "ref-sd15", "p1-sd15-regional"]
 PHOTO_ASPECTS = [0.75, 1.333, 0.5, 1.0, 1.778, 0.5625, 2.0]  # as datasets/synth_sunglasses_photos
 PHOTO_SCALES = [1.0, 2.0, 0.75, 4.0, 1.5]
 
@@ -314,7 +315,7 @@ def _speedups(report: dict) -> None:
         if name.endswith("-cache") and name.replace("-cache", "-nocache") in by and "step_s" in by[name.replace("-cache", "-nocache")]:
             r["speedup_vs_nocache"] = by[name.replace("-cache", "-nocache")]["step_s"] / r["step_s"]
         base_case = "train-tiny-cache" if name.endswith("-tiny") else "train-sd15-32-cache"
-        ref = by.get(name.replace("p1-", "ref-"), {}) if name.startswith("p1-") else {}
+        ref = by.get("ref-" + name[3:].removesuffix("-regional"), {}) if name.startswith("p1-") else {}
         if "samples_per_s" in ref and "samples_per_s" in r:  # issue 16: P1 throughput and P6 memory vs the reference
             r["P1_vs_reference"] = r["samples_per_s"] / ref["samples_per_s"]
             r["P6_rss_vs_reference"] = r["peak_rss_mb"] / ref["peak_rss_mb"]

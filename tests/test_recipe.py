@@ -26,7 +26,7 @@ def test_recipe_end_to_end_with_accelerate(tiny_base, sg_folder, tmp_path):
     np.testing.assert_allclose(losses, PINNED, rtol=1e-4)
     for f in ("pytorch_lora_weights.safetensors", "config.yaml", "README.md", "validation/step_000004.png"):
         assert (out / f).is_file(), f
-    assert "compile: off (auto: cpu" in r.stdout  # the decision is logged; auto never compiles on CPU
+    assert "compile: off (auto: cpu, UNet" in r.stdout  # the decision is logged; auto leaves small UNets eager
     facts = lora.facts(out)
     assert facts.strength == 0.6 and facts.window == "img2img_exact" and facts.steps_trained == 4
     assert facts.rank == 4 and facts.alpha == 2.0 and len(facts.dataset_fingerprint) == 16
@@ -165,8 +165,13 @@ def test_compile_decision():
     rec = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rec)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    on, why = rec._compile_decision("auto", cuda, 1000)  # measured slower on an H200: auto leaves it off, and says so
-    assert on is False and why.startswith("auto: cuda, 1000 steps left; regional compile measured 0.78x")
-    assert rec._compile_decision("auto", cpu, 10_000)[0] is False
-    assert rec._compile_decision("regional", cpu, 1) == (True, "train.compile=regional")
-    assert rec._compile_decision("off", cuda, 10_000) == (False, "train.compile=off")
+    sd15, tiny = 860_000_000, 3_000_000
+    on, why = rec._compile_decision("auto", cuda, 10_000, sd15)  # measured slower on an H200: off, and the log says so
+    assert on is False and why.startswith("auto: cuda; regional compile measured 0.78x")
+    assert rec._compile_decision("auto", cpu, 1000, sd15) == (True, "auto: cpu, UNet 860M parameters, 1000 steps left")
+    on, why = rec._compile_decision("auto", cpu, 100, sd15)
+    assert on is False and "100 steps left < 300" in why
+    on, why = rec._compile_decision("auto", cpu, 10_000, tiny)
+    assert on is False and "UNet 3M parameters" in why
+    assert rec._compile_decision("regional", cpu, 1, tiny) == (True, "train.compile=regional")
+    assert rec._compile_decision("off", cpu, 10_000, sd15) == (False, "train.compile=off")
