@@ -128,8 +128,8 @@ class CliError(ValueError):
     """A command-line value is wrong; the message names the flag and the value."""
 
 
-MASK_FLAGS = {"mask_timestep": "timestep", "mask_draws": "draws", "mask_threshold": "threshold", "mask_close": "close", "mask_dilate": "dilate",
-              "mask_blur": "blur", "paste": "paste"}  # `adapt sample` flag -> MaskSettings field
+MASK_FLAGS = {"mask_timestep": "timestep", "mask_draws": "draws", "mask_threshold": "threshold", "mask_close": "close",
+              "mask_dilate": "dilate", "mask_blur": "blur", "paste": "paste"}  # `adapt sample` flag -> MaskSettings field
 
 
 def _apply_recommended(a) -> None:

@@ -232,6 +232,9 @@ def load_recommendation(path: str | Path) -> Recommendation:
         raise RecommendationError(f"{p}: recommended mode {rec['mode']!r} is neither 'plain' nor 'masked'")
     mask = None
     if rec["mode"] == "masked":
+        if st.get("mask_blend") is False:
+            raise RecommendationError(f"{p}: the evaluation masked without latent blending (mask_blend=false), which "
+                                      "`adapt sample` does not do; evaluate with mask_blend=true")
         try:
             mask = MaskSettings(timestep=st["mask_timestep"], draws=st["mask_draws"], threshold=st["mask_threshold"],
                                 close=st["mask_close"], dilate=st["mask_dilate"], blur=st["mask_blur"], paste=st["mask_paste"])

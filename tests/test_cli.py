@@ -148,6 +148,9 @@ def test_load_recommendation_checks_the_report(adapter_dir, tiny_base, tmp_path)
     (d / "report.json").write_text(json.dumps({**r, "status": "refused", "reason": "classifier 0.6"}))
     with pytest.raises(report.RecommendationError, match=r"refused \(classifier 0.6\)"):
         report.load_recommendation(d)
+    (d / "report.json").write_text(json.dumps({**r, "settings": {**r["settings"], "mask_blend": False}}))
+    with pytest.raises(report.RecommendationError, match="without latent blending"):
+        report.load_recommendation(d)
     (d / "report.json").write_text(json.dumps({**r, "version": 1}))
     with pytest.raises(report.RecommendationError, match="version 1, this adapt reads version 2"):
         report.load_recommendation(d)
