@@ -49,7 +49,7 @@ CASES = {
     # train_text_to_image_lora.py, run from --reference-venv / --reference-script) at the same sizes
     "p1-tiny": ("tiny", None, 8, True, {}),
     "p1-sd15": ("sd15", 32, 4, True, {}),
-    "p1-sd15-regional": ("sd15", 32, 4, True, {"compile": "regional"}),  # what train.compile=auto does for long CPU runs
+    "p1-sd15-regional": ("sd15", 32, 4, True, {"compile": "regional"}),  # train.compile=regional, against the same reference
     "ref-tiny": ("tiny", None, 8, False, {"reference": True}),
     "ref-sd15": ("sd15", 32, 4, False, {"reference": True}),
     "sample-tiny": ("tiny", None, 1, True, {"sample": True}),

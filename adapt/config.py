@@ -160,9 +160,9 @@ class TrainSection:
     gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward: less memory, ~30% slower")
     compile: Literal["auto", "off", "regional"] = opt(
         "auto", "torch.compile of the UNet's repeated transformer blocks (diffusers' compile_repeated_blocks: one block "
-        "graph compiled once, reused by every block). auto = regional on CPU for SD-sized UNets (>= 100M parameters) "
-        "with >= 300 steps left (SD 1.5, 256 px, 1 thread: 1.08x and 1.22x after ~100 s of compiling; the embedded base: "
-        "1.01x), off on CUDA (0.78x steady on an H200, SD 1.5 512 px bf16); the decision is logged")
+        "graph compiled once, reused by every block). auto = off, logged with why: measured 0.78x steady on an H200 (SD "
+        "1.5, 512 px, bf16), 0.92-1.22x on SD 1.5 and 1.01x on the embedded base on one CPU thread, after ~100 s of "
+        "compiling (inductor needs a C++ compiler on CPU)")
     checkpointing_steps: int = opt(0, "save a resumable checkpoint every N steps; a final one is always written (so a "
                                    "finished run can be extended by raising max_steps); 0 = only the final one")
     checkpoints_total_limit: Optional[int] = opt(2, "keep at most N checkpoints")

@@ -385,27 +385,20 @@ def _cache_threads(cfg, acc) -> int:
     return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // local)
 
 
-COMPILE_MIN_PARAMS = 100_000_000  # SD-sized UNets (SD 1.5: 860M); the embedded base's blocks are too small to gain
-COMPILE_MIN_STEPS = 300  # the warm-up (about 100 s for SD 1.5 on one CPU thread) is paid back well before this
-
-
 def _compile_decision(mode: str, device: torch.device, steps_left: int, unet_params: int) -> tuple[bool, str]:
     """(compile the repeated blocks?, why) for train.compile.
 
-    Measured (adapt bench and recipes/gpu_check.py): regional compilation ran 1.08x and 1.22x on SD 1.5 at 256 px on
-    one CPU thread (fused elementwise kernels; about 100 s of compiling), 1.01x on the embedded base, and 0.78x on an
-    H200 (SD 1.5, 512 px, bf16). So auto compiles SD-sized UNets on CPU for long runs, and nothing on CUDA."""
+    Measured (adapt bench, recipes/gpu_check.py): regional compilation ran 0.78x steady on an H200 (SD 1.5, 512 px,
+    bf16); on one CPU thread 1.08x, 1.22x, 1.04x and 0.92x on SD 1.5 at 256 px in four alternated pairs (about
+    100 s of compiling, and inductor needs a C++ compiler on CPU) and 1.01x on the embedded base. Nothing there is
+    a reliable gain, so auto compiles nothing and says why; train.compile=regional is there to try."""
     if mode != "auto":
         return mode == "regional", f"train.compile={mode}"
     if device.type == "cuda":
-        return False, (f"auto: cuda; regional compile measured 0.78x steady on an H200 (SD 1.5, 512 px, bf16, torch 2.11); "
-                       "train.compile=regional forces it")
-    if device.type != "cpu" or unet_params < COMPILE_MIN_PARAMS:
-        return False, (f"auto: {device.type}, UNet {unet_params / 1e6:.0f}M parameters (regional compile gains on CPU "
-                       f"from {COMPILE_MIN_PARAMS / 1e6:.0f}M; 1.01x on the embedded base); train.compile=regional forces it")
-    if steps_left < COMPILE_MIN_STEPS:
-        return False, f"auto: cpu, {steps_left} steps left < {COMPILE_MIN_STEPS}, too few to pay back the warm-up"
-    return True, f"auto: cpu, UNet {unet_params / 1e6:.0f}M parameters, {steps_left} steps left"
+        return False, (f"auto: cuda, {steps_left} steps left; regional compile measured 0.78x steady on an H200 (SD 1.5, "
+                       "512 px, bf16, torch 2.11); train.compile=regional forces it")
+    return False, (f"auto: {device.type}, UNet {unet_params / 1e6:.0f}M parameters; regional compile measured 0.92-1.22x "
+                   "on SD 1.5 and 1.01x on the embedded base on CPU; train.compile=regional forces it")
 
 
 def _free_encoders(pipe) -> int:

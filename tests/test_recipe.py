@@ -167,11 +167,8 @@ def test_compile_decision():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     sd15, tiny = 860_000_000, 3_000_000
     on, why = rec._compile_decision("auto", cuda, 10_000, sd15)  # measured slower on an H200: off, and the log says so
-    assert on is False and why.startswith("auto: cuda; regional compile measured 0.78x")
-    assert rec._compile_decision("auto", cpu, 1000, sd15) == (True, "auto: cpu, UNet 860M parameters, 1000 steps left")
-    on, why = rec._compile_decision("auto", cpu, 100, sd15)
-    assert on is False and "100 steps left < 300" in why
-    on, why = rec._compile_decision("auto", cpu, 10_000, tiny)
-    assert on is False and "UNet 3M parameters" in why
+    assert on is False and why.startswith("auto: cuda, 10000 steps left; regional compile measured 0.78x")
+    on, why = rec._compile_decision("auto", cpu, 10_000, sd15)  # 0.92-1.22x on CPU: no reliable gain
+    assert on is False and why.startswith("auto: cpu, UNet 860M parameters; regional compile measured 0.92-1.22x")
     assert rec._compile_decision("regional", cpu, 1, tiny) == (True, "train.compile=regional")
     assert rec._compile_decision("off", cpu, 10_000, sd15) == (False, "train.compile=off")
