@@ -152,9 +152,14 @@ def _apply_recommended(a) -> None:
                 raise CliError(f"--recommended {rec.report}: the report evaluated adapter {rec.adapter} (weights sha256 "
                                f"{rec.adapter_sha256[:12]}), not --adapter {a.adapter[0]} (sha256 {sha[:12]}); evaluate "
                                "this adapter with `adapt eval`, or drop --recommended")
-        elif given.resolve() != lora.weights_path(rec.adapter).resolve():
-            raise CliError(f"--recommended {rec.report}: the report evaluated adapter {rec.adapter}, not --adapter "
-                           f"{a.adapter[0]} (the report predates weight hashes, so the paths must match)")
+        else:  # a report written before weight hashes: the paths must match (the evaluated one may be gone)
+            try:
+                same = given.resolve() == lora.weights_path(rec.adapter).resolve()
+            except lora.AdapterError:
+                same = False
+            if not same:
+                raise CliError(f"--recommended {rec.report}: the report evaluated adapter {rec.adapter}, not --adapter "
+                               f"{a.adapter[0]} (the report predates weight hashes, so the paths must match)")
         if a.base is not None and a.base != rec.base:
             print(f"note: the report evaluated base {rec.base}; sampling with --base {a.base}")
         explicit = [f"--{k.replace('_', '-')}" for k in ("strength", "scale", "steps", "scheduler", "guidance", "prompt", "mask")
