@@ -240,14 +240,30 @@ def sdxl_to_sgm(path: str, layers_per_block: int = 2) -> str:
                             "without a published UNet config)")
 
 
+DOWN_SUFFIXES = (".lora.down.weight", ".lora_A.weight")
+UP_SUFFIXES = (".lora.up.weight", ".lora_B.weight")
+
+
 def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 2) -> Path:
     """Write a kohya-format .safetensors (lora_unet_* keys with .alpha and sd-scripts' ss_* metadata)."""
     tensors, header = lora.read(adapter)
     facts = header[lora.FACTS_KEY]
-    downs = {k[len("unet."):-len(".lora.down.weight")]: v for k, v in tensors.items() if k.endswith(".lora.down.weight")}
-    ups = {k[len("unet."):-len(".lora.up.weight")]: v for k, v in tensors.items() if k.endswith(".lora.up.weight")}
+    # diffusers' converter names attention projections .lora.down/.lora.up but leaves other layers (LoCon convs)
+    # in peft's .lora_A/.lora_B: both are this file's layers, and a key of neither kind is refused, never dropped
+    downs, ups, other = {}, {}, []
+    for k, v in tensors.items():
+        part = next(((d, s) for d, suffixes in ((downs, DOWN_SUFFIXES), (ups, UP_SUFFIXES)) for s in suffixes
+                     if k.startswith("unet.") and k.endswith(s)), None)
+        if part is None:
+            other.append(k)
+        else:
+            part[0][k[len("unet."):-len(part[1])]] = v
+    if other:
+        raise lora.AdapterError(f"{adapter}: {len(other)} tensors are not UNet LoRA down/up weights (e.g. {other[:3]}); "
+                                "the kohya format holds plain UNet LoRA only")
     if not downs or downs.keys() != ups.keys():
-        raise lora.AdapterError(f"{adapter}: expected paired unet.*.lora.down/up weights, found {len(downs)} down, {len(ups)} up")
+        raise lora.AdapterError(f"{adapter}: expected paired unet.*.lora.down/up weights, found {len(downs)} down, {len(ups)} up"
+                                + (f"; unpaired: {sorted(downs.keys() ^ ups.keys())[:3]}" if downs.keys() != ups.keys() else ""))
     alphas = alphas_of(header, list(downs))
     widths = {int(v.shape[1]) for m, v in downs.items() if re.search(r"attn2\.to_[kv]$", m)}
     family = WIDTHS.get(next(iter(widths))) if len(widths) == 1 else None

@@ -223,6 +223,19 @@ def test_export_writes_the_metadata_clients_filter_on(width, facts, want, tmp_pa
     assert lora.facts(back).kohya["family"] == {768: "sd15", 1024: "sd21", 2048: "sdxl"}[width]
 
 
+@pytest.mark.parametrize("extra", ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_magnitude_vector",
+                                   "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"])
+def test_export_refuses_tensors_it_cannot_carry(extra, tmp_path):
+    """A DoRA magnitude or a text-encoder layer has no place in a plain UNet kohya file: named, never dropped."""
+    ad = _adapter_file(tmp_path, 768, {"architecture": "sd"})
+    with safe_open(str(ad / lora.WEIGHTS_NAME), "pt") as h:
+        tensors, meta = {k: h.get_tensor(k) for k in h.keys()}, h.metadata()
+    save_file({**tensors, extra: torch.ones(4)}, str(ad / lora.WEIGHTS_NAME), metadata=meta)
+    with pytest.raises(lora.AdapterError, match=re.escape(extra)):
+        kohya.to_kohya(ad, tmp_path / "k.safetensors")
+    assert not (tmp_path / "k.safetensors").exists()
+
+
 @pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_cli_import_and_never_overwriting_the_input(tmp_path):
     ad = _adapter_file(tmp_path, 768, {"architecture": "sd"})
