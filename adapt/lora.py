@@ -28,7 +28,12 @@ PRESETS = {
     "cross_attn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)$",
     "cross_attn_kv": r".*attn2\.(to_k|to_v)$",  # Custom Diffusion (Kumari et al. 2023) trains only these
     "all_attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+    # LoCon (kohya's conv_dim): cross-attention plus every resnet's 3x3 convs. In SD-style UNets cross-attention
+    # runs only at the coarser levels, so attn2 alone cannot place detail finer than its grid (the tiny base's
+    # 8x8 of a 16x16 latent); the convs reach every level, the full-resolution one included.
+    "cross_attn_conv": r".*(attn2\.(to_q|to_k|to_v|to_out\.0)|resnets\.\d+\.conv[12])$",
 }
+ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -37,11 +42,16 @@ class AdapterError(ValueError):
 
 
 def target_modules(unet: torch.nn.Module, preset: str) -> list[str]:
-    """Names of the Linear layers a preset selects (before any adapter is attached)."""
+    """Names of the Linear and Conv2d layers a preset selects (before any adapter is attached)."""
     if preset not in PRESETS:
         raise AdapterError(f"unknown LoRA preset {preset!r}; presets: {sorted(PRESETS)}")
     rx = re.compile(PRESETS[preset])
-    return [n for n, m in unet.named_modules() if rx.fullmatch(n) and isinstance(m, torch.nn.Linear)]
+    return [n for n, m in unet.named_modules() if rx.fullmatch(n) and isinstance(m, ADAPTABLE)]
+
+
+def _width(m: torch.nn.Module) -> int:
+    """The largest rank that adds capacity to a layer: min(in, out) features or channels."""
+    return min(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else min(m.in_channels, m.out_channels)
 
 
 def attach(unet, preset: str = "cross_attn", rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
@@ -50,8 +60,8 @@ def attach(unet, preset: str = "cross_attn", rank: int = 8, alpha: float | None 
     from peft import LoraConfig
     names = target_modules(unet, preset)
     if not names:
-        raise AdapterError(f"LoRA preset {preset!r} (regex {PRESETS[preset]}) matches no Linear layer of this UNet")
-    widths = {n: min(m.in_features, m.out_features) for n, m in unet.named_modules() if n in set(names)}
+        raise AdapterError(f"LoRA preset {preset!r} (regex {PRESETS[preset]}) matches no Linear or Conv2d layer of this UNet")
+    widths = {n: _width(m) for n, m in unet.named_modules() if n in set(names)}
     narrow = min(widths, key=widths.get)
     if rank > widths[narrow]:
         raise AdapterError(f"lora.rank {rank} exceeds the narrowest adapted layer ({narrow}: min(in, out) = "

@@ -36,6 +36,36 @@ def test_presets_select_the_right_layers(tiny_base):
     assert (len(cross), len(kv), len(both)) == (16, 8, 32)
 
 
+def test_conv_preset_adds_resnet_convs_and_loads_exactly_in_plain_diffusers_and_kohya(tiny_base, tmp_path):
+    """cross_attn_conv (LoCon): attn2 plus every resnet's conv1/conv2, nothing else; the file reloads bit-exactly in
+    plain diffusers, and its kohya export imports back to the same outputs."""
+    from adapt import kohya
+    pipe, _ = model.load_base(str(tiny_base))
+    names = lora.target_modules(pipe.unet, "cross_attn_conv")
+    convs = [n for n in names if ".resnets." in n]
+    resnets = [n for n, m in pipe.unet.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert sorted(convs) == sorted(f"{r}.conv{i}" for r in resnets for i in (1, 2))
+    assert sorted(set(names) - set(convs)) == sorted(lora.target_modules(pipe.unet, "cross_attn"))
+    base_out = _out(pipe.unet)
+    a = lora.attach(pipe.unet, "cross_attn_conv", rank=4, alpha=2)
+    assert a["num_modules"] == len(names) and any(m.endswith("resnets.0.conv1") for m in a["modules"])
+    _randomize(pipe.unet)
+    trained = _out(pipe.unet)
+    for conv in convs:  # LoCon: the down projection keeps the conv's kernel
+        layer = dict(pipe.unet.named_modules())[conv]
+        assert layer.lora_A["default"].weight.shape[-2:] == layer.base_layer.weight.shape[-2:]
+    lora.save(tmp_path, pipe.unet, AdapterFacts(base=str(tiny_base), rank=4, alpha=2, architecture="sd"))
+    plain = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
+    plain.load_lora_weights(str(tmp_path))
+    assert torch.equal(_out(plain.unet), trained) and (trained - base_out).abs().max() > 1e-3
+
+    k = kohya.to_kohya(tmp_path, tmp_path / "k.safetensors")
+    back = kohya.from_kohya(k, tmp_path / "back", base_cfg=dict(pipe.unet.config), log=lambda m: None)
+    ours, _ = model.load_base(str(tiny_base))
+    lora.load_into(ours, back, scale=1.0)
+    assert (_out(ours.unet) - trained).abs().max() < 1e-5
+
+
 def test_attach_audit_counts(tiny_base):
     pipe, _ = model.load_base(str(tiny_base))
     a = lora.attach(pipe.unet, "cross_attn", rank=4, alpha=2)
