@@ -89,10 +89,17 @@ def audit(unet, preset: str) -> dict:
 
 
 def state_dict(unet, adapter_name: str = "default") -> dict:
-    """The adapter's weights with diffusers key names, without the 'unet.' prefix."""
+    """The adapter's weights with diffusers key names (`<module>.lora.down/up.weight`), without the 'unet.' prefix.
+
+    diffusers' converter renames only attention projections and leaves every other layer (LoCon convs) in peft's
+    `lora_A/lora_B`; its loader then guesses one format for the whole file from the first key, so a file whose
+    first key is a conv loses every attention layer (a RuntimeWarning, nothing more). One naming for all layers.
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    return {re.sub(r"\.lora_A\.weight$", ".lora.down.weight", re.sub(r"\.lora_B\.weight$", ".lora.up.weight", k)): v
+            for k, v in sd.items()}
 
 
 def save(out_dir: str | Path, unet, facts: AdapterFacts, adapter_name: str = "default") -> Path:
@@ -191,7 +198,25 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
         if ups and all(float(v.abs().max()) == 0 for v in ups):
             raise AdapterError(f"{path}: every LoRA up/B matrix is zero, so this adapter changes nothing at any scale "
                                "(saved before training, or training diverged to zero)")
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    file_modules = {k[len("unet."):].rsplit(".lora", 1)[0] for k in tensors if k.startswith("unet.") and ".lora" in k}
+    downs = [k for k in tensors if k.endswith(".lora.down.weight")]
+    if downs and any(k.endswith(".lora_A.weight") for k in tensors):
+        # both namings in one file (diffusers' converter writes them so for LoCon convs): its loader would keep only
+        # the layers named like the first key, so load a copy with one naming, header (alpha) included
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = dict(safe_open(str(path), "pt").metadata() or {})
+            one = {re.sub(r"\.lora_A\.weight$", ".lora.down.weight", re.sub(r"\.lora_B\.weight$", ".lora.up.weight", k)): v
+                   for k, v in tensors.items()}
+            copy = atomic.write_safetensors(one, Path(tmp) / WEIGHTS_NAME, raw)
+            pipe.load_lora_weights(tmp, weight_name=copy.name, adapter_name=name)
+    else:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    loaded = {n for n, m in pipe.unet.named_modules() if name in getattr(m, "lora_A", {})}
+    if check and file_modules - loaded:
+        missing = sorted(file_modules - loaded)
+        raise AdapterError(f"{path}: diffusers loaded {len(file_modules & loaded)} of the file's {len(file_modules)} UNet "
+                           f"LoRA layers; not loaded: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     pipe.set_adapters([name], [scale])
     if check and "lora_adapter_metadata" in header:
         want = header["lora_adapter_metadata"]

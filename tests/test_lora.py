@@ -1,8 +1,11 @@
 """Cross-attention LoRA: targets, audit, saving in diffusers format, exact reload in plain diffusers."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 
 from adapt.facts import AdapterFacts
 from adapt import lora, model
@@ -17,7 +20,7 @@ def _randomize(unet, seed=0):
 
 def _out(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 32, 32, generator=g)
+    x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 32, unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
         return unet(x, torch.tensor([100, 700]), e).sample
 
@@ -36,11 +39,13 @@ def test_presets_select_the_right_layers(tiny_base):
     assert (len(cross), len(kv), len(both)) == (16, 8, 32)
 
 
-def test_conv_preset_adds_resnet_convs_and_loads_exactly_in_plain_diffusers_and_kohya(tiny_base, tmp_path):
-    """cross_attn_conv (LoCon): attn2 plus every resnet's conv1/conv2, nothing else; the file reloads bit-exactly in
-    plain diffusers, and its kohya export imports back to the same outputs."""
+@pytest.mark.parametrize("which", ["tiny", "embedded"])  # embedded: down_blocks.0 has no attention, a conv key sorts first
+def test_conv_preset_adds_resnet_convs_and_loads_exactly_in_plain_diffusers_and_kohya(which, tiny_base, tmp_path):
+    """cross_attn_conv (LoCon): attn2 plus every resnet's conv1/conv2, nothing else; the file has one key naming and
+    reloads bit-exactly in plain diffusers, and its kohya export imports back to the same outputs."""
     from adapt import kohya
-    pipe, _ = model.load_base(str(tiny_base))
+    base = str(tiny_base) if which == "tiny" else "tiny-faces"
+    pipe, bf = model.load_base(base)
     names = lora.target_modules(pipe.unet, "cross_attn_conv")
     convs = [n for n in names if ".resnets." in n]
     resnets = [n for n, m in pipe.unet.named_modules() if type(m).__name__ == "ResnetBlock2D"]
@@ -54,16 +59,53 @@ def test_conv_preset_adds_resnet_convs_and_loads_exactly_in_plain_diffusers_and_
     for conv in convs:  # LoCon: the down projection keeps the conv's kernel
         layer = dict(pipe.unet.named_modules())[conv]
         assert layer.lora_A["default"].weight.shape[-2:] == layer.base_layer.weight.shape[-2:]
-    lora.save(tmp_path, pipe.unet, AdapterFacts(base=str(tiny_base), rank=4, alpha=2, architecture="sd"))
-    plain = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
+    lora.save(tmp_path, pipe.unet, AdapterFacts(base=base, rank=4, alpha=2, architecture="sd"))
+    tensors, _ = lora.read(tmp_path)
+    assert all(k.endswith((".lora.down.weight", ".lora.up.weight")) for k in tensors) and len(tensors) == 2 * len(names)
+    plain = StableDiffusionPipeline.from_pretrained(bf.resolved, safety_checker=None)
     plain.load_lora_weights(str(tmp_path))
     assert torch.equal(_out(plain.unet), trained) and (trained - base_out).abs().max() > 1e-3
 
     k = kohya.to_kohya(tmp_path, tmp_path / "k.safetensors")
     back = kohya.from_kohya(k, tmp_path / "back", base_cfg=dict(pipe.unet.config), log=lambda m: None)
-    ours, _ = model.load_base(str(tiny_base))
+    ours, _ = model.load_base(base)
     lora.load_into(ours, back, scale=1.0)
     assert (_out(ours.unet) - trained).abs().max() < 1e-5
+
+
+def test_mixed_key_naming_loads_every_layer_and_a_partial_load_is_refused(tmp_path, monkeypatch):
+    """A file as diffusers' own training scripts write it (attention layers .lora.down/.up, convs .lora_A/_B): when a
+    conv key sorts first, diffusers' loader keeps only the convs; load_into loads every layer, and refuses a load
+    that leaves any of the file's layers out."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    pipe, bf = model.load_base("tiny-faces")
+    lora.attach(pipe.unet, "cross_attn_conv", rank=4, alpha=2)
+    _randomize(pipe.unet)
+    trained = _out(pipe.unet)
+    lora.save(tmp_path / "ours", pipe.unet, AdapterFacts(base="tiny-faces", rank=4, alpha=2, architecture="sd"))
+    with safe_open(str(tmp_path / "ours" / lora.WEIGHTS_NAME), "pt") as h:
+        meta = h.metadata()
+    mixed = {f"unet.{k}": v.contiguous() for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)).items()}
+    assert sorted(mixed)[0].endswith(".lora_A.weight") and any(k.endswith(".lora.down.weight") for k in mixed)
+    (tmp_path / "mixed").mkdir()
+    save_file(mixed, str(tmp_path / "mixed" / lora.WEIGHTS_NAME), metadata=meta)
+    ours, _ = model.load_base("tiny-faces")
+    lora.load_into(ours, tmp_path / "mixed", scale=1.0)
+    assert torch.equal(_out(ours.unet), trained)
+
+    short, _ = model.load_base("tiny-faces")
+    real = short.load_lora_weights
+
+    def drops_attention(folder, weight_name, adapter_name):  # a loader that silently leaves layers out
+        with safe_open(str(Path(folder) / weight_name), "pt") as h:
+            kept = {k: h.get_tensor(k) for k in h.keys() if ".attn2." not in k}
+        save_file(kept, str(tmp_path / "kept.safetensors"), metadata=meta)
+        real(str(tmp_path), weight_name="kept.safetensors", adapter_name=adapter_name)
+    monkeypatch.setattr(short, "load_lora_weights", drops_attention)
+    with pytest.raises(lora.AdapterError, match=r"diffusers loaded 22 of the file's 50 UNet LoRA layers; not loaded: .*attn2"):
+        lora.load_into(short, tmp_path / "ours", scale=1.0)
 
 
 def test_attach_audit_counts(tiny_base):
