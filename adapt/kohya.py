@@ -240,8 +240,7 @@ def sdxl_to_sgm(path: str, layers_per_block: int = 2) -> str:
                             "without a published UNet config)")
 
 
-DOWN_SUFFIXES = (".lora.down.weight", ".lora_A.weight")
-UP_SUFFIXES = (".lora.up.weight", ".lora_B.weight")
+DOWN, UP = ".lora.down.weight", ".lora.up.weight"
 
 
 def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 2) -> Path:
@@ -250,14 +249,10 @@ def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 
     facts = header[lora.FACTS_KEY]
     # diffusers' converter names attention projections .lora.down/.lora.up but leaves other layers (LoCon convs)
     # in peft's .lora_A/.lora_B: both are this file's layers, and a key of neither kind is refused, never dropped
-    downs, ups, other = {}, {}, []
-    for k, v in tensors.items():
-        part = next(((d, s) for d, suffixes in ((downs, DOWN_SUFFIXES), (ups, UP_SUFFIXES)) for s in suffixes
-                     if k.startswith("unet.") and k.endswith(s)), None)
-        if part is None:
-            other.append(k)
-        else:
-            part[0][k[len("unet."):-len(part[1])]] = v
+    other = [k for k in tensors if not (k.startswith("unet.") and k.endswith((DOWN, UP, ".lora_A.weight", ".lora_B.weight")))]
+    tensors = lora.one_naming(tensors)
+    downs = {k[len("unet."):-len(DOWN)]: v for k, v in tensors.items() if k.startswith("unet.") and k.endswith(DOWN)}
+    ups = {k[len("unet."):-len(UP)]: v for k, v in tensors.items() if k.startswith("unet.") and k.endswith(UP)}
     if other:
         raise lora.AdapterError(f"{adapter}: {len(other)} tensors are not UNet LoRA down/up weights (e.g. {other[:3]}); "
                                 "the kohya format holds plain UNet LoRA only")

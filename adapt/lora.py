@@ -97,9 +97,13 @@ def state_dict(unet, adapter_name: str = "default") -> dict:
     """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    return one_naming(convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name)))
+
+
+def one_naming(tensors: dict) -> dict:
+    """peft's `.lora_A/.lora_B.weight` keys renamed to diffusers' `.lora.down/.lora.up.weight`; other keys unchanged."""
     return {re.sub(r"\.lora_A\.weight$", ".lora.down.weight", re.sub(r"\.lora_B\.weight$", ".lora.up.weight", k)): v
-            for k, v in sd.items()}
+            for k, v in tensors.items()}
 
 
 def save(out_dir: str | Path, unet, facts: AdapterFacts, adapter_name: str = "default") -> Path:
@@ -206,9 +210,7 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             raw = dict(safe_open(str(path), "pt").metadata() or {})
-            one = {re.sub(r"\.lora_A\.weight$", ".lora.down.weight", re.sub(r"\.lora_B\.weight$", ".lora.up.weight", k)): v
-                   for k, v in tensors.items()}
-            copy = atomic.write_safetensors(one, Path(tmp) / WEIGHTS_NAME, raw)
+            copy = atomic.write_safetensors(one_naming(tensors), Path(tmp) / WEIGHTS_NAME, raw)
             pipe.load_lora_weights(tmp, weight_name=copy.name, adapter_name=name)
     else:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
