@@ -203,13 +203,13 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
             raise AdapterError(f"{path}: every LoRA up/B matrix is zero, so this adapter changes nothing at any scale "
                                "(saved before training, or training diverged to zero)")
     file_modules = {k[len("unet."):].rsplit(".lora", 1)[0] for k in tensors if k.startswith("unet.") and ".lora" in k}
-    downs = [k for k in tensors if k.endswith(".lora.down.weight")]
-    if downs and any(k.endswith(".lora_A.weight") for k in tensors):
+    if any(k.endswith(".lora.down.weight") for k in tensors) and any(k.endswith(".lora_A.weight") for k in tensors):
         # both namings in one file (diffusers' converter writes them so for LoCon convs): its loader would keep only
         # the layers named like the first key, so load a copy with one naming, header (alpha) included
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
-            raw = dict(safe_open(str(path), "pt").metadata() or {})
+            with safe_open(str(path), "pt") as f:
+                raw = dict(f.metadata() or {})
             copy = atomic.write_safetensors(one_naming(tensors), Path(tmp) / WEIGHTS_NAME, raw)
             pipe.load_lora_weights(tmp, weight_name=copy.name, adapter_name=name)
     else:
