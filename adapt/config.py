@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from adapt.configio import (ConfigError, check as _check, describe, dump, hints as _hints, keys_help, load,  # noqa: F401
-                            opt, parse_overrides, template_fields as _fields, to_dict)  # re-exported for callers
+                            opt, template_fields as _fields, to_dict)  # re-exported for callers
 
 
 @dataclass

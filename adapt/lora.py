@@ -275,7 +275,7 @@ def applied(pipe, names: list[str], scales: list[float], fuse: bool = True):
 
 def check_keys(unet, tensors: dict, path) -> None:
     """Every adapter key must name a Linear or Conv2d of the UNet; adapters of another architecture fail here."""
-    modules = {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or hasattr(m, "base_layer")}
+    modules = {n for n, m in unet.named_modules() if isinstance(m, ADAPTABLE) or hasattr(m, "base_layer")}
     unmatched = []
     for k, v in tensors.items():
         if not k.startswith("unet."):
