@@ -49,20 +49,28 @@ def _skin_luma(inp: np.ndarray, skin_mask: np.ndarray) -> float:
     return max(float(np.median(luminance(inp)[skin_mask])), 1e-3)
 
 
-def lens_darkening(out: np.ndarray, inp: np.ndarray, lens_mask: np.ndarray, skin_mask: np.ndarray) -> float:
-    """How much darker the lens boxes of `out` are than those of `inp`, in units of the *input's* skin luma.
+def darkening(out: np.ndarray, inp: np.ndarray, skin_mask: np.ndarray) -> np.ndarray:
+    """(H, W): how much darker each pixel of `out` is than in `inp`, beyond what the bare skin darkened, in units
+    of the *input's* skin luma (> 0 where darker).
 
-    Measured against the input's skin, not the output's, so an adapter that lightens the whole face
-    cannot inflate the score (a failure seen with output-relative ratios); global darkening shows up
-    as colour drift outside the mask, which is reported beside it. Real pairs of the benchmark:
-    0 for a face against itself, >= 0.66 for the same face wearing sunglasses.
+    Against the input's skin, not the output's, so an output that lightens the whole face cannot inflate the
+    score; minus the skin's own darkening (when it darkened), so an output that darkens the whole face, as the
+    base does at high strength when it re-draws a medium skin darker, cannot pass for sunglasses either: lenses
+    are dark against the face they sit on. Global shifts show up as colour drift outside the mask, reported beside.
     """
-    skin = _skin_luma(inp, skin_mask)
-    return float((luminance(inp)[lens_mask].mean() - luminance(out)[lens_mask].mean()) / skin)
+    skin_in = _skin_luma(inp, skin_mask)
+    skin_shift = max(0.0, (skin_in - float(np.median(luminance(out)[skin_mask]))) / skin_in)
+    return (luminance(inp) - luminance(out)) / skin_in - skin_shift
+
+
+def lens_darkening(out: np.ndarray, inp: np.ndarray, lens_mask: np.ndarray, skin_mask: np.ndarray) -> float:
+    """How much darker the lens boxes of `out` are than those of `inp` (`darkening`). Real pairs of the benchmark:
+    0 for a face against itself, >= 0.66 for the same face wearing sunglasses."""
+    return float(darkening(out, inp, skin_mask)[lens_mask].mean())
 
 
 def shape(out: np.ndarray, inp: np.ndarray, face: synth.Face, skin_mask: np.ndarray) -> dict:
-    """Two lenses and a bridge, each measured as darkening against the input in skin-luma units.
+    """Two lenses and a bridge, each measured as `darkening` against the input.
 
     left, right  mean darkening inside each lens box (each must pass, not only their mean)
     bridge       median over the gap's inner columns of the darkest change within ±2 px of the bridge
@@ -72,7 +80,7 @@ def shape(out: np.ndarray, inp: np.ndarray, face: synth.Face, skin_mask: np.ndar
     passed       all of: left, right >= SUNGLASSES_THRESHOLD; bridge − gap >= BRIDGE_THRESHOLD (a line, darker
                  than the gap below it, not a fill); gap < GAP_RATIO x min(left, right) (two lenses, not one blob)
     """
-    dark = (luminance(inp) - luminance(out)) / _skin_luma(inp, skin_mask)  # (H, W), > 0 where darker
+    dark = darkening(out, inp, skin_mask)  # (H, W), > 0 where darker than the skin's own change
     h, w = dark.shape
     (lx0, ly0, lx1, ly1), (rx0, ry0, rx1, ry1) = face.eye_boxes
 

@@ -48,8 +48,11 @@ def test_spearman_and_bootstrap():
     assert rho > 0.8 and ci[0] > 0
 
 
-def test_lens_detector_on_real_pairs_and_global_lightening():
-    scores_src, scores_tgt, lightened = [], [], []
+def test_lens_detector_on_real_pairs_and_global_changes():
+    """Sunglasses are dark against the face they sit on: neither a lighter nor a darker whole face passes (the
+    base at strength 0.8 re-drew a medium skin darker and was counted as sunglasses before), while real
+    sunglasses on a face that also darkened still do."""
+    scores_src, scores_tgt, lightened, darkened, both = [], [], [], [], []
     for i in range(40):
         a, _, f = synth.make("faces", "eval", i)
         b, _, _ = synth.make("sunglasses", "eval", i)
@@ -58,8 +61,12 @@ def test_lens_detector_on_real_pairs_and_global_lightening():
         scores_src.append(synthbench.lens_darkening(A, A, lm, sm))
         scores_tgt.append(synthbench.lens_darkening(B, A, lm, sm))
         lightened.append(synthbench.lens_darkening(np.clip(A * 1.3, 0, 1), A, lm, sm))  # whole face lighter
+        darkened.append(synthbench.lens_darkening(A * 0.6, A, lm, sm))  # whole image 40% darker
+        both.append(synthbench.lens_darkening(B * 0.8, A, lm, sm))
     assert max(scores_src) < synthbench.SUNGLASSES_THRESHOLD < min(scores_tgt)
     assert max(lightened) < synthbench.SUNGLASSES_THRESHOLD  # lightening the skin cannot fake sunglasses
+    assert max(darkened) < synthbench.SUNGLASSES_THRESHOLD  # nor can darkening it
+    assert min(both) > synthbench.SUNGLASSES_THRESHOLD
 
 
 def test_classifier_learns_the_synthetic_domains_quickly():
