@@ -48,6 +48,11 @@ image.save("adapted.png")
 ```
 The strength it was trained for is {f.strength}: at that strength img2img runs exactly the timesteps it learned.
 
+To pick strength, adapter scale and masked sampling for your images, `adapt eval --adapter {out} --source HELD_OUT
+--target TARGET_IMAGES --prompt "..."` sweeps them against the base and recommends a setting, and
+`adapt sample --adapter {out} --recommended EVAL_DIR --image ...` samples at it. In plain diffusers, adapter scale s is
+`cross_attention_kwargs={{"scale": s}}` in the pipe call (it scales every LoRA layer of the UNet{", the convs included" if "conv" in f.preset else ""}).
+
 ## Config
 ```yaml
 {_yaml(cfg)}

@@ -18,11 +18,11 @@ def _randomize(unet, seed=0):
             p.data = torch.randn(p.shape, generator=g) * 0.2
 
 
-def _out(unet, seed=0):
+def _out(unet, seed=0, **kwargs):
     g = torch.Generator().manual_seed(seed)
     x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 32, unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
-        return unet(x, torch.tensor([100, 700]), e).sample
+        return unet(x, torch.tensor([100, 700]), e, **kwargs).sample
 
 
 def test_presets_select_the_right_layers(tiny_base):
@@ -65,6 +65,11 @@ def test_conv_preset_adds_resnet_convs_and_loads_exactly_in_plain_diffusers_and_
     plain = StableDiffusionPipeline.from_pretrained(bf.resolved, safety_checker=None)
     plain.load_lora_weights(str(tmp_path))
     assert torch.equal(_out(plain.unet), trained) and (trained - base_out).abs().max() > 1e-3
+    # the model card's plain-diffusers scale, cross_attention_kwargs={"scale": s}, scales the convs' layers too
+    doubled, _ = model.load_base(base)
+    lora.load_into(doubled, tmp_path, scale=2.0)
+    assert (_out(plain.unet, cross_attention_kwargs={"scale": 2.0}) - _out(doubled.unet)).abs().max() < 1e-5
+    assert (_out(doubled.unet) - trained).abs().max() > 1e-3
 
     k = kohya.to_kohya(tmp_path, tmp_path / "k.safetensors")
     back = kohya.from_kohya(k, tmp_path / "back", base_cfg=dict(pipe.unet.config), log=lambda m: None)
