@@ -45,10 +45,6 @@ class Masks:
                    [synth.skin_mask(f, size) for f in faces])
 
 
-def _skin_luma(inp: np.ndarray, skin_mask: np.ndarray) -> float:
-    return max(float(np.median(luminance(inp)[skin_mask])), 1e-3)
-
-
 def darkening(out: np.ndarray, inp: np.ndarray, skin_mask: np.ndarray) -> np.ndarray:
     """(H, W): how much darker each pixel of `out` is than in `inp`, beyond what the bare skin darkened, in units
     of the *input's* skin luma (> 0 where darker).
@@ -58,9 +54,10 @@ def darkening(out: np.ndarray, inp: np.ndarray, skin_mask: np.ndarray) -> np.nda
     base does at high strength when it re-draws a medium skin darker, cannot pass for sunglasses either: lenses
     are dark against the face they sit on. Global shifts show up as colour drift outside the mask, reported beside.
     """
-    skin_in = _skin_luma(inp, skin_mask)
-    skin_shift = max(0.0, (skin_in - float(np.median(luminance(out)[skin_mask]))) / skin_in)
-    return (luminance(inp) - luminance(out)) / skin_in - skin_shift
+    lum_in, lum_out = luminance(inp), luminance(out)
+    skin_in = max(float(np.median(lum_in[skin_mask])), 1e-3)
+    skin_shift = max(0.0, (skin_in - float(np.median(lum_out[skin_mask]))) / skin_in)
+    return (lum_in - lum_out) / skin_in - skin_shift
 
 
 def lens_darkening(out: np.ndarray, inp: np.ndarray, lens_mask: np.ndarray, skin_mask: np.ndarray) -> float:
