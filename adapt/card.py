@@ -31,7 +31,7 @@ Trained by `adapt` to move images toward the domain of **{f.dataset}** (split `{
 | speed | {fig.get('steps_per_s')} steps/s, {fig.get('samples_per_s')} samples/s |
 | target latents | scaled std {ls.get('overall_std', float('nan')):.3f} (1.0 is what the base expects) |
 | optimizer | {_optim(f.optim)} |
-{_resumes(f.resumes)}
+{_resumes(f.resumes)}{_decoder_row(f)}
 ## Use it
 With adapt (`source.png`: any image; it runs at its own aspect with about {f.resolution}² pixels, sides multiples of the VAE factor):
 ```bash
@@ -40,7 +40,7 @@ adapt sample --base {f.base} --adapter {out} --image source.png --prompt "{promp
 Plain diffusers, the same image (same scheduler, steps, strength, guidance and seed; a square source.png):
 ```python
 {_load_lines(f)}
-pipe.load_lora_weights("{out}")
+pipe.load_lora_weights("{out}"){_decoder_lines(f, out)}
 source = load_image("source.png").resize(({f.resolution}, {f.resolution}))
 image = pipe("{prompt}", image=source, strength={f.strength}, num_inference_steps={f.inference_steps},
              guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(0)).images[0]
@@ -59,6 +59,22 @@ To pick strength, adapter scale and masked sampling for your images, `adapt eval
 ```
 """
     return atomic.write_text(out / "README.md", text)
+
+
+def _decoder_row(f: AdapterFacts) -> str:
+    d = f.decoder
+    if not d:
+        return ""
+    return (f"| VAE decoder | tuned on the training images in `{d['folder']}/` ({d['steps']} steps, lr {d['lr']}; pixel MSE "
+            f"{d['loss_first']} -> {d['loss_last']}); the encoder is the base's |\n")
+
+
+def _decoder_lines(f: AdapterFacts, out) -> str:
+    """Plain diffusers: the VAE folder whose decoder was tuned on the domain, loaded in place of the base's."""
+    if not f.decoder:
+        return ""
+    return (f'\nfrom diffusers import AutoencoderKL\npipe.vae = AutoencoderKL.from_pretrained("{Path(out) / f.decoder["folder"]}")'
+            "  # the decoder tuned on the domain")
 
 
 def _optim(o: dict) -> str:

@@ -61,12 +61,14 @@ def _add_sample(sub):
                    f"(default {d.blur})")
     p.add_argument("--no-paste", dest="paste", action="store_false", default=None, help="masked: keep the decoded pixels "
                    "outside the mask instead of pasting the input back")
+    p.add_argument("--base-decoder", action="store_true", help="decode with the base's VAE even when the adapter ships "
+                   "a decoder tuned on its domain (vae/ beside its weights)")
     p.add_argument("--overwrite", action="store_true", help="replace images already in --out (default: refuse)")
     p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(a) -> int:
-    from adapt import atomic, lora, masking, model, sample
+    from adapt import atomic, decoder, lora, masking, model, sample
     _apply_recommended(a)
     _check_sample_args(a)
     stored = [lora.facts(ad) for ad in a.adapter]  # reads (and checks) every adapter before the base loads
@@ -91,6 +93,7 @@ def cmd_sample(a) -> int:
     pipe, facts = model.load_base(a.base, torch_dtype=model.pick_dtype(a.dtype, device))
     pipe.to(device)  # noise stays on CPU generators, so a seed gives the same start on every device
     names = [lora.load_into(pipe, ad, 1.0, adapter_name=f"a{i}", base_resolved=facts.resolved) for i, ad in enumerate(a.adapter)]
+    tuned = _tuned_decoder(a, pipe)
     scales = a.scale or [1.0] * len(names)
     with_adapters = lambda: lora.applied(pipe, names, scales, fuse=a.fuse) if names else nullcontext()
     t0 = time.time()
@@ -100,7 +103,7 @@ def cmd_sample(a) -> int:
         budget = a.resolution or (first.resolution if first is not None and first.resolution else facts.sample_size)
         images = [sample.fit_budget(p, budget, facts.vae_factor) for p in a.image]
         mask, paste_blur = _edit_mask(a, pipe, images, prompts, names)
-        with with_adapters():
+        with with_adapters(), decoder.swapped(pipe, tuned):
             imgs = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched, mask=mask, paste_blur=paste_blur)
         paths = sample.save_images(imgs, out, "img2img")
         if mask is not None:
@@ -110,18 +113,36 @@ def cmd_sample(a) -> int:
                 base = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched)
             cols = [images, base]
             if mask is not None:
-                with with_adapters():
+                with with_adapters(), decoder.swapped(pipe, tuned):
                     cols.append(sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched))
             atomic.write_image(sample.grid([list(r) for r in zip(*cols, imgs)]), a.grid)
             print(f"wrote grid {a.grid} (rows: input | base | adapter" + (" | adapter masked" if mask is not None else "")
                   + f" at strength {strength})")
     else:
-        with with_adapters():
+        with with_adapters(), decoder.swapped(pipe, tuned):
             imgs = sample.txt2img(pipe, prompts[0], a.num_images, steps, a.guidance, a.seed, sched)
         paths = sample.save_images(imgs, out, "txt2img")
     dt = time.time() - t0
     print(f"wrote {len(paths)} image(s) to {out} ({dt / len(paths):.2f} s/image): {', '.join(p.name for p in paths)}")
     return 0
+
+
+def _tuned_decoder(a, pipe):
+    """The VAE decoder tuned on the adapter's domain (adapt.decoder) that its folder ships, or None."""
+    from adapt import decoder
+    if a.base_decoder:
+        return None
+    try:
+        found = [(ad, v) for ad in a.adapter if (v := decoder.load(ad, pipe.vae)) is not None]
+    except decoder.DecoderError as e:
+        raise CliError(f"{e} (--base-decoder samples without it)") from None
+    if len(found) > 1:
+        raise CliError(f"adapters {', '.join(str(ad) for ad, _ in found)} each ship a tuned VAE decoder (vae/) and an image "
+                       "has one decoder: pass --base-decoder, or sample with one of them")
+    if not found:
+        return None
+    print(f"decoder: {decoder.find(found[0][0])} (tuned on the adapter's domain; --base-decoder keeps the base's)")
+    return found[0][1]
 
 
 class CliError(ValueError):

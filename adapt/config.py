@@ -179,6 +179,20 @@ class ValidationConfig:
 
 
 @dataclass
+class DecoderConfig:
+    steps: int = opt(0, "fine-tune the VAE decoder on the training images for this many steps before the LoRA (encoder "
+                     "frozen, as sd-vae-ft-mse); saved as <out_dir>/vae/. It lets the model draw detail its base decoder "
+                     "cannot (the demo: lens bridges); 0 = off")
+    lr: float = opt(1e-4, "decoder learning rate (AdamW)")
+    batch_size: int = opt(8, "decoder images per step")
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "decoder.steps", f"must be >= 0, got {self.steps}")
+        _check(self.lr > 0, "decoder.lr", f"must be > 0, got {self.lr}")
+        _check(self.batch_size > 0, "decoder.batch_size", f"must be > 0, got {self.batch_size}")
+
+
+@dataclass
 class RunConfig:
     out_dir: str = opt("runs/adapter", "output folder: adapter, config, checkpoints, validation grids")
     model: ModelConfig = opt(None, "base model")
@@ -188,6 +202,7 @@ class RunConfig:
     optim: OptimConfig = opt(None, "optimizer")
     train: TrainSection = opt(None, "loop")
     validation: ValidationConfig = opt(None, "validation grids")
+    decoder: DecoderConfig = opt(None, "target-domain VAE decoder (off by default)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # sections default to their own defaults

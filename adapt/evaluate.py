@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapt import classifier, config, data, lora, masking, metrics, model, perceptual, report as rep, sample, synthbench
+from adapt import classifier, config, data, decoder, lora, masking, metrics, model, perceptual, report as rep, sample, synthbench
 from adapt.facts import AdapterFacts
 
 
@@ -89,6 +89,12 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     pipe, bf = model.load_base(base, torch_dtype=model.pick_dtype(cfg.dtype, device))
     pipe.to(device)
     name = lora.load_into(pipe, cfg.adapter, 1.0, adapter_name="adapter", base_resolved=bf.resolved, log=log)
+    try:  # the adapter's rows decode with the VAE decoder tuned on its domain, when it ships one; the base's rows not
+        tuned = decoder.load(cfg.adapter, pipe.vae)
+    except decoder.DecoderError as e:
+        raise config.ConfigError(str(e)) from None
+    if tuned is not None:
+        log(f"decoder: {decoder.find(cfg.adapter)} (tuned on the target domain) for the adapter's rows; the base's for scale 0")
     res = bf.sample_size
     warnings = []
 
@@ -114,6 +120,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     report = {"version": rep.REPORT_VERSION, "status": "ok",
               "settings": {**config.to_dict(cfg), "base": base, "steps": steps, "scheduler": sched,
                            "adapter_sha256": lora.weights_sha256(cfg.adapter),
+                           "decoder": str(decoder.find(cfg.adapter)) if tuned is not None else None,
                            "noise_seeds": [1000 * s for s in range(cfg.seeds)], "n_source": len(src_rec),
                            "n_target": len(tgt_px), "n_classifier": clf.n_train},
               "versions": rep.versions(), "classifier_accuracy": clf.accuracy, "warnings": warnings,
@@ -173,7 +180,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
         outs_all = []
         masked = mode == "masked"
         for seed in range(cfg.seeds):
-            with lora.applied(pipe, [name], [scale], fuse=cfg.fuse):
+            with lora.applied(pipe, [name], [scale], fuse=cfg.fuse), decoder.swapped(pipe, tuned if scale > 0 else None):
                 outs = sample.img2img(pipe, src_images, prompts, strength, steps, cfg.guidance, 1000 * seed, sched,
                                       batch_size=cfg.batch_size, mask=edit_mask if masked else None,
                                       paste_blur=cfg.mask_blur if masked and cfg.mask_paste else None, blend=cfg.mask_blend)

@@ -43,6 +43,11 @@ def cmd_export(a) -> int:
         raise lora.AdapterError(f"{target} exists; pass --overwrite to replace it")
     if a.format == "kohya":
         path = to_kohya(src, out)
+        from adapt import decoder
+        if (vae := decoder.find(src)) is not None:
+            print(f"note: {vae}, the VAE decoder tuned on the domain, is not in the kohya file (a LoRA holds the UNet "
+                  "only): it is a diffusers AutoencoderKL folder; WebUI and ComfyUI take a VAE as one file in the "
+                  "original layout, which adapt does not write, so there the adapter samples with the base's decoder")
     else:
         base_cfg = None
         if a.base:

@@ -58,6 +58,7 @@ class AdapterFacts:
     adapt_version: Optional[str] = None
     imported_from: Optional[str] = None
     kohya: dict = field(default_factory=dict)  # import details: family, naming, dropped text-encoder layers, ss_* metadata
+    decoder: dict = field(default_factory=dict)  # the tuned VAE shipped in vae/ (adapt.decoder): its settings and losses
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -112,6 +113,8 @@ FREE = ("out_dir", "train.max_steps", "train.checkpointing_steps", "train.checkp
         "train.resume_from_checkpoint", "train.resume_allow", "train.log_every", "train.num_threads", "train.overwrite",
         "train.gradient_checkpointing", "train.compile", "data.cache", "data.cache_dir", "data.cache_threads", "validation.")
 OPTIMIZER = ("optim.",)
+# Keys added after checkpoints already existed: a checkpoint without one ran as this value does.
+INTRODUCED = {"decoder.steps": 0, "decoder.lr": 1e-4, "decoder.batch_size": 8}
 
 
 def classify(key: str) -> str:
@@ -137,7 +140,7 @@ def resume_changes(saved: dict, now: dict, allow: list[str]) -> tuple[dict, list
     """
     changes, refused = {}, []
     for k in sorted(set(saved) | set(now)):
-        old, new = saved.get(k), now.get(k)
+        old, new = saved.get(k, INTRODUCED.get(k)), now.get(k)
         if old == new:
             continue
         changes[k] = [old, new]

@@ -104,6 +104,9 @@ def summary_markdown(report: dict) -> str:
     masks = report.get("has_masks")
     lines += [f"Base `{s['base']}`, {s['n_source']} held-out source images x {s['seeds']} seeds, {s['steps']} {s['scheduler']} steps, "
               f"guidance {s['guidance']}. Domain classifier held-out accuracy: **{report['classifier_accuracy']:.3f}**.", ""]
+    if s.get("decoder"):
+        lines += [f"The adapter ships a VAE decoder tuned on its domain (`{s['decoder']}`): adapter rows decode with it, "
+                  "base rows (scale 0) with the base's.", ""]
     c = report["vae_ceiling"]
     lines += [f"VAE round-trip ceiling (encode-decode alone): SSIM {c['ssim']:.3f}" +
               (f", SSIM outside the eye band {c['ssim_out']:.3f} (masked mode pastes the input back, so it can pass this)" if masks else ""), ""]

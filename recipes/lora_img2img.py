@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import adapt
-from adapt import atomic, buckets, cache, checkpoint, config, data, lora, model, objective, runguard, sample, trainstep
+from adapt import atomic, buckets, cache, checkpoint, config, data, decoder, lora, model, objective, runguard, sample, trainstep
 from adapt import facts as facts_mod
 from adapt.card import write_model_card
 from adapt.facts import AdapterFacts
@@ -144,6 +144,17 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         f"std {_r(stats['channel_std'])}, overall std {stats['overall_std']:.3f}")
     if warning := cache.check_stats(stats):
         say("WARNING: " + warning)
+
+    # 3b. Optional: the VAE decoder tuned on the target images (adapt.decoder), before the LoRA so that the
+    # validation grids show it. Main process only; a saved one with the same key (e.g. on resume) is reused.
+    dec_figures = {}
+    if cfg.decoder.steps:
+        dec_figures = _together(acc, lambda: _decoder_phase(cfg, pipe, sized, vae_fingerprint, fingerprint, out, stopper, say)
+                                if acc.is_main_process else {})
+        if (sig := stopper.requested(acc)) is not None:
+            say(f"{signal.Signals(sig).name} during the decoder fine-tuning: it was not saved and no LoRA step ran; "
+                "rerun the same command (with train.overwrite=true) to start again")
+            return _finish(acc, 128 + sig)
 
     # 4. The strength window: the timesteps img2img at this strength visits.
     sampler = sample.make_scheduler(pipe.scheduler, cfg.objective.scheduler)
@@ -314,7 +325,8 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
             image_fingerprints=[r.extra["content_hash"] for r in records], num_images=len(records),
             example_prompt=captions[0] if captions else "", latent_stats=stats,
             audit={k: v for k, v in audit.items() if k != "modules"}, figures=figures, optim=config.to_dict(cfg.optim),
-            resumes=resumes, adapt_version=adapt.__version__)
+            resumes=resumes, adapt_version=adapt.__version__,
+            decoder={"folder": decoder.VAE_DIR, **dec_figures} if dec_figures else {})
         try:
             path = lora.save(out, base_unet, fx)
         except atomic.WriteError as e:
@@ -355,6 +367,8 @@ def _preflight(cfg, out: Path, say, main: bool) -> tuple[Path | None, dict | Non
         if finished and main:  # overwrite: the old run's checkpoints must not mix with this one's
             for p in checkpoint.list_checkpoints(out):
                 shutil.rmtree(p)
+        if main and not cfg.decoder.steps and (out / decoder.VAE_DIR).is_dir():  # a tuned VAE from an earlier run
+            shutil.rmtree(out / decoder.VAE_DIR)                                # must not ship with this adapter
     else:
         _check_resume_config(cfg, saved, resume)
     if cfg.data.cache:
@@ -399,6 +413,29 @@ def _compile_decision(mode: str, device: torch.device, steps_left: int, unet_par
                        "512 px, bf16, torch 2.11); train.compile=regional forces it")
     return False, (f"auto: {device.type}, UNet {unet_params / 1e6:.0f}M parameters; regional compile measured 0.92-1.22x "
                    "on SD 1.5 and 1.01x on the embedded base on CPU; train.compile=regional forces it")
+
+
+def _decoder_phase(cfg, pipe, sized, vae_fp: str, data_fp: str, out: Path, stopper, say) -> dict:
+    """Step 3b: fine-tune pipe.vae's decoder in place and save it to out/vae/, or load the one saved there with the
+    same key. Returns its figures ({} when a signal stopped it)."""
+    dc = cfg.decoder
+    key = decoder.key_of(vae_fp, data_fp, dc.steps, dc.lr, dc.batch_size, cfg.train.seed)
+    dtype = pipe.vae.dtype
+    old_key, figures = decoder.saved(out)
+    if old_key == key:
+        from safetensors.torch import load_file
+        pipe.vae.load_state_dict(load_file(out / decoder.VAE_DIR / decoder.WEIGHTS))
+        say(f"decoder: reusing {out / decoder.VAE_DIR} (same base VAE, data and decoder settings)")
+        return figures
+    say(f"decoder: fine-tuning the VAE decoder on {len(sized.pixels)} images, {dc.steps} steps (encoder frozen)")
+    figures = decoder.finetune(pipe.vae, sized.pixels, dc.steps, dc.lr, dc.batch_size, cfg.train.seed,
+                               stop=lambda: stopper.signum, gradient_checkpointing=cfg.train.gradient_checkpointing, log=say)
+    if figures is None:
+        return {}
+    folder = decoder.save(pipe.vae, out, key, figures)
+    pipe.vae.to(dtype)
+    say(f"decoder: pixel MSE {figures['loss_first']:.5f} -> {figures['loss_last']:.5f} in {figures['seconds']}s; saved {folder}")
+    return figures
 
 
 def _free_encoders(pipe) -> int:

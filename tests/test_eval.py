@@ -221,3 +221,25 @@ def test_recommendation_picks_from_the_whole_frontier_not_the_scale_1_row():
     for r in rows:
         r["on_frontier"] = True
     assert rep.recommend(rows, 0.95, True)["strength"] == 0.7
+
+
+def test_adapter_rows_decode_with_its_tuned_decoder_and_base_rows_do_not(adapter, tiny_base, tmp_path):
+    import shutil
+    from diffusers import AutoencoderKL
+    from adapt import decoder, synth
+    tuned = tmp_path / "tuned"
+    shutil.copytree(adapter, tuned)
+    vae = AutoencoderKL.from_pretrained(str(tiny_base), subfolder="vae")
+    px = [torch.from_numpy(np.asarray(synth.make("sunglasses", "train", i)[0], np.float32) / 127.5 - 1).permute(2, 0, 1)
+          for i in range(4)]
+    decoder.save(vae, tuned, "k", decoder.finetune(vae, px, 4, 1e-2, 2, 0, log=lambda m: None))
+    kw = dict(strengths=[0.5], seeds=1, modes=["plain"])
+    plain = evaluate.run(_cfg(adapter, tmp_path / "a", **kw), progress=False, log=lambda m: None)
+    logged = []
+    withd = evaluate.run(_cfg(tuned, tmp_path / "b", **kw), progress=False, log=logged.append)
+    assert plain["settings"]["decoder"] is None and withd["settings"]["decoder"] == str(tuned / "vae")
+    assert any("decoder:" in m and "the base's for scale 0" in m for m in logged)
+    rows = lambda r, c: next(x for x in r["rows"] if x["scale"] == c)
+    assert rows(withd, 0.0)["preservation_ssim"] == rows(plain, 0.0)["preservation_ssim"]  # the base: its own decoder
+    assert rows(withd, 1.0)["preservation_ssim"] != rows(plain, 1.0)["preservation_ssim"]
+    assert "VAE decoder tuned on its domain" in (tmp_path / "b" / "summary.md").read_text()
