@@ -7,7 +7,8 @@ setting the evaluation recommends), masked or plain.
                                       [--strength S] [--scale C] [key=value ...]
 
 Reported per window: lens-detector reach, shape check and SSIM outside the eye band at every
-checkpoint (32 held-out faces x 2 seeds), and the first step at which detector reach >= 0.9.
+checkpoint (32 held-out faces x 2 seeds), and the first step at which detector reach >= 0.9 and the shape
+check >= 0.8. A run that ships a tuned decoder (decoder.steps) is measured with it.
 With masked sampling (the input pasted back outside the adapter's own mask) preservation is matched
 by construction; with plain sampling the table shows it beside reach.
 """
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapt
-from adapt import atomic, checkpoint, lora, masking, metrics, model, sample, synth, synthbench
+from adapt import atomic, checkpoint, decoder, lora, masking, metrics, model, sample, synth, synthbench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,8 @@ def set_lora(pipe, name: str, tensors: dict) -> None:
         getattr(modules[mod], "lora_" + kind.split(".")[0])[name].weight.data.copy_(v)
 
 
-def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2) -> dict:
+def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2, vae=None) -> dict:
+    """vae: the run's tuned decoder (adapt.decoder), or None for the base's."""
     imgs, faces, prompts = [], [], []
     for i in range(n):
         im, cap, f = synth.make("faces", "eval", i)
@@ -50,7 +52,7 @@ def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2) -> dict:
     edit = masking.auto_mask(pipe, imgs, prompts, [name], masking.MaskSettings()) if mode == "masked" else None
     res = {"detected": [], "shape": [], "ssim_out": []}
     for seed in range(seeds):
-        with lora.applied(pipe, [name], [scale]):
+        with lora.applied(pipe, [name], [scale]), decoder.swapped(pipe, vae):
             outs = sample.img2img(pipe, imgs, prompts, strength, 25, 1.0, 1000 * seed, "ddim", batch_size=32,
                                   mask=edit, paste_blur=1.0 if edit is not None else None)
         for i, o in enumerate(outs):
@@ -61,13 +63,13 @@ def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2) -> dict:
     return {k: float(np.mean(v)) for k, v in res.items()}
 
 
-def crossings(curve: dict, level: float = 0.9) -> tuple[int | None, int | None]:
+def crossings(curve: dict, level: float = 0.9, metric: str = "detected") -> tuple[int | None, int | None]:
     """(first checkpoint step with detector reach >= level, first step from which every later checkpoint stays >= level).
     64 judged outputs per checkpoint make reach noisy (about +-0.04): a curve can cross once and dip again, so both are
     reported."""
     steps = sorted(curve)
-    first = next((s for s in steps if curve[s]["detected"] >= level), None)
-    held = next((s for i, s in enumerate(steps) if all(curve[t]["detected"] >= level for t in steps[i:])), None)
+    first = next((s for s in steps if curve[s][metric] >= level), None)
+    held = next((s for i, s in enumerate(steps) if all(curve[t][metric] >= level for t in steps[i:])), None)
     return first, held
 
 
@@ -107,15 +109,18 @@ def main(argv=None):
         facts = lora.facts(run_dir)
         pipe, bf = model.load_base(facts.base)
         name = lora.load_into(pipe, run_dir, 1.0, adapter_name="w", base_resolved=bf.resolved, log=lambda m: None)
+        vae = decoder.load(run_dir, pipe.vae)  # the same for both windows (a function of base, data and its settings)
         curve = {}
         for ck in checkpoint.list_checkpoints(run_dir):
             step = int(ck.name.split("-")[1])
             set_lora(pipe, name, load_file(str(ck / checkpoint.WEIGHTS) + ".safetensors"))
-            curve[step] = judge(pipe, name, a.strength or facts.strength, a.mode, a.scale)
+            curve[step] = judge(pipe, name, a.strength or facts.strength, a.mode, a.scale, vae=vae)
             print(f"{window} step {step}: {curve[step]}", flush=True)
         first, held = crossings(curve)
+        shape_first, shape_held = crossings(curve, 0.8, "shape")
         results[window] = {"strength": a.strength or facts.strength, "scale": a.scale, "mode": a.mode, "curve": curve, "first_step_reach_0.9": first,
-                           "held_from_step_reach_0.9": held}
+                           "held_from_step_reach_0.9": held, "first_step_shape_0.8": shape_first,
+                           "held_from_step_shape_0.8": shape_held, "decoder": vae is not None}
     out.mkdir(parents=True, exist_ok=True)
     results = {**_read(summary), **{w: results[w] for w in a.windows.split(",")}}  # the other may have finished meanwhile
     atomic.write_text(summary, json.dumps(results, indent=1))
@@ -127,9 +132,10 @@ def main(argv=None):
         e, f = results["img2img_exact"]["curve"].get(s), results["full"]["curve"][s]
         cell = lambda r: f"{r['detected']:6.2f} {r['shape']:6.2f} {r['ssim_out']:8.3f}" if r else " " * 22
         print(f"{s:6d} | {cell(e):>28} | {cell(f):>27}")
-    for key, what in (("first_step_reach_0.9", "first reach"), ("held_from_step_reach_0.9", "reach held from then on")):
-        fe, ff = results["img2img_exact"][key], results["full"][key]
-        print(f"steps to detector reach 0.9 ({what}): exact {fe}, full {ff}" + (f" (ratio {fe / ff:.2f})" if fe and ff else ""))
+    for key, what in (("first_step_reach_0.9", "detector reach 0.9, first"), ("held_from_step_reach_0.9", "detector reach 0.9, held"),
+                      ("first_step_shape_0.8", "shape check 0.8, first"), ("held_from_step_shape_0.8", "shape check 0.8, held")):
+        fe, ff = results["img2img_exact"].get(key), results["full"].get(key)
+        print(f"steps to {what}: exact {fe}, full {ff}" + (f" (ratio {fe / ff:.2f})" if fe and ff else ""))
 
 
 if __name__ == "__main__":

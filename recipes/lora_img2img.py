@@ -432,7 +432,11 @@ def _decoder_phase(cfg, pipe, sized, vae_fp: str, data_fp: str, out: Path, stopp
                                stop=lambda: stopper.signum, gradient_checkpointing=cfg.train.gradient_checkpointing, log=say)
     if figures is None:
         return {}
-    folder = decoder.save(pipe.vae, out, key, figures)
+    try:
+        folder = decoder.save(pipe.vae, out, key, figures)
+    except atomic.WriteError as e:
+        raise atomic.WriteError(f"{e}. The tuned decoder ({figures['seconds']} s of training) is lost and no LoRA step ran: "
+                                "free space and rerun the same command") from e
     pipe.vae.to(dtype)
     say(f"decoder: pixel MSE {figures['loss_first']:.5f} -> {figures['loss_last']:.5f} in {figures['seconds']}s; saved {folder}")
     return figures

@@ -349,3 +349,38 @@ def test_final_checkpoint_lets_a_finished_run_continue(tiny_base, sg_folder, tmp
     r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=5", "train.resume_from_checkpoint=latest"), launcher="python")
     _ok(r)
     assert np.array([x["step"] for x in read_log(out)]).tolist() == [1, 2, 3, 4, 5] and lora.facts(out).steps_trained == 5
+
+
+# ---------------------------------------------------------------- the decoder phase (decoder.steps), off the path
+
+def test_ctrl_c_during_the_decoder_phase_and_a_full_disk_at_its_save(tiny_base, sg_folder, tmp_path, small_fs):
+    """A real Ctrl-C to the launcher's process group while the decoder trains: exit 130, one line saying nothing was
+    saved and how to start again, no vae/ and no checkpoint. Then a real full filesystem when vae/ is written: one
+    error line, nothing half-written; after space is freed the same command runs through."""
+    out = tmp_path / "o"
+    p = _launch(tiny_base, sg_folder, out, "decoder.steps=100000", "train.max_steps=2", "validation.source=null")
+    t0 = time.time()
+    while not (out / "train.log").exists() or "decoder: fine-tuning" not in (out / "train.log").read_text():
+        assert p.poll() is None and time.time() - t0 < 120, p.communicate()
+        time.sleep(0.1)
+    time.sleep(2)  # inside the decoder's loop
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert "SIGINT during the decoder fine-tuning: it was not saved and no LoRA step ran" in stdout, stdout[-2000:]
+    assert "lora_img2img.py" not in stderr and "adapt/" not in stderr
+    assert not (out / "vae").exists() and not checkpoint.list_checkpoints(out) and not (out / ".adapt.lock").exists()
+
+    out = small_fs / "o"
+    filler = small_fs / "filler"
+    with open(filler, "wb") as f:  # leave ~150 kB: room for config and logs, not for the 344 kB VAE
+        f.write(b"\0" * (3 * 2**20 - 150 * 2**10))
+    args = recipe_args(tiny_base, sg_folder, out, "decoder.steps=3", "train.max_steps=2", "validation.source=null")
+    r = run_recipe(args, launcher="python")
+    _refused(r, f"could not write {out / 'vae' / 'diffusion_pytorch_model.safetensors'}: no space left on the device",
+             "no LoRA step ran: free space and rerun the same command")
+    assert not (out / "vae").exists() or not any((out / "vae").iterdir())  # no half-written file left behind
+    assert not checkpoint.list_checkpoints(out)
+    filler.unlink()
+    r = run_recipe(args + ["train.overwrite=true"], launcher="python")
+    _ok(r)
+    assert (out / "vae" / "config.json").is_file() and lora.facts(out).decoder["steps"] == 3

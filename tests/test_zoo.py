@@ -76,12 +76,13 @@ def test_model_card_snippets_run_verbatim_and_agree(tmp_path):
     written and give the same image (within 2/255)."""
     out = tmp_path / "demo"
     r = run_recipe(["--config", str(ROOT / "recipes/configs/tiny_sunglasses.yaml"), f"out_dir={out}", "train.max_steps=3",
-                    "train.checkpointing_steps=0", "validation.source=null"], launcher="python")
+                    "train.checkpointing_steps=0", "validation.source=null", "decoder.steps=5"], launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     card = (out / "README.md").read_text()
     from adapt import synth
     synth.render(synth.sample_face(synth.split_seed("val", 7)), sunglasses=False).save(tmp_path / "source.png")
     (py,) = _blocks(card, "python")
+    assert "pipe.vae = AutoencoderKL.from_pretrained(" in py  # the demo ships its tuned decoder; both sides use it
     r = _plain_python(py, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (sh,) = _blocks(card, "bash")
