@@ -147,8 +147,10 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
 
     # 3b. Optional: the VAE decoder tuned on the target images (adapt.decoder), before the LoRA so that the
     # validation grids show it. Main process only; a saved one with the same key (e.g. on resume) is reused.
-    dec_figures = {}
+    dec_figures, base_grid = {}, None
     if cfg.decoder.steps:
+        if cfg.validation.source:  # the grids' base column decodes with the base's decoder, so it runs before the tuning
+            base_grid = _Validator(cfg, pipe, pipe.unet, out, acc, say).base_images()
         dec_figures = _together(acc, lambda: _decoder_phase(cfg, pipe, sized, vae_fingerprint, fingerprint, out, stopper, say)
                                 if acc.is_main_process else {})
         if (sig := stopper.requested(acc)) is not None:
@@ -206,7 +208,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         _truncate_log(log_path, start)
         if trackers:
             acc.init_trackers("adapt", config={k: str(v) for k, v in _flat(config.to_dict(cfg)).items()})
-    validator = _Validator(cfg, pipe, base_unet, out, acc, say) if cfg.validation.source else None
+    validator = _Validator(cfg, pipe, base_unet, out, acc, say, base_grid) if cfg.validation.source else None
     if cfg.data.cache and not cfg.validation.source:
         # Nothing reads the VAE or the text encoder(s) again: free them before the training peak (SD1.5: ~830 MB
         # fp32). With validation they stay (img2img encodes its sources and prompts).
@@ -543,8 +545,9 @@ def _resume_notes(resumes: list[dict]) -> list[str]:
 class _Validator:
     """img2img at the recipe's strength on fixed images and seeds: grid of input | base | adapter."""
 
-    def __init__(self, cfg, pipe, unet, out, acc, say):
+    def __init__(self, cfg, pipe, unet, out, acc, say, base=None):
         self.cfg, self.pipe, self.unet, self.acc, self.say = cfg, pipe, unet, acc, say
+        self.base = base  # the base column, when computed before the decoder was tuned
         self.dir = out / "validation"
         if not acc.is_main_process:
             return
@@ -553,21 +556,27 @@ class _Validator:
                                     cache_dir=cfg.data.cache_dir, logger=lambda m: None)
         self.images = [sample.fit_budget(r.load(), cfg.data.resolution, pipe.vae_scale_factor) for r in recs]
         self.prompts = [(v.prompt or "{caption}").format(caption=r.caption) for r in recs]
-        self.base = None
+
+    def _run(self):
+        v, o = self.cfg.validation, self.cfg.objective
+        return sample.img2img(self.pipe, self.images, self.prompts, o.strength, o.inference_steps, v.guidance_scale,
+                              v.seed, o.scheduler)
+
+    @torch.no_grad()
+    def base_images(self):
+        """The base column (before any LoRA is attached); None on other ranks."""
+        return self._run() if self.acc.is_main_process else None
 
     @torch.no_grad()
     def __call__(self, step: int):
         if self.acc.is_main_process:
-            v, o = self.cfg.validation, self.cfg.objective
-            run = lambda: sample.img2img(self.pipe, self.images, self.prompts, o.strength, o.inference_steps,
-                                         v.guidance_scale, v.seed, o.scheduler)
             was_training = self.unet.training
             self.unet.eval()
             if self.base is None:
                 self.unet.disable_adapters()
-                self.base = run()
+                self.base = self._run()
                 self.unet.enable_adapters()
-            adapted = run()
+            adapted = self._run()
             self.unet.train(was_training)
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / f"step_{step:06d}.png"

@@ -83,9 +83,10 @@ def test_recipe_ships_the_decoder_and_every_loader_uses_it(tiny_base, sg_folder,
     """accelerate launch with decoder.steps: vae/ beside the adapter, recorded in the facts and the model card, reused
     by a resume, loaded by `adapt sample` (and dropped by --base-decoder), and by plain diffusers as the card says."""
     out = tmp_path / "run"
-    args = recipe_args(tiny_base, sg_folder, out, "decoder.steps=6", "decoder.lr=1e-3", "decoder.batch_size=4",
+    val = [f"validation.source={sg_folder}", "validation.num_images=2", "validation.steps=0"]
+    args = recipe_args(tiny_base, sg_folder, out, "decoder.steps=6", "decoder.lr=1e-2", "decoder.batch_size=4",
                        "train.max_steps=4", "train.checkpointing_steps=2")
-    r = run_recipe(args)
+    r = run_recipe(args + val)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "decoder: fine-tuning the VAE decoder on 8 images, 6 steps" in r.stdout
     assert (out / "vae" / "config.json").is_file() and (out / "vae" / decoder.WEIGHTS).is_file()
@@ -93,6 +94,8 @@ def test_recipe_ships_the_decoder_and_every_loader_uses_it(tiny_base, sg_folder,
     assert f.decoder["folder"] == "vae" and f.decoder["steps"] == 6 and f.decoder["loss_last"] > 0
     card = (out / "README.md").read_text()
     assert f'pipe.vae = AutoencoderKL.from_pretrained("{out / "vae"}")' in card and "| VAE decoder |" in card
+
+    grid = np.asarray(Image.open(out / "validation" / "step_000004.png"), float)
 
     # a resume from checkpoint-2 reuses the saved decoder instead of training it again
     r = run_recipe(args + ["train.max_steps=6", "train.resume_from_checkpoint=latest"])
@@ -122,6 +125,10 @@ def test_recipe_ships_the_decoder_and_every_loader_uses_it(tiny_base, sg_folder,
     assert np.abs(np.asarray(img, float) - tuned).max() <= 1
 
     # a new run without the decoder does not ship the old one
-    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.overwrite=true"))
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.overwrite=true", *val))
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / "vae").exists() and lora.facts(out).decoder == {}
+    # the validation grid's base column (input | base | adapter) is the base's, decoder included, in both runs
+    plain = np.asarray(Image.open(out / "validation" / "step_000004.png"), float)
+    col = lambda g: g[:, 66:132]  # 64 px tiles, 2 px padding
+    assert np.array_equal(col(grid), col(plain)) and not np.array_equal(grid[:, 132:], plain[:, 132:])
