@@ -143,8 +143,9 @@ def load(adapter: str | Path, base_vae):
         vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=base_vae.dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise DecoderError(f"{path}: not a loadable VAE folder ({type(e).__name__}: {e})") from e
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # a config built in code holds tuples, JSON lists
     differ = [k for k in ("in_channels", "latent_channels", "block_out_channels", "layers_per_block", "scaling_factor")
-              if vae.config.get(k) != base_vae.config.get(k)]
+              if norm(vae.config.get(k)) != norm(base_vae.config.get(k))]
     if differ:
         what = ", ".join(f"{k} ({vae.config.get(k)} vs {base_vae.config.get(k)})" for k in differ)
         raise DecoderError(f"{path}: VAE config differs from the base's in {what}; it was tuned for another base")
