@@ -11,7 +11,7 @@ T0=$(date +%s)
 mkdir -p "$OUT"
 
 if [ -f adapt/zoo/tiny-faces/model_index.json ]; then
-  echo "== 1/3 train: cross-attention + conv LoRA (LoCon) on synth_sunglasses (few-shot train split) with accelerate"
+  echo "== 1/3 train: the VAE decoder, then cross-attention + conv LoRA (LoCon), on synth_sunglasses (few-shot train split) with accelerate"
   accelerate launch -q --config_file accelerate_config.yaml recipes/lora_img2img.py \
       --config recipes/configs/tiny_sunglasses.yaml out_dir="$OUT/adapter" train.overwrite=true train.num_threads="$THREADS"
   T1=$(date +%s)
