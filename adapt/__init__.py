@@ -1,7 +1,8 @@
 """adapt: adapt a pretrained latent diffusion model to a new image domain with cross-attention LoRA.
 
 Modules: config (typed run configs), model (base loading), data (datasets), cache (latents and
-prompt embeddings), objective (strength-window math), lora (adapters and their files),
+prompt embeddings), objective (strength-window math), lora (adapters and their files), decoder (the
+VAE decoder tuned on the domain, shipped as vae/ beside an adapter; `decoder.load(adapter, pipe.vae)`),
 checkpoint (resumable state), trainstep (one step's batch and loss), sample (txt2img/img2img),
 synth (the procedural benchmark), tiny (offline tiny pipelines), cli (the `adapt` command).
 """
