@@ -183,6 +183,11 @@ def _apply_recommended(a) -> None:
                                f"{a.adapter[0]} (the report predates weight hashes, so the paths must match)")
         if a.base is not None and a.base != rec.base:
             print(f"note: the report evaluated base {rec.base}; sampling with --base {a.base}")
+        from adapt import decoder
+        if rec.decoder and not a.base_decoder and decoder.find(a.adapter[0]) is None:
+            raise CliError(f"--recommended {rec.report}: the evaluation decoded the adapter's outputs with its tuned VAE "
+                           f"{rec.decoder}, which --adapter {a.adapter[0]} no longer ships (vae/ beside its weights); "
+                           "restore it, or pass --base-decoder to sample without it")
         explicit = [f"--{k.replace('_', '-')}" for k in ("strength", "scale", "steps", "scheduler", "guidance", "prompt", "mask")
                     if getattr(a, k) not in (None, [])]
         a.base = a.base if a.base is not None else rec.base

@@ -202,6 +202,7 @@ class Recommendation:
     prompt: str                   # may hold '{caption}'
     mask: MaskSettings | None     # masked mode: the evaluation's mask settings; plain: None
     figures: str                  # what the evaluation measured at this setting, for the log
+    decoder: str | None = None    # the tuned VAE folder the adapter's rows decoded with (adapt.decoder), if any
 
 
 class RecommendationError(ValueError):
@@ -247,6 +248,6 @@ def load_recommendation(path: str | Path) -> Recommendation:
                               adapter_sha256=st.get("adapter_sha256"), strength=float(rec["strength"]),
                               scale=float(rec["scale"]), mode=rec["mode"], steps=int(st["steps"]),
                               scheduler=str(st["scheduler"]), guidance=float(st["guidance"]), prompt=str(st["prompt"]),
-                              mask=mask, figures=figures)
+                              mask=mask, figures=figures, decoder=st.get("decoder"))
     except KeyError as e:
         raise RecommendationError(f"{p}: settings lack {e.args[0]!r}") from None

@@ -155,7 +155,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
                                 if acc.is_main_process else {})
         if (sig := stopper.requested(acc)) is not None:
             say(f"{signal.Signals(sig).name} during the decoder fine-tuning: it was not saved and no LoRA step ran; "
-                "rerun the same command (with train.overwrite=true) to start again")
+                "rerun the same command to start again")
             return _finish(acc, 128 + sig)
 
     # 4. The strength window: the timesteps img2img at this strength visits.

@@ -172,6 +172,15 @@ def test_recommended_refuses_another_adapter(adapter_dir, tiny_base, tmp_path):
     a = cli.build_parser().parse_args(["sample", "--image", str(img), "--recommended", str(tmp_path / "eval")])
     with pytest.raises(cli.CliError, match="give the one --adapter the report evaluated"):
         cli._apply_recommended(a)
+    # the evaluation decoded with a tuned VAE (adapt.decoder) that the adapter no longer ships: refused, unless opted out
+    d = _report(tmp_path, adapter_dir, tiny_base)
+    r = json.loads((d / "report.json").read_text())
+    (d / "report.json").write_text(json.dumps({**r, "settings": {**r["settings"], "decoder": "/gone/vae"}}))
+    argv = ["sample", "--adapter", str(adapter_dir), "--image", str(img), "--recommended", str(d)]
+    with pytest.raises(cli.CliError, match=r"decoded the adapter's outputs with its tuned VAE /gone/vae, which --adapter .* "
+                                           r"no longer ships .*--base-decoder"):
+        cli._apply_recommended(cli.build_parser().parse_args(argv))
+    cli._apply_recommended(cli.build_parser().parse_args(argv + ["--base-decoder"]))
 
 
 def test_recommended_fills_unset_flags_and_explicit_ones_win(adapter_dir, tiny_base, tmp_path):

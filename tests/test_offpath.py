@@ -369,6 +369,9 @@ def test_ctrl_c_during_the_decoder_phase_and_a_full_disk_at_its_save(tiny_base, 
     assert "SIGINT during the decoder fine-tuning: it was not saved and no LoRA step ran" in stdout, stdout[-2000:]
     assert "lora_img2img.py" not in stderr and "adapt/" not in stderr
     assert not (out / "vae").exists() and not checkpoint.list_checkpoints(out) and not (out / ".adapt.lock").exists()
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "decoder.steps=3", "train.max_steps=2", "validation.source=null"),
+                   launcher="python")  # the same out_dir, started again (with fewer decoder steps, to be quick)
+    _ok(r)
 
     out = small_fs / "o"
     filler = small_fs / "filler"
@@ -381,6 +384,6 @@ def test_ctrl_c_during_the_decoder_phase_and_a_full_disk_at_its_save(tiny_base, 
     assert not (out / "vae").exists() or not any((out / "vae").iterdir())  # no half-written file left behind
     assert not checkpoint.list_checkpoints(out)
     filler.unlink()
-    r = run_recipe(args + ["train.overwrite=true"], launcher="python")
+    r = run_recipe(args, launcher="python")  # the same command, as the message says
     _ok(r)
     assert (out / "vae" / "config.json").is_file() and lora.facts(out).decoder["steps"] == 3
