@@ -184,6 +184,9 @@ def _apply_recommended(a) -> None:
         if a.base is not None and a.base != rec.base:
             print(f"note: the report evaluated base {rec.base}; sampling with --base {a.base}")
         from adapt import decoder
+        if rec.decoder is None and not a.base_decoder and decoder.find(a.adapter[0]) is not None:
+            a.base_decoder = True  # evaluated with adapter_decoder=false: sample as it was measured
+            print(f"note: the report evaluated without the adapter's tuned decoder; sampling with the base's (as --base-decoder)")
         if rec.decoder and not a.base_decoder and decoder.find(a.adapter[0]) is None:
             raise CliError(f"--recommended {rec.report}: the evaluation decoded the adapter's outputs with its tuned VAE "
                            f"{rec.decoder}, which --adapter {a.adapter[0]} no longer ships (vae/ beside its weights); "

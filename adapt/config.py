@@ -307,6 +307,8 @@ class EvalConfig:
     mask_blend: bool = opt(True, "masked: latent blending (keep the noised source outside the mask at every step)")
     mask_paste: bool = opt(MaskSettings.paste, "masked: paste the input back outside the mask after decoding")
     mask_blur: float = opt(MaskSettings.blur, "masked: feathering of the pasted edge, Gaussian sigma in pixels")
+    adapter_decoder: bool = opt(True, "the adapter's rows decode with the VAE decoder tuned on its domain when it ships one "
+                                "(vae/, adapt.decoder); false = the base's decoder for every row")
     steps: Optional[int] = opt(None, "inference steps; None = the adapter's")
     scheduler: Optional[str] = opt(None, "sampling scheduler; None = the adapter's")
     guidance: float = opt(1.0, "classifier-free guidance scale")

@@ -90,7 +90,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     pipe.to(device)
     name = lora.load_into(pipe, cfg.adapter, 1.0, adapter_name="adapter", base_resolved=bf.resolved, log=log)
     try:  # the adapter's rows decode with the VAE decoder tuned on its domain, when it ships one; the base's rows not
-        tuned = decoder.load(cfg.adapter, pipe.vae)
+        tuned = decoder.load(cfg.adapter, pipe.vae) if cfg.adapter_decoder else None
     except decoder.DecoderError as e:
         raise config.ConfigError(str(e)) from None
     if tuned is not None:

@@ -233,7 +233,7 @@ def test_adapter_rows_decode_with_its_tuned_decoder_and_base_rows_do_not(adapter
     px = [torch.from_numpy(np.asarray(synth.make("sunglasses", "train", i)[0], np.float32) / 127.5 - 1).permute(2, 0, 1)
           for i in range(4)]
     decoder.save(vae, tuned, "k", decoder.finetune(vae, px, 4, 1e-2, 2, 0, log=lambda m: None))
-    kw = dict(strengths=[0.5], seeds=1, modes=["plain"])
+    kw = dict(strengths=[0.5], seeds=1, modes=["plain"], preservation_threshold=0.0)  # some row is recommended
     plain = evaluate.run(_cfg(adapter, tmp_path / "a", **kw), progress=False, log=lambda m: None)
     logged = []
     withd = evaluate.run(_cfg(tuned, tmp_path / "b", **kw), progress=False, log=logged.append)
@@ -243,3 +243,15 @@ def test_adapter_rows_decode_with_its_tuned_decoder_and_base_rows_do_not(adapter
     assert rows(withd, 0.0)["preservation_ssim"] == rows(plain, 0.0)["preservation_ssim"]  # the base: its own decoder
     assert rows(withd, 1.0)["preservation_ssim"] != rows(plain, 1.0)["preservation_ssim"]
     assert "VAE decoder tuned on its domain" in (tmp_path / "b" / "summary.md").read_text()
+    off = evaluate.run(_cfg(tuned, tmp_path / "c", adapter_decoder=False, **kw), progress=False, log=lambda m: None)
+    assert off["settings"]["decoder"] is None  # opted out: every row decodes with the base's, as without vae/
+    assert [r["preservation_ssim"] for r in off["rows"]] == [r["preservation_ssim"] for r in plain["rows"]]
+    # `adapt sample --recommended` then samples as measured: with the base's decoder
+    from adapt import cli
+    img = tmp_path / "x.png"
+    synth.make("faces", "eval", 0)[0].save(img)
+    for folder, expect in (("b", False), ("c", True)):
+        a = cli.build_parser().parse_args(["sample", "--adapter", str(tuned), "--image", str(img), "--recommended",
+                                           str(tmp_path / folder)])
+        cli._apply_recommended(a)
+        assert a.base_decoder is expect
