@@ -146,9 +146,13 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     report["has_masks"] = faces is not None
     report["source_sizes"] = sorted({f"{w}x{h}" for w, h in (img.size for img in src_images)})
     prompts = [cfg.prompt.format(caption=r.caption) for r in src_rec]
-    round_trip = [_arr(classifier.vae_roundtrip(pipe.vae, torch.from_numpy(x).permute(2, 0, 1)[None] * 2 - 1))[0] for x in inputs]
-    ceiling = _per_image(round_trip, inputs, faces, masks)
-    report["vae_ceiling"] = {k: float(v.mean()) for k, v in ceiling.items() if k in ("ssim", "psnr", "l2", "ssim_out", "psnr_out")}
+    def ceiling_of(vae) -> dict:  # preservation of that VAE's encode-decode alone, on the sources
+        rt = [_arr(classifier.vae_roundtrip(vae, torch.from_numpy(x).permute(2, 0, 1)[None] * 2 - 1))[0] for x in inputs]
+        return {k: float(v.mean()) for k, v in _per_image(rt, inputs, faces, masks).items()
+                if k in ("ssim", "psnr", "l2", "ssim_out", "psnr_out")}
+    report["vae_ceiling"] = ceiling_of(pipe.vae)
+    if tuned is not None:  # the adapter's rows decode with this one: what it costs plain img2img outside the edit
+        report["adapter_vae_ceiling"] = ceiling_of(tuned)
     tgt_feat, tgt_pix = clf.features(tgt_px), _downsample(_arr(tgt_px))
     perc = _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device)
     opt = report["optional_metrics"]

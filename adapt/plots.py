@@ -110,6 +110,11 @@ def summary_markdown(report: dict) -> str:
     c = report["vae_ceiling"]
     lines += [f"VAE round-trip ceiling (encode-decode alone): SSIM {c['ssim']:.3f}" +
               (f", SSIM outside the eye band {c['ssim_out']:.3f} (masked mode pastes the input back, so it can pass this)" if masks else ""), ""]
+    if "adapter_vae_ceiling" in report:
+        t = report["adapter_vae_ceiling"]
+        lines += [f"Through the adapter's tuned decoder: SSIM {t['ssim']:.3f}, PSNR {t['psnr']:.1f} dB" +
+                  (f", SSIM outside the eye band {t['ssim_out']:.3f}" if masks else "") +
+                  f" (base VAE: PSNR {c['psnr']:.1f} dB).", ""]
     if masks:
         lines += ["Reach (detector) is the ground-truth lens detector; shape = two lenses and the bridge between them "
                   "(adapt/synthbench.py); reach (clf) is a from-scratch domain classifier, a second opinion.", ""]

@@ -7,6 +7,7 @@ report.json schema (REPORT_SCHEMA below is checked by `validate_report`; version
   settings, versions    the config, seeds and sample counts; library versions
   classifier_accuracy   held-out accuracy of the domain classifier on real images
   vae_ceiling           preservation of a VAE encode-decode alone (the best plain img2img can do)
+  adapter_vae_ceiling   the same through the adapter's tuned decoder (adapt.decoder), when it ships one
   rows                  one per (strength, scale, mode): strength, scale, mode ("plain" | "masked"),
                         target_reach (classifier), target_reach_ci, preservation_ssim(_ci), preservation_psnr,
                         preservation_l2, kid_features, kid_pixels, on_frontier, delta_vs_base {metric: row − base};

@@ -243,6 +243,9 @@ def test_adapter_rows_decode_with_its_tuned_decoder_and_base_rows_do_not(adapter
     assert rows(withd, 0.0)["preservation_ssim"] == rows(plain, 0.0)["preservation_ssim"]  # the base: its own decoder
     assert rows(withd, 1.0)["preservation_ssim"] != rows(plain, 1.0)["preservation_ssim"]
     assert "VAE decoder tuned on its domain" in (tmp_path / "b" / "summary.md").read_text()
+    assert "adapter_vae_ceiling" not in plain and withd["vae_ceiling"] == plain["vae_ceiling"]
+    assert withd["adapter_vae_ceiling"]["psnr"] != withd["vae_ceiling"]["psnr"]
+    assert "Through the adapter's tuned decoder: SSIM" in (tmp_path / "b" / "summary.md").read_text()
     off = evaluate.run(_cfg(tuned, tmp_path / "c", adapter_decoder=False, **kw), progress=False, log=lambda m: None)
     assert off["settings"]["decoder"] is None  # opted out: every row decodes with the base's, as without vae/
     assert [r["preservation_ssim"] for r in off["rows"]] == [r["preservation_ssim"] for r in plain["rows"]]
