@@ -58,10 +58,11 @@ def finetune(vae, pixels: list[torch.Tensor], steps: int, lr: float, batch_size:
         groups.setdefault(tuple(x.shape), []).append(i)
     keys = sorted(groups)
     z, x_all = {}, {}
-    with torch.no_grad():  # posterior modes, once: (N_g, C, h, w) per group
+    with torch.no_grad():  # posterior modes, once: (N_g, C, h, w) per group, kept on the host like the pixels
         for k in keys:
-            x_all[k] = torch.stack([pixels[i] for i in groups[k]]).to(device, torch.float32)
-            z[k] = torch.cat([vae.encode(x_all[k][j:j + 4]).latent_dist.mode() for j in range(0, len(x_all[k]), 4)])
+            x_all[k] = torch.stack([pixels[i] for i in groups[k]]).float()
+            z[k] = torch.cat([vae.encode(x_all[k][j:j + 4].to(device)).latent_dist.mode().cpu()
+                              for j in range(0, len(x_all[k]), 4)])
     params = _trainable(vae)
     if gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -77,8 +78,8 @@ def finetune(vae, pixels: list[torch.Tensor], steps: int, lr: float, batch_size:
             k = keys[int(torch.multinomial(weights, 1, generator=g))]
             n = len(groups[k])
             idx = torch.randperm(n, generator=g).repeat(-(-batch_size // n))[:batch_size]  # cycled when n < batch
-            rec = vae.decode(z[k][idx]).sample
-            loss = torch.nn.functional.mse_loss(rec, x_all[k][idx])
+            rec = vae.decode(z[k][idx].to(device)).sample
+            loss = torch.nn.functional.mse_loss(rec, x_all[k][idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
