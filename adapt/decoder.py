@@ -14,15 +14,16 @@ pixel MSE against the training image, on the encoder's posterior mode (the laten
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from adapt import atomic
+from adapt import atomic, lora
 
-VAE_DIR = "vae"  # beside pytorch_lora_weights.safetensors
+VAE_DIR = "vae"  # beside the adapter's weights (lora.WEIGHTS_NAME)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -100,7 +101,6 @@ def finetune(vae, pixels: list[torch.Tensor], steps: int, lr: float, batch_size:
 def save(vae, out_dir: str | Path, key: str, figures: dict) -> Path:
     """`out_dir`/vae/ as diffusers writes it (config.json + safetensors), each file written atomically; the
     weights carry `key` and `figures` in their metadata. Returns the folder."""
-    import json
     folder = Path(out_dir) / VAE_DIR
     sd = {k: v.detach().float().contiguous().cpu() for k, v in vae.state_dict().items()}
     atomic.write_safetensors(sd, folder / WEIGHTS, metadata={"format": "pt", "adapt_decoder_key": key,
@@ -111,7 +111,6 @@ def save(vae, out_dir: str | Path, key: str, figures: dict) -> Path:
 
 def saved(out_dir: str | Path) -> tuple[str | None, dict]:
     """(key, figures) of the tuned VAE saved in `out_dir`; (None, {}) when there is none or it is unreadable."""
-    import json
     path = Path(out_dir) / VAE_DIR / WEIGHTS
     if not (path.is_file() and (path.parent / "config.json").is_file()):
         return None, {}
@@ -127,7 +126,7 @@ def saved(out_dir: str | Path) -> tuple[str | None, dict]:
 def find(adapter: str | Path) -> Path | None:
     """The tuned-VAE folder that ships with `adapter` (its folder, or the folder of its weights file), or None."""
     p = Path(adapter)
-    folder = p if p.is_dir() else p.parent if p.name == "pytorch_lora_weights.safetensors" else None
+    folder = p if p.is_dir() else p.parent if p.name == lora.WEIGHTS_NAME else None
     if folder is None or not (folder / VAE_DIR / "config.json").is_file():
         return None
     return folder / VAE_DIR

@@ -93,8 +93,9 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
         tuned = decoder.load(cfg.adapter, pipe.vae) if cfg.adapter_decoder else None
     except decoder.DecoderError as e:
         raise config.ConfigError(str(e)) from None
+    tuned_path = decoder.find(cfg.adapter) if tuned is not None else None
     if tuned is not None:
-        log(f"decoder: {decoder.find(cfg.adapter)} (tuned on the target domain) for the adapter's rows; the base's for scale 0")
+        log(f"decoder: {tuned_path} (tuned on the target domain) for the adapter's rows; the base's for scale 0")
     res = bf.sample_size
     warnings = []
 
@@ -120,7 +121,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     report = {"version": rep.REPORT_VERSION, "status": "ok",
               "settings": {**config.to_dict(cfg), "base": base, "steps": steps, "scheduler": sched,
                            "adapter_sha256": lora.weights_sha256(cfg.adapter),
-                           "decoder": str(decoder.find(cfg.adapter)) if tuned is not None else None,
+                           "decoder": str(tuned_path) if tuned_path else None,
                            "noise_seeds": [1000 * s for s in range(cfg.seeds)], "n_source": len(src_rec),
                            "n_target": len(tgt_px), "n_classifier": clf.n_train},
               "versions": rep.versions(), "classifier_accuracy": clf.accuracy, "warnings": warnings,

@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
+from adapt.config import DecoderConfig
+
 FORMAT_VERSION = 1
 
 
@@ -113,8 +115,8 @@ FREE = ("out_dir", "train.max_steps", "train.checkpointing_steps", "train.checkp
         "train.resume_from_checkpoint", "train.resume_allow", "train.log_every", "train.num_threads", "train.overwrite",
         "train.gradient_checkpointing", "train.compile", "data.cache", "data.cache_dir", "data.cache_threads", "validation.")
 OPTIMIZER = ("optim.",)
-# Keys added after checkpoints already existed: a checkpoint without one ran as this value does.
-INTRODUCED = {"decoder.steps": 0, "decoder.lr": 1e-4, "decoder.batch_size": 8}
+# Keys added after checkpoints already existed: a checkpoint without one ran as the section's default does.
+INTRODUCED = {f"decoder.{k}": v for k, v in dataclasses.asdict(DecoderConfig()).items()}
 
 
 def classify(key: str) -> str:

@@ -147,10 +147,11 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
 
     # 3b. Optional: the VAE decoder tuned on the target images (adapt.decoder), before the LoRA so that the
     # validation grids show it. Main process only; a saved one with the same key (e.g. on resume) is reused.
-    dec_figures, base_grid = {}, None
+    validator = _Validator(cfg, pipe, pipe.unet, out, acc, say) if cfg.validation.source else None
+    dec_figures = {}
     if cfg.decoder.steps:
-        if cfg.validation.source:  # the grids' base column decodes with the base's decoder, so it runs before the tuning
-            base_grid = _Validator(cfg, pipe, pipe.unet, out, acc, say).base_images()
+        if validator:  # the grids' base column decodes with the base's decoder, so it runs before the tuning
+            validator.draw_base()
         dec_figures = _together(acc, lambda: _decoder_phase(cfg, pipe, sized, vae_fingerprint, fingerprint, out, stopper, say)
                                 if acc.is_main_process else {})
         if (sig := stopper.requested(acc)) is not None:
@@ -208,7 +209,6 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         _truncate_log(log_path, start)
         if trackers:
             acc.init_trackers("adapt", config={k: str(v) for k, v in _flat(config.to_dict(cfg)).items()})
-    validator = _Validator(cfg, pipe, base_unet, out, acc, say, base_grid) if cfg.validation.source else None
     if cfg.data.cache and not cfg.validation.source:
         # Nothing reads the VAE or the text encoder(s) again: free them before the training peak (SD1.5: ~830 MB
         # fp32). With validation they stay (img2img encodes its sources and prompts).
@@ -545,9 +545,9 @@ def _resume_notes(resumes: list[dict]) -> list[str]:
 class _Validator:
     """img2img at the recipe's strength on fixed images and seeds: grid of input | base | adapter."""
 
-    def __init__(self, cfg, pipe, unet, out, acc, say, base=None):
-        self.cfg, self.pipe, self.unet, self.acc, self.say = cfg, pipe, unet, acc, say
-        self.base = base  # the base column, when computed before the decoder was tuned
+    def __init__(self, cfg, pipe, unet, out, acc, say):
+        self.cfg, self.pipe, self.unet, self.acc, self.say = cfg, pipe, unet, acc, say  # unet: LoRA is attached in place later
+        self.base = None  # the base column, drawn once
         self.dir = out / "validation"
         if not acc.is_main_process:
             return
@@ -563,9 +563,10 @@ class _Validator:
                               v.seed, o.scheduler)
 
     @torch.no_grad()
-    def base_images(self):
-        """The base column (before any LoRA is attached); None on other ranks."""
-        return self._run() if self.acc.is_main_process else None
+    def draw_base(self):
+        """The base column, drawn now (before the decoder is tuned and any LoRA is attached)."""
+        if self.acc.is_main_process:
+            self.base = self._run()
 
     @torch.no_grad()
     def __call__(self, step: int):

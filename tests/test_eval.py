@@ -230,9 +230,8 @@ def test_adapter_rows_decode_with_its_tuned_decoder_and_base_rows_do_not(adapter
     tuned = tmp_path / "tuned"
     shutil.copytree(adapter, tuned)
     vae = AutoencoderKL.from_pretrained(str(tiny_base), subfolder="vae")
-    px = [torch.from_numpy(np.asarray(synth.make("sunglasses", "train", i)[0], np.float32) / 127.5 - 1).permute(2, 0, 1)
-          for i in range(4)]
-    decoder.save(vae, tuned, "k", decoder.finetune(vae, px, 4, 1e-2, 2, 0, log=lambda m: None))
+    from test_decoder import _pixels
+    decoder.save(vae, tuned, "k", decoder.finetune(vae, _pixels(4), 4, 1e-2, 2, 0, log=lambda m: None))
     kw = dict(strengths=[0.5], seeds=1, modes=["plain"], preservation_threshold=0.0)  # some row is recommended
     plain = evaluate.run(_cfg(adapter, tmp_path / "a", **kw), progress=False, log=lambda m: None)
     logged = []
