@@ -1,6 +1,6 @@
 """`adapt export`: convert adapters between adapt's diffusers format and the kohya / WebUI / ComfyUI format.
 
-    adapt export runs/demo --format kohya [--out kohya.safetensors]
+    adapt export runs/demo --format kohya [--out kohya.safetensors]   (+ kohya_vae.safetensors when it ships vae/)
     adapt export downloaded_lora.safetensors --format diffusers [--base <base it was trained on>] [--out folder]
 
 The formats themselves live in `adapt.kohya`.
@@ -39,20 +39,24 @@ def cmd_export(a) -> int:
     inputs = {lora.weights_path(src).resolve()} | ({src.resolve()} if src.exists() else set())
     if target.resolve() in inputs or out.resolve() in inputs:
         raise lora.AdapterError(f"--out {out} is the input {src}; adapt never overwrites an input, choose another path")
-    if target.exists() and not a.overwrite:
-        raise lora.AdapterError(f"{target} exists; pass --overwrite to replace it")
+    from adapt import decoder
+    vae = decoder.find(src) if a.format == "kohya" else None
+    # A LoRA file holds the UNet only; the decoder tuned on the domain goes beside it as WebUI/ComfyUI's VAE file.
+    vae_out = out.with_name(out.stem + "_vae.safetensors") if vae is not None else None
+    for t in (target, vae_out):
+        if t is not None and t.exists() and not a.overwrite:
+            raise lora.AdapterError(f"{t} exists; pass --overwrite to replace it")
     if a.format == "kohya":
         path = to_kohya(src, out)
-        from adapt import decoder
-        if (vae := decoder.find(src)) is not None:
-            print(f"note: {vae}, the VAE decoder tuned on the domain, is not in the kohya file (a LoRA holds the UNet "
-                  "only): it is a diffusers AutoencoderKL folder; WebUI and ComfyUI take a VAE as one file in the "
-                  "original layout, which adapt does not write, so there the adapter samples with the base's decoder")
-    else:
-        base_cfg = None
-        if a.base:
-            from adapt import model
-            base_cfg = model.unet_config(a.base)
-        path = from_kohya(src, out, a.architecture, base_cfg)
-    print(f"wrote {path}")
+        print(f"wrote {path}")
+        if vae is not None:
+            decoder.to_single_file(vae, vae_out)
+            print(f"wrote {vae_out}: the VAE decoder tuned on the domain ({vae}), original layout; the adapter was "
+                  "evaluated with it: select it as the VAE (WebUI models/VAE, ComfyUI models/vae), as with vae-ft-mse")
+        return 0
+    base_cfg = None
+    if a.base:
+        from adapt import model
+        base_cfg = model.unet_config(a.base)
+    print(f"wrote {from_kohya(src, out, a.architecture, base_cfg)}")
     return 0

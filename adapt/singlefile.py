@@ -2,7 +2,8 @@
 
 diffusers reads such files (`from_single_file`) but ships no writer. adapt needs one to prove its
 single-file loading path offline: the tests write small checkpoints with each family's key layout and
-load them back through diffusers' own single-file converter. Key names follow the original code:
+load them back through diffusers' own single-file converter. `adapt export --format kohya` also uses the VAE part
+to write a tuned decoder as the standalone VAE file WebUI and ComfyUI select. Key names follow the original code:
 - UNet `model.diffusion_model.*` (SDXL's `add_embedding` is `label_emb.0`), VAE `first_stage_model.*`;
 - SD 1.x text encoder: OpenAI CLIP in HF layout under `cond_stage_model.transformer.*`;
 - SD 2.x text encoder: OpenCLIP layout under `cond_stage_model.model.*` (fused q/k/v `in_proj_*`);
@@ -69,7 +70,9 @@ def unet_to_original(sd: dict, cfg) -> dict:
     return out
 
 
-def vae_to_original(sd: dict, cfg) -> dict:
+def vae_to_original(sd: dict, cfg, prefix: str = "first_stage_model.") -> dict:
+    """A diffusers AutoencoderKL state dict in the original (CompVis) layout. prefix "" gives a standalone VAE file,
+    the layout WebUI (models/VAE) and ComfyUI (models/vae) load, as Stability's vae-ft-mse-840000 ships."""
     n, L = len(cfg["block_out_channels"]), cfg["layers_per_block"]
     pairs = [("conv_shortcut", "nin_shortcut"), ("conv_norm_out", "norm_out"), ("mid_block.attentions.0.", "mid.attn_1."),
              ("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2.")]
@@ -90,7 +93,7 @@ def vae_to_original(sd: dict, cfg) -> dict:
                 name = name.replace(".attn_1." + a, ".attn_1." + b)
             if v.ndim == 2:  # linear -> 1x1 conv, as the original VAE stores them
                 v = v.reshape(*v.shape, 1, 1)
-        out["first_stage_model." + name] = v
+        out[prefix + name] = v
     return out
 
 

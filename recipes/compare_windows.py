@@ -4,7 +4,7 @@ it reaches at a sampling setting (by default the adapter's strength at scale 1; 
 setting the evaluation recommends), masked or plain.
 
     python recipes/compare_windows.py [--out runs/compare_windows] [--every 250] [--mode masked]
-                                      [--strength S] [--scale C] [key=value ...]
+                                      [--strength S] [--scale C] [--measure-only] [key=value ...]
 
 Reported per window: lens-detector reach, shape check and SSIM outside the eye band at every
 checkpoint (32 held-out faces x 2 seeds), and the first step at which detector reach >= 0.9 and the shape
@@ -93,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=1.0, help="adapter scale measured")
     ap.add_argument("--windows", default="img2img_exact,full", help="windows trained (one per process runs them in parallel; "
                     "the comparison is printed when both are in --out)")
+    ap.add_argument("--measure-only", action="store_true", help="measure the runs already trained in --out (e.g. at "
+                    "another --strength) instead of training them again")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     adapt.quiet()
@@ -105,7 +107,11 @@ def main(argv=None):
         cmd = [sys.executable, str(ROOT / "recipes/lora_img2img.py"), "--config", a.config, f"out_dir={run_dir}",
                f"objective.window={window}", "train.overwrite=true", "validation.steps=0",
                f"train.checkpointing_steps={a.every}", "train.checkpoints_total_limit=1000", *a.overrides]
-        subprocess.run(cmd, check=True)
+        if a.measure_only:
+            if not checkpoint.list_checkpoints(run_dir):
+                sys.exit(f"error: --measure-only: no checkpoints in {run_dir}; train it first (drop --measure-only)")
+        else:
+            subprocess.run(cmd, check=True)
         facts = lora.facts(run_dir)
         pipe, bf = model.load_base(facts.base)
         name = lora.load_into(pipe, run_dir, 1.0, adapter_name="w", base_resolved=bf.resolved, log=lambda m: None)

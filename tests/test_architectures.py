@@ -151,6 +151,16 @@ def test_sd_vae_decoder_finetunes_saves_and_loads(tmp_path):
     decoder.save(vae, tmp_path / "ad", "k", figs)
     loaded = decoder.load(tmp_path / "ad", base)
     assert all(torch.equal(a, b) for a, b in zip(loaded.decoder.parameters(), vae.decoder.parameters()))
+    # as WebUI / ComfyUI take it: one file named as Stability's vae-ft-mse-840000 (248 tensors), read back by diffusers
+    f = decoder.to_single_file(tmp_path / "ad" / "vae", tmp_path / "vae.safetensors")
+    from safetensors.torch import load_file
+    sd = load_file(str(f))
+    assert len(sd) == 248 and sd["encoder.mid.attn_1.proj_out.weight"].shape == (512, 512, 1, 1)
+    assert {"decoder.up.3.block.2.conv2.weight", "decoder.up.1.upsample.conv.weight", "encoder.down.2.downsample.conv.weight",
+            "encoder.down.1.block.0.nin_shortcut.weight", "decoder.norm_out.weight"} <= sd.keys()
+    assert "decoder.up.0.upsample.conv.weight" not in sd  # the original numbers up levels by resolution: up.0 is the full one
+    back = AutoencoderKL.from_single_file(str(f), config=str(tmp_path / "ad" / "vae"), local_files_only=True)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in vae.state_dict().items())
 
 
 @pytest.mark.slow

@@ -74,3 +74,41 @@ def test_missing_alpha_is_refused(tiny_base, tmp_path):
               str(tmp_path / lora.WEIGHTS_NAME))
     with pytest.raises(lora.AdapterError, match="lora_alpha"):
         export.to_kohya(tmp_path, tmp_path / "k.safetensors")
+
+
+def test_kohya_export_ships_the_tuned_decoder_as_a_webui_vae_file(trained, tiny_base, tmp_path, capsys):
+    """An adapter with vae/ exports as a kohya LoRA plus <name>_vae.safetensors in the original VAE layout (WebUI's
+    models/VAE, ComfyUI's models/vae); diffusers' own single-file converter reads it back tensor for tensor."""
+    import shutil
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+    from adapt import cli, decoder
+    ad = tmp_path / "ad"
+    shutil.copytree(trained[0], ad)
+    vae = AutoencoderKL.from_pretrained(str(tiny_base), subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.add_(0.05)  # a decoder that differs from the base's
+    folder = decoder.save(vae, ad, "k", {})
+    out = tmp_path / "exp" / "sg.safetensors"
+    out.parent.mkdir()
+    assert cli.main(["export", str(ad), "--format", "kohya", "--out", str(out)]) == 0
+    vae_file = tmp_path / "exp" / "sg_vae.safetensors"
+    sd = load_file(str(vae_file))
+    # the names and shapes Stability's vae-ft-mse-840000 file uses: no prefix, 1x1-conv attention, reversed up blocks
+    assert {"encoder.conv_in.weight", "decoder.mid.attn_1.q.weight", "decoder.up.0.block.0.conv1.weight",
+            "encoder.down.0.downsample.conv.weight", "quant_conv.weight", "post_quant_conv.weight"} <= sd.keys()
+    assert sd["decoder.mid.attn_1.q.weight"].ndim == 4 and not any(k.startswith("first_stage_model.") for k in sd)
+    back = AutoencoderKL.from_single_file(str(vae_file), config=str(folder), local_files_only=True)
+    ref = vae.state_dict()
+    assert back.state_dict().keys() == ref.keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ref.items())
+    # an existing VAE file is refused before anything is written
+    out.unlink()
+    capsys.readouterr()
+    assert cli.main(["export", str(ad), "--format", "kohya", "--out", str(out)]) != 0
+    assert "sg_vae.safetensors exists; pass --overwrite" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["export", str(ad), "--format", "kohya", "--out", str(out), "--overwrite"]) == 0
+    # an adapter without vae/ exports the LoRA alone
+    solo = tmp_path / "solo.safetensors"
+    assert cli.main(["export", str(trained[0]), "--format", "kohya", "--out", str(solo)]) == 0
+    assert solo.is_file() and not (tmp_path / "solo_vae.safetensors").exists()
