@@ -50,14 +50,19 @@ CASES = {
     "p1-tiny": ("tiny", None, 8, True, {}),
     "p1-sd15": ("sd15", 32, 4, True, {}),
     "p1-sd15-regional": ("sd15", 32, 4, True, {"compile": "regional"}),  # train.compile=regional, against the same reference
+    # bf16 where the CPU has native bf16 dot products (avx512_bf16 / AMX): model.dtype=bfloat16, train.mixed_precision=bf16
+    "p1-tiny-bf16": ("tiny", None, 8, True, {"bf16": True}),
+    "p1-sd15-bf16": ("sd15", 32, 4, True, {"bf16": True}),
     "ref-tiny": ("tiny", None, 8, False, {"reference": True}),
     "ref-sd15": ("sd15", 32, 4, False, {"reference": True}),
+    "ref-tiny-bf16": ("tiny", None, 8, False, {"reference": True, "bf16": True}),  # --mixed_precision bf16: all in bf16
+    "ref-sd15-bf16": ("sd15", 32, 4, False, {"reference": True, "bf16": True}),
     "sample-tiny": ("tiny", None, 1, True, {"sample": True}),
     "sample-sd15-8": ("sd15", 8, 1, True, {"sample": True}),
 }
 QUICK = ["train-tiny-cache", "train-tiny-nocache", "train-tiny-cache-gc", "train-tiny-buckets", "sample-tiny"]
 # P1 / P2 / P6 against the reference (with --reference-venv/--reference-script), interleaved: adapt, reference, ...
-PERF = ["p1-tiny", "ref-tiny", "p1-sd15", "ref-sd15", "p1-sd15-regional"]
+PERF = ["p1-tiny", "ref-tiny", "p1-sd15", "ref-sd15", "p1-sd15-bf16", "ref-sd15-bf16", "p1-tiny-bf16", "ref-tiny-bf16"]
 PHOTO_ASPECTS = [0.75, 1.333, 0.5, 1.0, 1.778, 0.5625, 2.0]  # as datasets/synth_sunglasses_photos
 PHOTO_SCALES = [1.0, 2.0, 0.75, 4.0, 1.5]
 
@@ -120,6 +125,9 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
     size = (side or pipe.unet.config.sample_size) * facts.vae_factor
     sized, caps, kept = _images(16, size, facts, extra.get("mixed", False))
     unet = pipe.unet
+    bf16 = extra.get("bf16", False)  # as model.dtype=bfloat16 + train.mixed_precision=bf16: frozen weights bf16, LoRA fp32
+    if bf16:
+        unet.to(torch.bfloat16)
     if extra.get("attn") == "classic":
         from diffusers.models.attention_processor import AttnProcessor
         unet.set_attn_processor(AttnProcessor())
@@ -145,7 +153,8 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
 
     def step(i: int):
         b = trainstep.draw(td, batch, trainstep.step_generator(0, i), pipe=pipe, at=i)
-        loss = trainstep.forward_loss(fwd, b, td).mean()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = trainstep.forward_loss(fwd, b, td, dtype=torch.bfloat16 if bf16 else torch.float32).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -232,7 +241,7 @@ def reference_case(name: str, steps: int = 13) -> dict:
     checkout (read and run from a scratch folder; its check_min_version line is dropped to run on the release)."""
     import re
     import tempfile
-    arch, side, batch, _, _ = CASES[name]
+    arch, side, batch, _, extra = CASES[name]
     venv, script = os.environ.get("ADAPT_REF_VENV"), os.environ.get("ADAPT_REF_SCRIPT")
     if not venv or not script:
         raise SystemExit("reference cases need --reference-venv and --reference-script")
@@ -248,7 +257,7 @@ def reference_case(name: str, steps: int = 13) -> dict:
     (tmp / "t2i_lora.py").write_text(text)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"))
     cmd = [str(Path(venv) / "bin" / "accelerate"), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp / "t2i_lora.py"),
+           "--mixed_precision", "bf16" if extra.get("bf16") else "no", "--dynamo_backend", "no", str(tmp / "t2i_lora.py"),
            "--pretrained_model_name_or_path", str(tmp / "base"), "--train_data_dir", str(tmp / "data"),
            "--resolution", str(size), "--train_batch_size", str(batch), "--max_train_steps", str(steps),
            "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--rank", "8", "--output_dir", str(tmp / "out"),
@@ -317,8 +326,11 @@ def _speedups(report: dict) -> None:
         base_case = "train-tiny-cache" if name.endswith("-tiny") else "train-sd15-32-cache"
         ref = by.get("ref-" + name[3:].removesuffix("-regional"), {}) if name.startswith("p1-") else {}
         if "samples_per_s" in ref and "samples_per_s" in r:  # issue 16: P1 throughput and P6 memory vs the reference
-            r["P1_vs_reference"] = r["samples_per_s"] / ref["samples_per_s"]
+            r["P1_vs_reference"] = r["samples_per_s"] / ref["samples_per_s"]  # at equal precision
             r["P6_rss_vs_reference"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
+        ref_default = by.get("ref-" + name[3:].removesuffix("-bf16"), {}) if name.startswith("p1-") and name.endswith("-bf16") else {}
+        if "samples_per_s" in ref_default and "samples_per_s" in r:  # against the reference's default precision (fp32)
+            r["P1_vs_reference_fp32"] = r["samples_per_s"] / ref_default["samples_per_s"]
         if name.startswith("p1-") and "matmul_fraction" in r:
             r["P2_matmul_fraction"] = r["matmul_fraction"]
         square = name.replace("-buckets", "-cache")
@@ -338,7 +350,7 @@ def table(report: dict) -> str:
             lines.append(f"{r['name']:32s} ERROR {r['error']}")
             continue
         notes = []
-        for k in ("P1_vs_reference", "P6_rss_vs_reference", "P2_matmul_fraction", "warmup_s", "wall_s",
+        for k in ("P1_vs_reference", "P1_vs_reference_fp32", "P6_rss_vs_reference", "P2_matmul_fraction", "warmup_s", "wall_s",
                   "speedup_vs_nocache", "speedup_vs_default", "throughput_vs_square", "kept_square_crop", "kept_buckets",
                   "overhead_vs_base", "max_abs_diff_vs_unfused_0_255", "image_s"):
             if k in r:

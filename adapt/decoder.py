@@ -98,13 +98,15 @@ def finetune(vae, pixels: list[torch.Tensor], steps: int, lr: float, batch_size:
             "loss_last": round(float(ls[-tenth:].mean()), 6), "seconds": round(time.time() - t0, 1)}
 
 
-def save(vae, out_dir: str | Path, key: str, figures: dict) -> Path:
+def save(vae, out_dir: str | Path, key: str, figures: dict, base_dtype: torch.dtype = torch.float32) -> Path:
     """`out_dir`/vae/ as diffusers writes it (config.json + safetensors), each file written atomically; the
-    weights carry `key` and `figures` in their metadata. Returns the folder."""
+    weights carry `key` and `figures` in their metadata, and `base_dtype`, the precision the base VAE was loaded in
+    (its encoder, saved here, is the base's rounded to it: `load` compares it at that precision)."""
     folder = Path(out_dir) / VAE_DIR
     sd = {k: v.detach().float().contiguous().cpu() for k, v in vae.state_dict().items()}
     atomic.write_safetensors(sd, folder / WEIGHTS, metadata={"format": "pt", "adapt_decoder_key": key,
-                                                             "adapt_decoder_figures": json.dumps(figures)})
+                                                             "adapt_decoder_figures": json.dumps(figures),
+                                                             "adapt_base_dtype": str(base_dtype).removeprefix("torch.")})
     atomic.write_text(folder / "config.json", vae.to_json_string())
     return folder
 
@@ -150,11 +152,18 @@ def load(adapter: str | Path, base_vae):
         what = ", ".join(f"{k} ({vae.config.get(k)} vs {base_vae.config.get(k)})" for k in differ)
         raise DecoderError(f"{path}: VAE config differs from the base's in {what}; it was tuned for another base")
     vae.to(next(base_vae.parameters()).device)
-    base_enc = dict(base_vae.encoder.named_parameters())
-    for n, p in vae.encoder.named_parameters():
-        if not torch.equal(p, base_enc[n]):
-            raise DecoderError(f"{path}: its encoder differs from the base's (first at encoder.{n}); a tuned decoder "
+    # Trained from a base loaded in bf16/fp16, the saved encoder is the base's rounded to that precision: compare there.
+    from safetensors import safe_open
+    with safe_open(str(path / WEIGHTS), "pt") as f:
+        at = getattr(torch, (f.metadata() or {}).get("adapt_base_dtype", "float32"), torch.float32)
+    frozen = ("encoder", "quant_conv")  # what finetune never trains: every latent comes from these
+    base_sd = {k: v for k, v in base_vae.state_dict().items() if k.startswith(frozen)}
+    mine = vae.state_dict()
+    for n, v in base_sd.items():
+        if not torch.equal(mine[n].to(at), v.to(at)):
+            raise DecoderError(f"{path}: its encoder differs from the base's (first at {n}); a tuned decoder "
                                "keeps the base's encoder, so this VAE was tuned for another base")
+    vae.load_state_dict(base_sd, strict=False)  # the base's own encoder, at the base's precision, exactly
     return vae
 
 

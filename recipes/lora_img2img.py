@@ -35,6 +35,8 @@ from accelerate.utils import set_seed
 import adapt
 from adapt import atomic, buckets, cache, checkpoint, config, data, decoder, lora, model, objective, runguard, sample, trainstep
 from adapt import facts as facts_mod
+from adapt import resume as resume_mod
+from adapt import validation
 from adapt.card import write_model_card
 from adapt.facts import AdapterFacts
 
@@ -96,13 +98,13 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
            "base_fingerprint": cache.module_fingerprint(pipe.unet) + vae_fingerprint}
     resumes = list(saved["run"]["resumes"]) if saved else []
     if saved is not None:
-        changes = _check_resume_fingerprints(cfg, saved, run, resume)
+        changes = resume_mod.check_fingerprints(cfg, saved, run, resume)
         resumes.append({"step": saved["step"], "checkpoint": resume.name, "changed": changes})
     if acc.is_main_process:
         if resume is not None:
             checkpoint.abandon_newer(out, resume, log=say)
         checkpoint.remove_stale_tmp(out)
-        config.dump(cfg, out / "config.yaml", _resume_notes(resumes))
+        config.dump(cfg, out / "config.yaml", resume_mod.notes(resumes))
     captions = [r.caption for r in records]
     too_long = cache.count_truncated(pipe.tokenizer, captions)
     if too_long:
@@ -147,7 +149,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
 
     # 3b. Optional: the VAE decoder tuned on the target images (adapt.decoder), before the LoRA so that the
     # validation grids show it. Main process only; a saved one with the same key (e.g. on resume) is reused.
-    validator = _Validator(cfg, pipe, pipe.unet, out, acc, say) if cfg.validation.source else None
+    validator = validation.Validator(cfg, pipe, pipe.unet, out, acc, say) if cfg.validation.source else None
     dec_figures = {}
     if cfg.decoder.steps:
         if validator:  # the grids' base column decodes with the base's decoder, so it runs before the tuning
@@ -200,15 +202,15 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         checkpoint.restore_optimizer(opt, opt_t, state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
-        _apply_optim_settings(opt, lr_sched, cfg)  # the settings in force now (identical unless resume_allow changed them)
+        resume_mod.apply_optim_settings(opt, lr_sched, cfg)  # the settings in force now (identical unless resume_allow changed them)
         start = state["step"]
         say(f"resumed from {resume} at step {start}" + (f"; changed: {resumes[-1]['changed']}" if resumes[-1]["changed"] else ""))
     log_path = out / "logs" / "train_log.jsonl"
     if acc.is_main_process:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_log(log_path, start)
+        resume_mod.truncate_log(log_path, start)
         if trackers:
-            acc.init_trackers("adapt", config={k: str(v) for k, v in _flat(config.to_dict(cfg)).items()})
+            acc.init_trackers("adapt", config={k: str(v) for k, v in facts_mod.flat(config.to_dict(cfg)).items()})
     if cfg.data.cache and not cfg.validation.source:
         # Nothing reads the VAE or the text encoder(s) again: free them before the training peak (SD1.5: ~830 MB
         # fp32). With validation they stay (img2img encodes its sources and prompts).
@@ -372,7 +374,7 @@ def _preflight(cfg, out: Path, say, main: bool) -> tuple[Path | None, dict | Non
         if main and not cfg.decoder.steps and (out / decoder.VAE_DIR).is_dir():  # a tuned VAE from an earlier run
             shutil.rmtree(out / decoder.VAE_DIR)                                # must not ship with this adapter
     else:
-        _check_resume_config(cfg, saved, resume)
+        resume_mod.check_config(cfg, saved, resume)
     if cfg.data.cache:
         _cache_root(cfg)
     return resume, saved
@@ -435,7 +437,7 @@ def _decoder_phase(cfg, pipe, sized, vae_fp: str, data_fp: str, out: Path, stopp
     if figures is None:
         return {}
     try:
-        folder = decoder.save(pipe.vae, out, key, figures)
+        folder = decoder.save(pipe.vae, out, key, figures, base_dtype=dtype)
     except atomic.WriteError as e:
         raise atomic.WriteError(f"{e}. The tuned decoder ({figures['seconds']} s of training) is lost and no LoRA step ran: "
                                 "free space and rerun the same command") from e
@@ -489,103 +491,6 @@ def _together(acc, fn):
     return result
 
 
-def _check_resume_config(cfg, saved: dict, resume: Path) -> None:
-    """Refuse a resume that would change what the run is (naming each key with both values)."""
-    if "run" not in saved:
-        raise checkpoint.CheckpointError(f"{resume} was written by an older adapt without a run record; "
-                                         "start a new run (or resume with that adapt version)")
-    step = saved["step"]
-    if step > cfg.train.max_steps:
-        raise config.ConfigError(f"train.max_steps={cfg.train.max_steps} is below the checkpoint's step {step} "
-                                 f"({resume}); raise train.max_steps to continue training")
-    if step == cfg.train.max_steps and (resume.parent / lora.WEIGHTS_NAME).is_file():
-        raise config.ConfigError(f"{resume} is at step {step} = train.max_steps and the adapter is written: nothing "
-                                 "to train; raise train.max_steps to continue training")
-    now = facts_mod.flat(config.to_dict(cfg))
-    changes, refused = facts_mod.resume_changes(saved["run"]["config"], now, list(cfg.train.resume_allow))
-    if refused:
-        lines = "; ".join(f"{k}: checkpoint {changes[k][0]!r}, now {changes[k][1]!r}" for k in refused)
-        opt = [k for k in refused if facts_mod.classify(k) == "optimizer"]
-        hint = (f" Optimizer settings may change if you say so: train.resume_allow=[{','.join(opt)}]." if opt else "")
-        raise config.ConfigError(f"resuming from {resume} would change what this run is: {lines}. Start a new run "
-                                 f"(another out_dir) for a different setting.{hint}")
-
-
-def _check_resume_fingerprints(cfg, saved: dict, run: dict, resume: Path) -> dict:
-    """The base and data must be the very ones the checkpoint trained on; returns the allowed config changes."""
-    old = saved["run"]
-    for key, what in (("base_fingerprint", "base model weights"), ("data_fingerprint", "training data")):
-        if old.get(key) != run[key]:
-            raise config.ConfigError(f"resuming from {resume}: the {what} differ from the checkpoint's ({key} "
-                                     f"{old.get(key)} vs {run[key]}); the same settings now read other content")
-    changes, _ = facts_mod.resume_changes(old["config"], run["config"], list(cfg.train.resume_allow))
-    return {k: v for k, v in changes.items() if facts_mod.classify(k) != "free" or k == "train.max_steps"}
-
-
-def _apply_optim_settings(opt, lr_sched, cfg) -> None:
-    """Put this run's optimizer settings into the restored state (load_state_dict brings the checkpoint's back)."""
-    o = cfg.optim
-    for g in opt.param_groups:
-        g.update(weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, initial_lr=o.lr)
-    lr_sched.base_lrs = [o.lr] * len(opt.param_groups)
-    for g, lam in zip(opt.param_groups, lr_sched.lr_lambdas):
-        g["lr"] = o.lr * lam(lr_sched.last_epoch)
-    lr_sched._last_lr = [g["lr"] for g in opt.param_groups]
-
-
-def _resume_notes(resumes: list[dict]) -> list[str]:
-    if not resumes:
-        return []
-    lines = ["resumed run: the settings below are the ones in force now"]
-    for r in resumes:
-        lines.append(f"resumed at step {r['step']} from {r['checkpoint']}; changed: {r['changed'] or 'nothing'}")
-    return lines
-
-
-class _Validator:
-    """img2img at the recipe's strength on fixed images and seeds: grid of input | base | adapter."""
-
-    def __init__(self, cfg, pipe, unet, out, acc, say):
-        self.cfg, self.pipe, self.unet, self.acc, self.say = cfg, pipe, unet, acc, say  # unet: LoRA is attached in place later
-        self.base = None  # the base column, drawn once
-        self.dir = out / "validation"
-        if not acc.is_main_process:
-            return
-        v = cfg.validation
-        pixels, recs, _ = data.load(v.source, cfg.data.resolution, v.split, num_images=v.num_images,
-                                    cache_dir=cfg.data.cache_dir, logger=lambda m: None)
-        self.images = [sample.fit_budget(r.load(), cfg.data.resolution, pipe.vae_scale_factor) for r in recs]
-        self.prompts = [(v.prompt or "{caption}").format(caption=r.caption) for r in recs]
-
-    def _run(self):
-        v, o = self.cfg.validation, self.cfg.objective
-        return sample.img2img(self.pipe, self.images, self.prompts, o.strength, o.inference_steps, v.guidance_scale,
-                              v.seed, o.scheduler)
-
-    @torch.no_grad()
-    def draw_base(self):
-        """The base column, drawn now (before the decoder is tuned and any LoRA is attached)."""
-        if self.acc.is_main_process:
-            self.base = self._run()
-
-    @torch.no_grad()
-    def __call__(self, step: int):
-        if self.acc.is_main_process:
-            was_training = self.unet.training
-            self.unet.eval()
-            if self.base is None:
-                self.unet.disable_adapters()
-                self.base = self._run()
-                self.unet.enable_adapters()
-            adapted = self._run()
-            self.unet.train(was_training)
-            self.dir.mkdir(parents=True, exist_ok=True)
-            path = self.dir / f"step_{step:06d}.png"
-            atomic.write_image(sample.grid([list(r) for r in zip(self.images, self.base, adapted)]), path)
-            self.say(f"validation grid (input | base | adapter) at step {step}: {path}")
-        self.acc.wait_for_everyone()
-
-
 def _printer(acc, out: Path):
     def say(msg: str):
         if acc.is_main_process:
@@ -619,21 +524,6 @@ def _progress(acc, start: int, total: int):
         if step == total:
             bar.close()
     return update
-
-
-def _truncate_log(path: Path, step: int):
-    """Keep log rows up to the resumed step, so the log of a resumed run reads as one run."""
-    if not path.exists():
-        return
-    rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    atomic.write_text(path, "".join(r + "\n" for r in rows))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 def _has(module: str) -> bool:

@@ -16,6 +16,8 @@ def test_ratios_against_the_reference_and_the_square_case():
         {"name": "p1-sd15", "samples_per_s": 0.5, "step_s": 8.0, "peak_rss_mb": 6000.0, "matmul_fraction": 0.9},
         {"name": "ref-sd15", "samples_per_s": 0.25, "step_s": 16.0, "peak_rss_mb": 8000.0},
         {"name": "p1-sd15-regional", "samples_per_s": 0.55, "step_s": 7.3, "peak_rss_mb": 6000.0, "matmul_fraction": 1.0},
+        {"name": "p1-sd15-bf16", "samples_per_s": 0.9, "step_s": 4.4, "peak_rss_mb": 5000.0, "matmul_fraction": 1.5},
+        {"name": "ref-sd15-bf16", "samples_per_s": 0.3, "step_s": 13.3, "peak_rss_mb": 6000.0},
         {"name": "train-tiny-cache", "samples_per_s": 30.0, "step_s": 0.25, "peak_rss_mb": 500.0},
         {"name": "train-tiny-buckets", "samples_per_s": 27.0, "step_s": 0.3, "peak_rss_mb": 520.0},
     ]}
@@ -24,6 +26,9 @@ def test_ratios_against_the_reference_and_the_square_case():
     assert by["p1-sd15"]["P1_vs_reference"] == pytest.approx(2.0) and by["p1-sd15"]["P6_rss_vs_reference"] == pytest.approx(0.75)
     assert by["p1-sd15"]["P2_matmul_fraction"] == 0.9 and "P1_vs_reference" not in by["ref-sd15"]
     assert by["p1-sd15-regional"]["P1_vs_reference"] == pytest.approx(2.2)  # the compiled variant against the same reference
+    # bf16: against the reference in bf16 (equal precision) and in fp32 (its default)
+    assert by["p1-sd15-bf16"]["P1_vs_reference"] == pytest.approx(3.0)
+    assert by["p1-sd15-bf16"]["P1_vs_reference_fp32"] == pytest.approx(3.6) and "P1_vs_reference_fp32" not in by["p1-sd15"]
     assert by["train-tiny-buckets"]["throughput_vs_square"] == pytest.approx(0.9)
     assert "P1_vs_reference=2.000" in bench.table({"machine": {"cpu": "x", "threads": 1, "torch": "t"}, **report})
 

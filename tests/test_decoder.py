@@ -69,6 +69,23 @@ def test_saved_folder_loads_in_plain_diffusers_and_is_guarded(tiny_base, tmp_pat
     assert decoder.saved(tmp_path / "ad") == (None, {})
 
 
+def test_decoder_tuned_beside_a_bf16_base_loads_against_the_fp32_base(tiny_base, tmp_path):
+    """model.dtype=bfloat16 (the SD configs): the saved encoder is the base's rounded to bf16. Sampling in fp32 takes
+    it (compared at bf16) and encodes with the fp32 base's own encoder; another encoder is still refused."""
+    bf = _vae(tiny_base).to(torch.bfloat16)
+    figs = decoder.finetune(bf, _pixels(4), 3, 1e-3, 2, 0, log=lambda m: None)  # trains in fp32, as the recipe
+    decoder.save(bf, tmp_path / "ad", "k", figs, base_dtype=torch.bfloat16)
+    fp32 = _vae(tiny_base)
+    loaded = decoder.load(tmp_path / "ad", fp32)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in fp32.state_dict().items() if k.startswith("encoder."))
+    assert torch.equal(loaded.decoder.conv_out.weight, bf.decoder.conv_out.weight)  # the tuned decoder, as trained
+    other = _vae(tiny_base)
+    with torch.no_grad():
+        other.encoder.conv_in.weight.mul_(1.1)  # beyond bf16 rounding
+    with pytest.raises(decoder.DecoderError, match=r"first at encoder\.conv_in\.weight"):
+        decoder.load(tmp_path / "ad", other)
+
+
 def test_resume_of_a_checkpoint_older_than_the_decoder_keys():
     # checkpoints written before the decoder section ran without one: that is decoder.steps=0, not a change
     saved = {"data.source": "d", "optim.lr": 1e-3}
