@@ -158,7 +158,7 @@ def test_regional_compile_trains_the_same_losses_and_resumes_uncompiled(tiny_bas
     assert lora.facts(out).steps_trained == 5
 
 
-def test_compile_decision():
+def test_compile_and_precision_decisions():
     import importlib.util
     from conftest import ROOT
     spec = importlib.util.spec_from_file_location("lora_img2img", ROOT / "recipes" / "lora_img2img.py")
@@ -172,3 +172,8 @@ def test_compile_decision():
     assert on is False and why.startswith("auto: cpu, UNet 860M parameters; regional compile measured 0.92-1.22x")
     assert rec._compile_decision("regional", cpu, 1, tiny) == (True, "train.compile=regional")
     assert rec._compile_decision("off", cpu, 10_000, sd15) == (False, "train.compile=off")
+    # CPU precision: a hint toward the measurably faster one, never a silent switch
+    assert "model.dtype=bfloat16 train.mixed_precision=bf16 is likely faster" in rec._precision_note("no", sd15, 2.3)
+    assert rec._precision_note("no", tiny, 2.3) == "precision: fp32; this CPU's bf16 matmul runs 2.3x fp32"  # 0.83x measured
+    assert rec._precision_note("no", sd15, 0.6).endswith("runs 0.6x fp32")
+    assert "train.mixed_precision=no) is likely faster" in rec._precision_note("bf16", sd15, 0.6)
