@@ -79,6 +79,8 @@ def test_decoder_tuned_beside_a_bf16_base_loads_against_the_fp32_base(tiny_base,
     loaded = decoder.load(tmp_path / "ad", fp32)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in fp32.state_dict().items() if k.startswith("encoder."))
     assert torch.equal(loaded.decoder.conv_out.weight, bf.decoder.conv_out.weight)  # the tuned decoder, as trained
+    half = _vae(tiny_base).to(torch.float16)  # `adapt sample --dtype auto` on a GPU: rounded again, to fp16
+    assert decoder.load(tmp_path / "ad", half).encoder.conv_in.weight.dtype == torch.float16
     other = _vae(tiny_base)
     with torch.no_grad():
         other.encoder.conv_in.weight.mul_(1.1)  # beyond bf16 rounding
