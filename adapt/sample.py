@@ -39,7 +39,16 @@ def _variant(pipe, kind: str):
            ("sdxl", "txt2img"): StableDiffusionXLPipeline, ("sdxl", "img2img"): StableDiffusionXLImg2ImgPipeline}[("sdxl" if xl else "sd", kind)]
     if isinstance(pipe, cls):
         return pipe
-    out = cls.from_pipe(pipe) if hasattr(cls, "from_pipe") else cls(**pipe.components)
+    # from_pipe casts every module it shares to float32 unless given a dtype (huggingface/diffusers#12754, since
+    # 0.33): a bf16/fp16 pipeline, the training UNet included, would silently run and stay in fp32. Pass the
+    # modules' own dtype; with mixed dtypes, put each back (a float32 round trip of a half type is exact).
+    mods = {k: m for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    dtypes = {k: m.dtype for k, m in mods.items()}
+    one = set(dtypes.values())
+    out = cls.from_pipe(pipe, dtype=one.pop()) if len(one) == 1 else cls.from_pipe(pipe)
+    for k, dt in dtypes.items():
+        if mods[k].dtype != dt:
+            mods[k].to(dt)
     out.set_progress_bar_config(disable=True)
     return out
 

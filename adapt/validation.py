@@ -24,8 +24,11 @@ class Validator:
 
     def _run(self):
         v, o = self.cfg.validation, self.cfg.objective
-        return sample.img2img(self.pipe, self.images, self.prompts, o.strength, o.inference_steps, v.guidance_scale,
-                              v.seed, o.scheduler)
+        # In the training precision: accelerate's prepare() makes the UNet return fp32 under mixed precision, which
+        # a bf16/fp16 VAE takes only under autocast.
+        with self.acc.autocast():
+            return sample.img2img(self.pipe, self.images, self.prompts, o.strength, o.inference_steps, v.guidance_scale,
+                                  v.seed, o.scheduler)
 
     @torch.no_grad()
     def draw_base(self):

@@ -231,6 +231,10 @@ def test_gpu_configs_run_with_their_precision_on_tiny_bases(name, tiny_base, tin
                    launcher="python")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "vae" / "config.json").is_file()  # the decoder trains in fp32 beside bf16 weights
+    from adapt import decoder, model
+    fp32_vae = model.load_base(str(base))[0].vae  # sampled in fp32: the saved encoder is the base's rounded to bf16
+    assert decoder.load(tmp_path / "o", fp32_vae) is not None
+    assert "precision: bf16; this CPU's bf16 matmul runs" in r.stdout
     used = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
     assert (used["model"]["dtype"], used["train"]["mixed_precision"], used["train"]["gradient_checkpointing"]) == ("bfloat16", "bf16", True)
     fx = lora.facts(tmp_path / "o")

@@ -195,3 +195,22 @@ def test_single_file_openclip_names_on_real_configs(encoder):
     back = convert_open_clip_checkpoint(te, orig, prefix=prefix)
     back = back if hasattr(te, "text_model") else {k.removeprefix("text_model."): v for k, v in back.items()}
     assert back.keys() == sd.keys() and all(back[k].shape == sd[k].shape for k in sd)
+
+
+def test_img2img_keeps_a_bf16_pipeline_in_bf16(tiny_base):
+    """diffusers' from_pipe casts the modules it shares to float32 unless told a dtype (huggingface/diffusers#12754):
+    img2img from a bf16 pipeline (the recipe's validation, adapt sample --dtype) must leave every module in bf16,
+    and a mixed one as it was."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from adapt import sample
+    pipe, _ = model.load_base(str(tiny_base), torch_dtype="bfloat16")
+    img = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
+    sample.img2img(pipe, [img], "a face", 0.5, 4, 1.0)
+    assert {n: m.dtype for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)} == \
+        {"unet": torch.bfloat16, "vae": torch.bfloat16, "text_encoder": torch.bfloat16}
+    pipe.vae.to(torch.float32)  # mixed: each module keeps its own
+    i2i = sample._variant(sample._variant(pipe, "img2img"), "txt2img")
+    assert (i2i.unet, i2i.vae) == (pipe.unet, pipe.vae)  # shared, not copied
+    assert (pipe.unet.dtype, pipe.vae.dtype) == (torch.bfloat16, torch.float32)
