@@ -39,16 +39,15 @@ def _variant(pipe, kind: str):
            ("sdxl", "txt2img"): StableDiffusionXLPipeline, ("sdxl", "img2img"): StableDiffusionXLImg2ImgPipeline}[("sdxl" if xl else "sd", kind)]
     if isinstance(pipe, cls):
         return pipe
-    # from_pipe casts every module it shares to float32 unless given a dtype (huggingface/diffusers#12754, since
-    # 0.33): a bf16/fp16 pipeline, the training UNet included, would silently run and stay in fp32. Pass the
-    # modules' own dtype; with mixed dtypes, put each back (a float32 round trip of a half type is exact).
-    mods = {k: m for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    dtypes = {k: m.dtype for k, m in mods.items()}
-    one = set(dtypes.values())
-    out = cls.from_pipe(pipe, dtype=one.pop()) if len(one) == 1 else cls.from_pipe(pipe)
-    for k, dt in dtypes.items():
-        if mods[k].dtype != dt:
-            mods[k].to(dt)
+    # Built from the shared modules directly, as from_pipe does but without its final .to(dtype): that casts every
+    # parameter to float32 unless given a dtype (huggingface/diffusers#12754), and to any one dtype would also cast
+    # the LoRA weights the recipe keeps in fp32 beside a bf16/fp16 UNet. Config values the class takes carry over.
+    import inspect
+    params = inspect.signature(cls.__init__).parameters
+    comps = pipe.components
+    kw = {k: comps.get(k) for k in params if k != "self" and (k in comps or params[k].default is inspect.Parameter.empty)}
+    kw.update({k: pipe.config[k] for k in params if k not in kw and k in pipe.config})
+    out = cls(**kw)
     out.set_progress_bar_config(disable=True)
     return out
 

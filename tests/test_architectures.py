@@ -226,14 +226,19 @@ def test_gpu_configs_run_with_their_precision_on_tiny_bases(name, tiny_base, tin
     data = synth.build_imagefolder("sunglasses", tmp_path / "d", n=4, split="train")
     val = synth.build_imagefolder("faces", tmp_path / "v", n=2, split="val")
     r = run_recipe(["--config", str(ROOT / f"recipes/configs/{name}_sunglasses.yaml"), f"model.base={base}", f"data.source={data}",
-                    "data.resolution=64", "train.max_steps=2", "train.checkpointing_steps=1", f"validation.source={val}",
-                    "validation.steps=2", "validation.num_images=2", f"out_dir={tmp_path / 'o'}", "decoder.steps=2"],
+                    "data.resolution=64", "train.max_steps=3", "train.checkpointing_steps=1", f"validation.source={val}",
+                    "validation.steps=2", "validation.num_images=2", f"out_dir={tmp_path / 'o'}",
+                    # with a decoder the grids' base column is drawn before the LoRA exists; without, at step 2 beside
+                    # the fp32 LoRA (which a pipeline cast once turned bf16, and the optimizer step then failed)
+                    f"decoder.steps={2 if name == 'sd15' else 0}"],
                    launcher="python")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "o" / "vae" / "config.json").is_file()  # the decoder trains in fp32 beside bf16 weights
-    from adapt import decoder, model
-    fp32_vae = model.load_base(str(base))[0].vae  # sampled in fp32: the saved encoder is the base's rounded to bf16
-    assert decoder.load(tmp_path / "o", fp32_vae) is not None
+    if name == "sd15":
+        assert (tmp_path / "o" / "vae" / "config.json").is_file()  # the decoder trains in fp32 beside bf16 weights
+        from adapt import decoder, model
+        fp32_vae = model.load_base(str(base))[0].vae  # sampled in fp32: the saved encoder is the base's rounded to bf16
+        assert decoder.load(tmp_path / "o", fp32_vae) is not None
+    assert (tmp_path / "o" / "validation" / "step_000002.png").is_file()
     assert "precision: bf16; this CPU's bf16 matmul runs" in r.stdout
     used = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
     assert (used["model"]["dtype"], used["train"]["mixed_precision"], used["train"]["gradient_checkpointing"]) == ("bfloat16", "bf16", True)

@@ -197,7 +197,7 @@ def test_single_file_openclip_names_on_real_configs(encoder):
     assert back.keys() == sd.keys() and all(back[k].shape == sd[k].shape for k in sd)
 
 
-def test_img2img_keeps_a_bf16_pipeline_in_bf16(tiny_base):
+def test_img2img_keeps_each_module_and_parameter_dtype(tiny_base):
     """diffusers' from_pipe casts the modules it shares to float32 unless told a dtype (huggingface/diffusers#12754):
     img2img from a bf16 pipeline (the recipe's validation, adapt sample --dtype) must leave every module in bf16,
     and a mixed one as it was."""
@@ -205,11 +205,14 @@ def test_img2img_keeps_a_bf16_pipeline_in_bf16(tiny_base):
     import torch
     from PIL import Image
     from adapt import sample
+    from adapt import lora
     pipe, _ = model.load_base(str(tiny_base), torch_dtype="bfloat16")
+    lora.attach(pipe.unet, "cross_attn", rank=4)  # the recipe's fp32 LoRA beside bf16 weights: neither may be cast
     img = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
     sample.img2img(pipe, [img], "a face", 0.5, 4, 1.0)
     assert {n: m.dtype for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)} == \
         {"unet": torch.bfloat16, "vae": torch.bfloat16, "text_encoder": torch.bfloat16}
+    assert {p.dtype for n, p in pipe.unet.named_parameters() if "lora_" in n} == {torch.float32}
     pipe.vae.to(torch.float32)  # mixed: each module keeps its own
     i2i = sample._variant(sample._variant(pipe, "img2img"), "txt2img")
     assert (i2i.unet, i2i.vae) == (pipe.unet, pipe.vae)  # shared, not copied
