@@ -423,11 +423,11 @@ def main(argv=None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    from adapt import atomic, config, data, lora, model
+    from adapt import atomic, config, data, decoder, lora, model
     try:
         return args.func(args)
     except (CliError, config.ConfigError, data.DataError, model.ModelError, lora.AdapterError, atomic.WriteError,
-            FileNotFoundError) as e:
+            decoder.DecoderError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -174,6 +174,7 @@ def to_single_file(folder: str | Path, path: str | Path) -> Path:
     """The tuned VAE `folder` (diffusers layout) as one original-layout .safetensors file, written atomically: the
     file WebUI (models/VAE) and ComfyUI (models/vae) select as a VAE, keyed as Stability's vae-ft-mse-840000
     (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`; attention as 1x1 convs)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from adapt import singlefile
@@ -181,7 +182,7 @@ def to_single_file(folder: str | Path, path: str | Path) -> Path:
     try:
         cfg = json.loads((folder / "config.json").read_text())
         sd = load_file(str(folder / WEIGHTS))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise DecoderError(f"{folder}: not a readable tuned-VAE folder ({type(e).__name__}: {e})") from e
     original = singlefile.vae_to_original(sd, cfg, prefix="")
     return atomic.write_safetensors({k: v.contiguous() for k, v in original.items()}, path, metadata={"format": "pt"})

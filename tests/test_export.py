@@ -108,6 +108,10 @@ def test_kohya_export_ships_the_tuned_decoder_as_a_webui_vae_file(trained, tiny_
     assert cli.main(["export", str(ad), "--format", "kohya", "--out", str(out)]) != 0
     assert "sg_vae.safetensors exists; pass --overwrite" in capsys.readouterr().err and not out.exists()
     assert cli.main(["export", str(ad), "--format", "kohya", "--out", str(out), "--overwrite"]) == 0
+    # a torn vae/ is named in one error line, not a traceback
+    (folder / decoder.WEIGHTS).write_bytes(b"\x00" * 10)
+    assert cli.main(["export", str(ad), "--format", "kohya", "--out", str(out), "--overwrite"]) != 0
+    assert "ad/vae: not a readable tuned-VAE folder" in capsys.readouterr().err
     # an adapter without vae/ exports the LoRA alone
     solo = tmp_path / "solo.safetensors"
     assert cli.main(["export", str(trained[0]), "--format", "kohya", "--out", str(solo)]) == 0
