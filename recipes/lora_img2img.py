@@ -180,14 +180,15 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         f"({100 * audit['trainable_fraction']:.3f}%), rank {cfg.lora.rank}, alpha {cfg.lora.alpha or cfg.lora.rank}")
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    unet_params = sum(p.numel() for p in unet.parameters())
     compiled, why = _compile_decision(cfg.train.compile, acc.device, cfg.train.max_steps - (saved["step"] if saved else 0),
-                                      sum(p.numel() for p in unet.parameters()))
+                                      unet_params)
     if compiled:
         unet.compile_repeated_blocks(fullgraph=False)  # in place: module names and state-dict keys are unchanged
     say(f"compile: {'regional' if compiled else 'off'} ({why})")
     if acc.device.type == "cpu":
         from adapt.bench import bf16_speed
-        say(_precision_note(cfg.train.mixed_precision, sum(p.numel() for p in unet.parameters()), bf16_speed()))
+        say(_precision_note(cfg.train.mixed_precision, unet_params, bf16_speed()))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
