@@ -96,12 +96,7 @@ def _pipeline(arch: str, dtype: torch.dtype = torch.float32):
     if arch == "sd15":
         from adapt.archs import build_sd15_pipeline
         from adapt.model import facts_of
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # random weights allocated in dtype, not made in fp32 and cast
-        try:
-            pipe = build_sd15_pipeline(dtype=dtype)
-        finally:
-            torch.set_default_dtype(old)
+        pipe = build_sd15_pipeline(dtype=dtype)
         return pipe, facts_of(pipe, "sd15-random", "sd15-random")
     try:
         return model.load_base("tiny-faces", torch_dtype=dtype)

@@ -186,7 +186,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     if compiled:
         unet.compile_repeated_blocks(fullgraph=False)  # in place: module names and state-dict keys are unchanged
     say(f"compile: {'regional' if compiled else 'off'} ({why})")
-    if acc.device.type == "cpu":
+    if acc.device.type == "cpu" and acc.is_main_process:  # measured once, where it is logged
         from adapt.bench import bf16_speed
         say(_precision_note(cfg.train.mixed_precision, unet_params, bf16_speed()))
     params = [p for p in unet.parameters() if p.requires_grad]
