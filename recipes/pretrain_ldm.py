@@ -110,16 +110,18 @@ def build_vae(latent_channels: int = 4) -> AutoencoderKL:
                          layers_per_block=1, norm_num_groups=8, sample_size=64)
 
 
-def build_unet(cross_attn_levels: int = 2, latent_channels: int = 4) -> UNet2DConditionModel:
+def build_unet(cross_attn_levels: int = 2, latent_channels: int = 4, heads: int = 4) -> UNet2DConditionModel:
     # levels 2 (v1): cross-attention at 8x8, 4x4 and the mid block: 7 transformer blocks, 6.6 M params.
     # levels 3 (v2): also at 16x16 (one down, two up blocks), where a lens bridge is one latent pixel
     # wide; 10 transformer blocks, 6.9 M params, ~2.2x the step time (256-token self-attention).
+    # attention_head_dim is the head *count* in diffusers' UNet2DConditionModel (a legacy name): `heads`
+    # heads of 128 / heads channels. The weights' shapes do not depend on it, the function does.
     full = cross_attn_levels == 3
     return UNet2DConditionModel(
         sample_size=16, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1, block_out_channels=(64, 128, 128),
         down_block_types=("CrossAttnDownBlock2D" if full else "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D" if full else "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=32, norm_num_groups=32)
+        cross_attention_dim=64, attention_head_dim=heads, norm_num_groups=32)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,7 +133,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> AutoencoderKL:
     final = work / "vae_final.safetensors"
     vae = build_vae(cfg.vae_latent_channels)
-    if cfg.vae_from:  # reuse a trained VAE (e.g. v1's for a v2 UNet); fold_latent_shift re-derives its scaling
+    if cfg.vae_from:  # reuse a trained VAE as it is (e.g. v1's for a new UNet): latents, caches and tuned decoders stay valid
         log(f"VAE: reusing {cfg.vae_from}/vae")
         return AutoencoderKL.from_pretrained(cfg.vae_from, subfolder="vae", torch_dtype=torch.float32)
     if final.exists():
@@ -181,28 +183,30 @@ def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> Autoenco
 
 
 @torch.no_grad()
-def fold_latent_shift(vae: AutoencoderKL, x: torch.Tensor) -> dict:
-    """Center the latent channels inside the VAE, then set scaling_factor so Var[z·scale] = 1.
+def fold_latent_shift(vae: AutoencoderKL, x: torch.Tensor, fold: bool = True) -> dict:
+    """Center the latent channels inside the VAE, then set scaling_factor so Var[z·scale] = 1 (fold=False:
+    only measure, for a reused VAE that was folded when it was trained).
 
     z' = z − m is exact: quant_conv's mean half gets bias −m, post_quant_conv (1x1, W) gets bias + W·m.
     """
     zs = torch.cat([vae.encode(x[i:i + 256]).latent_dist.sample() for i in range(0, len(x), 256)])
-    raw_mean, raw_std = zs.mean(dim=(0, 2, 3)), zs.std(dim=(0, 2, 3))
-    c = vae.config.latent_channels
-    vae.quant_conv.bias[:c] -= raw_mean
-    vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ raw_mean
-    zs = zs - raw_mean.view(1, -1, 1, 1)
-    scale = float(1.0 / zs.std())
-    vae.register_to_config(scaling_factor=scale)
+    raw_mean, raw_std, raw_overall = zs.mean(dim=(0, 2, 3)), zs.std(dim=(0, 2, 3)), float(zs.std())
+    if fold:
+        c = vae.config.latent_channels
+        vae.quant_conv.bias[:c] -= raw_mean
+        vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ raw_mean
+        zs = zs - raw_mean.view(1, -1, 1, 1)
+        vae.register_to_config(scaling_factor=float(1.0 / zs.std()))
+    scale = vae.config.scaling_factor
     scaled = zs * scale
-    return {"raw_mean": raw_mean.tolist(), "raw_std": raw_std.tolist(), "raw_overall_std": float((zs + raw_mean.view(1, -1, 1, 1)).std()),
+    return {"raw_mean": raw_mean.tolist(), "raw_std": raw_std.tolist(), "raw_overall_std": raw_overall,
             "scaling_factor": scale, "scaled_mean": scaled.mean(dim=(0, 2, 3)).tolist(),
             "scaled_std": scaled.std(dim=(0, 2, 3)).tolist(), "scaled_overall_std": float(scaled.std())}
 
 
 def train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work: Path):
-    unet = build_unet(cfg.unet_cross_attn_levels, vae.config.latent_channels)
-    ema = build_unet(cfg.unet_cross_attn_levels, vae.config.latent_channels)
+    unet = build_unet(cfg.unet_cross_attn_levels, vae.config.latent_channels, cfg.unet_heads)
+    ema = build_unet(cfg.unet_cross_attn_levels, vae.config.latent_channels, cfg.unet_heads)
     final = work / "unet_ema_final.safetensors"
     if final.exists():
         ema.load_state_dict(load_file(str(final)))
@@ -283,7 +287,7 @@ def main(argv=None):
         vae_psnr = psnr(torch.cat([vae.decode(vae.encode(x_val[i:i + 64]).latent_dist.mode()).sample for i in range(0, 256, 64)]), x_val)
     log(f"VAE held-out PSNR (256 faces, posterior mode) {vae_psnr:.2f} dB; sunglasses round trip passes the shape check "
         f"{sunglasses_probe(256)(vae):.0%}")
-    stats = fold_latent_shift(vae, x)
+    stats = fold_latent_shift(vae, x, fold=cfg.vae_from is None)
     log(f"latents: raw per-channel mean {np.round(stats['raw_mean'], 3)}, raw std {stats['raw_overall_std']:.3f}; "
         f"scaling_factor {stats['scaling_factor']:.4f} -> scaled std {stats['scaled_overall_std']:.4f}")
 

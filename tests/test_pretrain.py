@@ -1,5 +1,6 @@
 """recipes/pretrain_ldm.py checkpoints in adapt's safetensors + JSON format (no pickle) and resumes from it."""
 
+import json
 import subprocess
 import sys
 
@@ -32,6 +33,26 @@ def test_pretrain_options_are_validated():
         config.PretrainConfig(vae_latent_channels=6)
     with pytest.raises(config.ConfigError, match="vae_edge_weight: must be >= 0, got -1"):
         config.PretrainConfig(vae_edge_weight=-1.0)
+    with pytest.raises(config.ConfigError, match="unet_heads: must divide the UNet's 64 and 128 channels, got 3"):
+        config.PretrainConfig(unet_heads=3)
+
+
+def test_pretrain_reuses_a_vae_as_it_is_and_sets_the_head_count(tmp_path):
+    """vae_from keeps the VAE's weights and scaling_factor bit for bit (latent caches and tuned decoders made
+    against it stay valid); unet_heads is what diffusers reads as the head count."""
+    from safetensors.torch import load_file
+    work, export, zoo = tmp_path / "work", tmp_path / "export", ROOT / "adapt" / "zoo" / "tiny-faces"
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain_ldm.py"), "--config",
+                        str(ROOT / "recipes/configs/pretrain_tiny_faces.yaml"), f"out_dir={work}", f"export_dir={export}",
+                        f"vae_from={zoo}", "unet_heads=2", "num_images=16", "unet_steps=1", "unet_batch=2", "num_threads=1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    name = "vae/diffusion_pytorch_model.safetensors"
+    ours, theirs = load_file(str(export / name)), load_file(str(zoo / name))
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+    read = lambda p: json.loads(p.read_text())
+    assert read(export / "vae/config.json")["scaling_factor"] == read(zoo / "vae/config.json")["scaling_factor"]
+    assert read(export / "unet/config.json")["attention_head_dim"] == 2
 
 
 def test_pretrain_with_8_latent_channels_exports_a_pipeline_plain_diffusers_runs(tmp_path):
