@@ -143,6 +143,7 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
     if extra.get("channels_last"):
         unet.to(memory_format=torch.channels_last)
     window = objective.window_timesteps(sample.make_scheduler(pipe.scheduler, "ddim"), 50, 0.6, "img2img_exact")
+    encoders_flops = _encoder_flops(pipe, sized, caps, batch) if name.startswith("p1-") else None
     post = cache.encode_entries(pipe.vae, sized.pixels) if use_cache else None
     td = trainstep.build(pipe, facts, caps, window, post, sized, batch)
     if use_cache:  # as the recipe does when no validation needs them: the training peak runs without them
@@ -188,10 +189,44 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
         total = sum(e.self_cpu_time_total for e in p.key_averages())
         profile = [{"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in ev]
     rate = matmul_rate(2048 if torch.get_num_threads() > 1 else 1024)
+    peak = peak_rss_mb()  # before the reference's count below, which adds a second adapter
+    ref_flops = encoders_flops + _reference_unet_flops(unet, trainstep.draw(td, batch, trainstep.step_generator(0, 0), at=0)) \
+        if encoders_flops is not None else None
     return {"name": name, "kind": "train", "arch": arch, "latent": side or pipe.unet.config.sample_size, "batch": batch,
             "cache": use_cache, **{k: v for k, v in extra.items()}, **kept, "samples_per_s": batch / step_s, "step_s": step_s,
-            "warmup_s": t_compile, "peak_rss_mb": peak_rss_mb(), "flops_per_step": flops, "achieved_flops": flops / step_s,
-            "matmul_flops": rate, "matmul_fraction": flops / step_s / rate, **({"profile_top": profile} if profile else {})}
+            "warmup_s": t_compile, "peak_rss_mb": peak, "flops_per_step": flops, "achieved_flops": flops / step_s,
+            "matmul_flops": rate, "matmul_fraction": flops / step_s / rate, **({"profile_top": profile} if profile else {}),
+            **({"reference_flops_per_step": ref_flops} if ref_flops else {})}
+
+
+# The reference trainer's work per step, counted on the same pipeline (its FLOPs over adapt's own count are the P1
+# that doing less work alone gives, both trainers at one FLOP rate): the VAE and text encoders on the batch, and
+# the UNet forward + backward with LoRA on attn1 + attn2 (its targets).
+def _encoder_flops(pipe, sized, caps: list[str], batch: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.stack(sized.pixels[:batch]).to(pipe.vae.dtype)
+    ids = pipe.tokenizer(caps[:batch], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        pipe.vae.encode(x).latent_dist.sample()
+        pipe.text_encoder(ids)
+    return fc.get_total_flops()
+
+
+def _reference_unet_flops(unet, b: dict) -> float:
+    """With a second adapter on the reference's targets made the active one (adapt's stays attached, inactive)."""
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+    from adapt import lora
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=lora.PRESETS["all_attn"]), adapter_name="reference")
+    unet.set_adapter("reference")
+    for n, p in unet.named_parameters():
+        p.requires_grad_(".reference." in n)
+    bf16 = unet.dtype == torch.bfloat16
+    with FlopCounterMode(display=False) as fc, torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        out = unet(b["z0"].to(unet.dtype), b["t"], b["emb"].to(unet.dtype)).sample
+        (out.float() - b["noise"]).pow(2).mean().backward()
+    return fc.get_total_flops()
 
 
 def sample_case(name: str, reps: int = 3) -> list[dict]:
@@ -339,6 +374,8 @@ def _speedups(report: dict) -> None:
             r["P1_vs_reference_fp32"] = r["samples_per_s"] / ref_default["samples_per_s"]
         if name.startswith("p1-") and "matmul_fraction" in r:
             r["P2_matmul_fraction"] = r["matmul_fraction"]
+        if "reference_flops_per_step" in r:  # the P1 that doing less work alone gives, both trainers at one FLOP rate
+            r["P1_at_equal_flop_rate"] = r["reference_flops_per_step"] / r["flops_per_step"]
         square = name.replace("-buckets", "-cache")
         if name.endswith("-buckets") and "samples_per_s" in by.get(square, {}):
             r["throughput_vs_square"] = r["samples_per_s"] / by[square]["samples_per_s"]
@@ -356,7 +393,7 @@ def table(report: dict) -> str:
             lines.append(f"{r['name']:32s} ERROR {r['error']}")
             continue
         notes = []
-        for k in ("P1_vs_reference", "P1_vs_reference_fp32", "P6_rss_vs_reference", "P2_matmul_fraction", "warmup_s", "wall_s",
+        for k in ("P1_vs_reference", "P1_vs_reference_fp32", "P1_at_equal_flop_rate", "P6_rss_vs_reference", "P2_matmul_fraction", "warmup_s", "wall_s",
                   "speedup_vs_nocache", "speedup_vs_default", "throughput_vs_square", "kept_square_crop", "kept_buckets",
                   "overhead_vs_base", "max_abs_diff_vs_unfused_0_255", "image_s"):
             if k in r:
