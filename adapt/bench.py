@@ -143,8 +143,8 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
     if extra.get("channels_last"):
         unet.to(memory_format=torch.channels_last)
     window = objective.window_timesteps(sample.make_scheduler(pipe.scheduler, "ddim"), 50, 0.6, "img2img_exact")
-    encoders_flops = _encoder_flops(pipe, sized, caps, batch) if name.startswith("p1-") else None
     post = cache.encode_entries(pipe.vae, sized.pixels) if use_cache else None
+    encoders_flops = _encoder_flops(pipe, sized, caps, batch) if name.startswith("p1-") else None
     td = trainstep.build(pipe, facts, caps, window, post, sized, batch)
     if use_cache:  # as the recipe does when no validation needs them: the training peak runs without them
         pipe.vae = pipe.text_encoder = None
@@ -203,14 +203,14 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
 # that doing less work alone gives, both trainers at one FLOP rate): the VAE and text encoders on the batch, and
 # the UNet forward + backward with LoRA on attn1 + attn2 (its targets).
 def _encoder_flops(pipe, sized, caps: list[str], batch: int) -> float:
+    """batch x one image's count (linear in the batch): no batch-sized activations to raise the case's peak RSS."""
     from torch.utils.flop_counter import FlopCounterMode
-    x = torch.stack(sized.pixels[:batch]).to(pipe.vae.dtype)
-    ids = pipe.tokenizer(caps[:batch], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+    ids = pipe.tokenizer(caps[:1], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        pipe.vae.encode(x).latent_dist.sample()
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        pipe.vae.encode(sized.pixels[0][None].to(pipe.vae.dtype)).latent_dist.sample()
         pipe.text_encoder(ids)
-    return fc.get_total_flops()
+    return batch * fc.get_total_flops()
 
 
 def _reference_unet_flops(unet, b: dict) -> float:
