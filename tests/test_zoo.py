@@ -25,6 +25,9 @@ def test_embedded_base_loads_by_name():
         assert facts.resolved == str(ZOO) and facts.architecture == "sd" and facts.prediction_type == "epsilon"
         assert facts.vae_factor == 4 and facts.sample_size == 64
     assert pipe.unet.dtype == torch.float32  # stored fp16, loaded in the dtype asked for
+    # diffusers reads attention_head_dim as the head count: heads of 2-4 channels made a LoRA step 1.38x slower
+    widths = {m.inner_dim // m.heads for n, m in pipe.unet.named_modules() if n.endswith(("attn1", "attn2"))}
+    assert widths == {32}, widths
     stats = json.loads((ZOO / "stats.json").read_text())
     assert abs(stats["scaled_overall_std"] - 1) < 0.05 and stats["vae_psnr_db"] >= 28
     size = sum(f.stat().st_size for f in ZOO.rglob("*") if f.is_file())
