@@ -34,6 +34,7 @@ class AdapterFacts:
     base: Optional[str] = None  # as the user gave it
     base_revision: Optional[str] = None
     base_resolved: Optional[str] = None  # folder, file, or hub id@commit actually loaded
+    base_probe: list = field(default_factory=list)  # [[weight name, first values], ...] of the base UNet (lora.base_probe)
     prediction_type: Optional[str] = None
     preset: Optional[str] = None
     rank: Optional[int] = None

@@ -176,6 +176,34 @@ def facts(adapter: str | Path) -> AdapterFacts | None:
     return read(adapter)[1][FACTS_KEY]
 
 
+def _base_weights(unet) -> dict:
+    """The UNet's base weights by name: LoRA layers excluded, peft's `.base_layer` dropped (the same names with or
+    without an adapter attached)."""
+    return {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k and k.endswith(".weight")}
+
+
+def base_probe(unet, tensors: int = 8, values: int = 8) -> list:
+    """[[name, first `values` values as floats], ...] for `tensors` base weights spread over the UNet's sorted
+    weight names. Stored with an adapter, it tells a changed base under an unchanged name or path; compared within
+    bf16's precision, so the dtype a pipeline is loaded in does not matter."""
+    sd = _base_weights(unet)
+    names = sorted(sd)
+    pick = sorted({names[round(i * (len(names) - 1) / max(tensors - 1, 1))] for i in range(tensors)})
+    return [[n, sd[n].detach().flatten()[:values].float().cpu().tolist()] for n in pick]
+
+
+def probe_mismatch(unet, probe: list) -> str | None:
+    """The first probed weight that `unet` lacks or holds other values in (beyond bf16 rounding), or None."""
+    sd = _base_weights(unet)
+    for name, vals in probe:
+        if name not in sd:
+            return f"{name} is missing"
+        now = sd[name].detach().flatten()[:len(vals)].float().cpu()
+        if not torch.allclose(now, torch.tensor(vals), rtol=1e-2, atol=1e-4):
+            return f"{name} starts {[round(x, 4) for x in now[:3].tolist()]}, trained against {[round(x, 4) for x in vals[:3]]}"
+    return None
+
+
 def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str | None = None, check: bool = True,
               base_resolved: str | None = None, log=print) -> str:
     """Load an adapter into a diffusers pipeline with diffusers' own loader, then audit the load.
@@ -196,6 +224,10 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
     if f is not None and base_resolved and f.base_resolved and not _same_base(f.base_resolved, base_resolved):
         log(f"warning: {path} was trained on {f.base_resolved}, this pipeline is {base_resolved}; the shapes match, "
             "but the adapter learned a correction to other weights, so outputs may not be what it was trained for")
+    elif f is not None and f.base_probe and (why := probe_mismatch(pipe.unet, f.base_probe)):
+        log(f"warning: {path} was trained against other UNet weights than this pipeline's "
+            f"({base_resolved or 'this base'}, the same name or path: {why}); the adapter learned a correction to "
+            "those weights, so outputs may not be what it was trained for")
     if check:
         check_keys(pipe.unet, tensors, path)
         ups = [v for k, v in tensors.items() if k.endswith((".lora.up.weight", ".lora_B.weight"))]

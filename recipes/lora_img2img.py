@@ -325,6 +325,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
             figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**20)
         fx = AdapterFacts(
             base=cfg.model.base, base_revision=cfg.model.revision, base_resolved=facts.resolved, architecture=facts.architecture,
+            base_probe=lora.base_probe(base_unet),
             prediction_type=facts.prediction_type, preset=cfg.lora.preset, rank=cfg.lora.rank,
             alpha=cfg.lora.alpha or cfg.lora.rank, strength=cfg.objective.strength, window=cfg.objective.window,
             window_range=[int(window.min()), int(window.max())], scheduler=cfg.objective.scheduler,

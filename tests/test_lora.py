@@ -217,3 +217,27 @@ def test_noop_adapter_is_refused(tiny_base, tmp_path):
     other, _ = model.load_base(str(tiny_base))
     with pytest.raises(lora.AdapterError, match="changes nothing"):
         lora.load_into(other, tmp_path)
+
+
+def test_a_base_changed_under_the_same_path_is_a_warning(tmp_path):
+    """The adapter records a probe of the base UNet's weights: loading it into the same folder after the base was
+    retrained there (as the embedded base was, 32 heads -> 4) warns, naming a weight; the same weights in bf16 do not."""
+    from adapt.tiny import save_tiny_pipeline
+    base = save_tiny_pipeline(tmp_path / "base", seed=0)
+    pipe, bf = model.load_base(str(base))
+    probe = lora.base_probe(pipe.unet)
+    lora.attach(pipe.unet, "cross_attn", rank=4, alpha=2)
+    _randomize(pipe.unet)
+    assert lora.base_probe(pipe.unet) == probe  # the same names and values with the adapter attached
+    lora.save(tmp_path / "ad", pipe.unet, AdapterFacts(base=str(base), base_resolved=bf.resolved, base_probe=probe,
+                                                       rank=4, alpha=2, architecture="sd"))
+    for dtype in (torch.float32, torch.bfloat16):
+        logs = []
+        same, sf = model.load_base(str(base), torch_dtype=dtype)
+        lora.load_into(same, tmp_path / "ad", base_resolved=sf.resolved, log=logs.append)
+        assert not logs, logs
+    save_tiny_pipeline(base, seed=1)  # retrained in place
+    logs = []
+    other, of = model.load_base(str(base))
+    lora.load_into(other, tmp_path / "ad", base_resolved=of.resolved, log=logs.append)
+    assert len(logs) == 1 and "trained against other UNet weights" in logs[0] and "conv_in.weight starts" in logs[0], logs
