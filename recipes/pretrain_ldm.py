@@ -320,4 +320,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except cfglib.ConfigError as e:  # a bad key or value: one line naming it, as lora_img2img.py does
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

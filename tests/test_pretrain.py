@@ -37,6 +37,14 @@ def test_pretrain_options_are_validated():
         config.PretrainConfig(unet_heads=3)
 
 
+def test_a_bad_pretrain_value_is_one_error_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain_ldm.py"), "--config",
+                        str(ROOT / "recipes/configs/pretrain_tiny_faces.yaml"), "unet_heads=3", f"out_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: unet_heads: must divide the UNet's 64 and 128 channels, got 3" in r.stderr
+
+
 def test_pretrain_reuses_a_vae_as_it_is_and_sets_the_head_count(tmp_path):
     """vae_from keeps the VAE's weights and scaling_factor bit for bit (latent caches and tuned decoders made
     against it stay valid); unet_heads is what diffusers reads as the head count."""
