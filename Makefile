@@ -3,13 +3,14 @@
 #   make test   set up .venv with test extras, then run the test suite (unit and recipe tests, a few minutes)
 #   make test-integration   the off-path tests: real signals, a real full filesystem, accelerate launch (CI runs them)
 #   make test-slow          SD-sized architectures and the GPU check's CPU path (CI runs them)
+#   make test-floors        the test suite in .venv-floors, on the lowest versions pyproject.toml allows (CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: demo test test-integration test-slow setup setup-test clean
+.PHONY: demo test test-integration test-slow test-floors setup setup-test clean
 
 # A torch already importable by $(PYTHON) (e.g. a user's CUDA build) is reused through
 # --system-site-packages; otherwise the pinned CPU build is installed into the venv.
@@ -36,6 +37,18 @@ test-integration: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	@$(BIN)/python -m pytest -q -m slow
+
+# The lower bounds in pyproject.toml, installed exactly (.ci/floors.txt), with the same torch pin. ADAPT_TEST_FLOORS
+# tells the one test with pinned losses that the tiny random pipeline's seeded init differs in these versions.
+FLOORS := .venv-floors
+$(FLOORS)/.installed: pyproject.toml .ci/floors.txt
+	@$(PYTHON) -m venv $(FLOORS)
+	@$(FLOORS)/bin/python -c "import torch" 2>/dev/null || $(FLOORS)/bin/python -m pip -q --disable-pip-version-check install "$(TORCH_PIN)"
+	@$(FLOORS)/bin/python -m pip -q --disable-pip-version-check install -c .ci/floors.txt -e ".[test]"
+	@touch $@
+
+test-floors: $(FLOORS)/.installed
+	@ADAPT_TEST_FLOORS=1 $(FLOORS)/bin/python -m pytest -q
 
 clean:
 	rm -rf runs/demo

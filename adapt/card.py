@@ -40,7 +40,7 @@ adapt sample --base {f.base} --adapter {out} --image source.png --prompt "{promp
 Plain diffusers, the same image (same scheduler, steps, strength, guidance and seed; a square source.png):
 ```python
 {_load_lines(f)}
-pipe.load_lora_weights("{out}"){_decoder_lines(f, out)}
+pipe.load_lora_weights("{out}", weight_name="pytorch_lora_weights.safetensors"){_decoder_lines(f, out)}
 source = load_image("source.png").resize(({f.resolution}, {f.resolution}))
 image = pipe("{prompt}", image=source, strength={f.strength}, num_inference_steps={f.inference_steps},
              guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(0)).images[0]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from adapt import atomic, lora
+from adapt import atomic, lora, model
 
 VAE_DIR = "vae"  # beside the adapter's weights (lora.WEIGHTS_NAME)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -142,7 +142,7 @@ def load(adapter: str | Path, base_vae):
         return None
     from diffusers import AutoencoderKL
     try:
-        vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=base_vae.dtype)
+        vae = AutoencoderKL.from_pretrained(str(path), **model.dtype_kw(base_vae.dtype))
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise DecoderError(f"{path}: not a loadable VAE folder ({type(e).__name__}: {e})") from e
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # a config built in code holds tuples, JSON lists

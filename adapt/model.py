@@ -18,6 +18,35 @@ EMBEDDED_PREFIX = "adapt:"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def dtype_kw(dtype) -> dict:
+    """`dtype=` for diffusers' from_pretrained / from_single_file: diffusers 0.40 renamed `torch_dtype` (kept,
+    deprecated) and earlier releases ignore an unknown `dtype=` without a word, loading fp32."""
+    import diffusers
+    major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
+
+
+def write_portable_tokenizers(folder: str | Path) -> list[Path]:
+    """Beside each BPE `tokenizer.json` in a pipeline folder, write `vocab.json` and `merges.txt` if absent.
+
+    transformers 5 saves a CLIP tokenizer as tokenizer.json alone; transformers 4.x loads `CLIPTokenizer` (the
+    class model_index.json names) only from vocab.json + merges.txt, the files SD checkpoints ship. Returns the
+    tokenizer folders written to."""
+    written = []
+    for tj in sorted(Path(folder).glob("tokenizer*/tokenizer.json")):
+        vocab_f, merges_f = tj.parent / "vocab.json", tj.parent / "merges.txt"
+        if vocab_f.exists() and merges_f.exists():
+            continue
+        bpe = json.loads(tj.read_text(encoding="utf-8"))["model"]
+        if bpe.get("type") != "BPE":
+            continue
+        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+        vocab_f.write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
+        merges_f.write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+        written.append(tj.parent)
+    return written
+
+
 class ModelError(ValueError):
     """The base model cannot be found or is not a usable diffusion pipeline; the message says which."""
 
@@ -108,12 +137,12 @@ def load_pipeline(base: str, revision: str | None = None, variant: str | None = 
     if isinstance(torch_dtype, str):
         torch_dtype = DTYPES[torch_dtype]
     kind, where = resolve(base)
-    kw = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    kw = dict(**dtype_kw(torch_dtype), safety_checker=None, requires_safety_checker=False)
     if kind == "folder":
         index = json.loads((Path(where) / "model_index.json").read_text())
         cls = _pipeline_class(index)
         if cls.__name__.endswith("XLPipeline"):
-            kw = dict(dtype=torch_dtype)
+            kw = dtype_kw(torch_dtype)
         try:
             return cls.from_pretrained(where, variant=variant, **kw), where
         except (OSError, ValueError) as e:
@@ -122,7 +151,7 @@ def load_pipeline(base: str, revision: str | None = None, variant: str | None = 
         cls = _pipeline_class(None, architecture or single_file_architecture(where))
         try:
             kw = {"config": config} if config else {}
-            return cls.from_single_file(where, dtype=torch_dtype, **kw), where
+            return cls.from_single_file(where, **dtype_kw(torch_dtype), **kw), where
         except Exception as e:  # diffusers raises many types for unrecognised files
             raise ModelError(f"{where}: not a loadable single-file Stable Diffusion checkpoint: {e}") from e
     from huggingface_hub import constants
@@ -132,7 +161,7 @@ def load_pipeline(base: str, revision: str | None = None, variant: str | None = 
         index_path = hf_hub_download(where, "model_index.json", revision=revision)
         cls = _pipeline_class(json.loads(Path(index_path).read_text()))
         if cls.__name__.endswith("XLPipeline"):
-            kw = dict(dtype=torch_dtype)
+            kw = dtype_kw(torch_dtype)
         commit = Path(index_path).parent.name  # .../snapshots/<commit>/model_index.json: what was actually loaded
         return cls.from_pretrained(where, revision=revision, variant=variant, **kw), f"{where}@{commit}"
     except Exception as e:
@@ -211,7 +240,7 @@ def load_base(base: str, revision: str | None = None, variant: str | None = None
     if vae is not None:
         from diffusers import AutoencoderKL
         try:
-            pipe.vae = AutoencoderKL.from_pretrained(vae, dtype=pipe.vae.dtype)
+            pipe.vae = AutoencoderKL.from_pretrained(vae, **dtype_kw(pipe.vae.dtype))
         except Exception as e:
             raise ModelError(f"VAE {vae!r}: could not load an AutoencoderKL: {e}") from e
     pipe.set_progress_bar_config(disable=True)

@@ -8,11 +8,15 @@ reads through the same path as a downloaded model.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from adapt.model import write_portable_tokenizers
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -53,8 +57,12 @@ def build_tokenizer(words: list[str], max_length: int = 77) -> CLIPTokenizer:
             vocab.setdefault(left, len(vocab))
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, bos_token=BOS,
-                         eos_token=EOS, pad_token=EOS, unk_token=EOS)
+    # Through files, as a downloaded tokenizer loads: transformers 5 also takes vocab/merges in memory, 4.x does not.
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(d, model_max_length=max_length, bos_token=BOS, eos_token=EOS,
+                                             pad_token=EOS, unk_token=EOS)
 
 
 TINY_WORDS = ["a", "photo", "of", "face", "with", "wearing", "sunglasses", "red", "blue", "hair", "background"]
@@ -86,6 +94,7 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, prediction_type: str = "
     """Write a tiny StableDiffusionPipeline folder (diffusers layout, safetensors) to `path`."""
     pipe = StableDiffusionPipeline(**build_tiny_components(seed, prediction_type))
     pipe.save_pretrained(path, safe_serialization=True)
+    write_portable_tokenizers(path)
     return Path(path)
 
 
@@ -118,4 +127,5 @@ def build_tiny_sdxl_components(seed: int = 0) -> dict:
 def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0) -> Path:
     from diffusers import StableDiffusionXLPipeline
     StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed)).save_pretrained(path, safe_serialization=True)
+    write_portable_tokenizers(path)
     return Path(path)

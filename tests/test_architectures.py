@@ -106,7 +106,7 @@ def _kohya_roundtrip(unet, cross_dim, tmp_path, sdxl=False, prediction_type="eps
     c = build_tiny_sdxl_components() if sdxl else build_tiny_components(prediction_type=prediction_type)
     c["unet"] = unet
     pipe = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline)(**c)
-    pipe.load_lora_weights(str(kohya))  # diffusers' own kohya conversion (SD 1.x/2.x: diffusers module paths)
+    pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)  # diffusers' own kohya conversion (SD 1.x/2.x: diffusers module paths)
     with torch.no_grad():
         diff = float((run(pipe.unet) - want).abs().max())
     print(f"kohya round trip max abs diff: {diff:.2e}")  # reported in the closing note (pytest -s)

@@ -137,7 +137,7 @@ def test_recipe_ships_the_decoder_and_every_loader_uses_it(tiny_base, sg_folder,
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_base), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(str(out))
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")  # as the model card
     pipe.vae = AutoencoderKL.from_pretrained(str(out / "vae"))
     img = pipe("", image=Image.open(src), strength=0.6, num_inference_steps=10, guidance_scale=7.5,
                generator=torch.Generator("cpu").manual_seed(0)).images[0]

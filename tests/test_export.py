@@ -45,7 +45,7 @@ def test_roundtrip_through_diffusers_kohya_loader_is_exact(trained, tiny_base, t
     f = export.to_kohya(ad, tmp_path / "k.safetensors")
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
     assert (_out(pipe.unet) - want).abs().max() > 1e-2  # the base alone is far off: the test can fail
-    pipe.load_lora_weights(str(f))  # diffusers' own kohya conversion path
+    pipe.load_lora_weights(str(f.parent), weight_name=f.name)  # diffusers' own kohya conversion path
     diff = float((_out(pipe.unet) - want).abs().max())
     print(f"kohya round trip max abs diff (diffusers loader): {diff:.2e}")
     assert diff <= 1e-5

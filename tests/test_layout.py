@@ -41,3 +41,20 @@ def test_shipped_configs_validate(path):
     cls = config.PretrainConfig if path.name.startswith("pretrain") else config.EvalConfig if path.stem.endswith("_eval") else config.RunConfig
     cfg = config.load(cls, path)
     assert cfg is not None
+
+
+def test_floor_pins_match_the_lower_bounds():
+    """`make test-floors` installs .ci/floors.txt: each `>=` bound of pyproject.toml (torch aside, see the file) is
+    pinned there at that version, so the bounds users get are the ones CI tested."""
+    import re
+    import tomllib
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    bounds = {}
+    for d in deps["dependencies"] + deps["optional-dependencies"]["test"]:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", d)
+        assert m, f"pyproject.toml: {d!r} is not a plain 'name>=version' bound"
+        bounds[m[1].lower()] = m[2]
+    pins = dict(line.split("==") for line in (ROOT / ".ci/floors.txt").read_text().split("\n")
+                if line.strip() and not line.startswith("#"))
+    from packaging.version import Version
+    assert {k.lower(): Version(v) for k, v in pins.items()} == {k: Version(v) for k, v in bounds.items() if k != "torch"}

@@ -63,7 +63,7 @@ def test_conv_preset_adds_resnet_convs_and_loads_exactly_in_plain_diffusers_and_
     tensors, _ = lora.read(tmp_path)
     assert all(k.endswith((".lora.down.weight", ".lora.up.weight")) for k in tensors) and len(tensors) == 2 * len(names)
     plain = StableDiffusionPipeline.from_pretrained(bf.resolved, safety_checker=None)
-    plain.load_lora_weights(str(tmp_path))
+    plain.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")  # as the model card
     assert torch.equal(_out(plain.unet), trained) and (trained - base_out).abs().max() > 1e-3
     # the model card's plain-diffusers scale, cross_attention_kwargs={"scale": s}, scales the convs' layers too
     doubled, _ = model.load_base(base)
@@ -145,7 +145,7 @@ def test_save_then_plain_diffusers_load_is_exact(tiny_base, tmp_path):
     assert lora.facts(tmp_path).strength == 0.6
 
     plain = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
-    plain.load_lora_weights(str(tmp_path))
+    plain.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")  # as the model card
     assert torch.equal(_out(plain.unet), trained)  # bit-exact, alpha included
 
     plain.fuse_lora(components=["unet"])

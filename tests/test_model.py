@@ -217,3 +217,33 @@ def test_img2img_keeps_each_module_and_parameter_dtype(tiny_base):
     i2i = sample._variant(sample._variant(pipe, "img2img"), "txt2img")
     assert (i2i.unet, i2i.vae) == (pipe.unet, pipe.vae)  # shared, not copied
     assert (pipe.unet.dtype, pipe.vae.dtype) == (torch.bfloat16, torch.float32)
+
+
+def test_dtype_reaches_diffusers_under_the_name_its_version_reads(monkeypatch):
+    """diffusers before 0.40 ignores an unknown dtype= silently (the base loads fp32); it reads torch_dtype=."""
+    import diffusers
+    import torch
+    monkeypatch.setattr(diffusers, "__version__", "0.35.0")
+    assert model.dtype_kw(torch.bfloat16) == {"torch_dtype": torch.bfloat16}
+    monkeypatch.setattr(diffusers, "__version__", "0.40.0.dev0")
+    assert model.dtype_kw(torch.float16) == {"dtype": torch.float16}
+    monkeypatch.setattr(diffusers, "__version__", "1.2.0")
+    assert model.dtype_kw(torch.float16) == {"dtype": torch.float16}
+
+
+@pytest.mark.parametrize("folder", ["embedded", "tiny"])
+def test_tokenizer_files_transformers_4_reads_tokenize_as_tokenizer_json_does(folder, tmp_path):
+    """transformers 4.x builds CLIPTokenizer from vocab.json + merges.txt only (transformers 5 saves tokenizer.json
+    alone): the embedded base and every pipeline adapt saves carry both, and they tokenize identically."""
+    import shutil
+    from transformers import CLIPTokenizer
+    from adapt.tiny import save_tiny_pipeline
+    src = (Path(model.resolve("tiny-faces")[1]) if folder == "embedded" else save_tiny_pipeline(tmp_path / "p")) / "tokenizer"
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(src / f, slow / f)
+    a, b = CLIPTokenizer.from_pretrained(src), CLIPTokenizer.from_pretrained(slow)
+    for text in ["a photo of a face with curly blond hair, wearing sunglasses", "zebra 123 ümlaut!", ""]:
+        assert a(text).input_ids == b(text).input_ids
+    assert model.write_portable_tokenizers(src.parent) == []  # already there: nothing rewritten
