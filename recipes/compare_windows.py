@@ -4,7 +4,7 @@ it reaches at a sampling setting (by default the adapter's strength at scale 1; 
 setting the evaluation recommends), masked or plain.
 
     python recipes/compare_windows.py [--out runs/compare_windows] [--every 250] [--mode masked]
-                                      [--strength S] [--scale C] [--measure-only] [key=value ...]
+                                      [--strength S] [--scale C] [--measure-only] [--alignment STEP] [key=value ...]
 
 Reported per window: lens-detector reach, shape check and SSIM outside the eye band at every
 checkpoint (32 held-out faces x 2 seeds), and the first step at which detector reach >= 0.9 and the shape
@@ -63,6 +63,46 @@ def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2, vae=None) -> dic
     return {k: float(np.mean(v)) for k, v in res.items()}
 
 
+def alignment(run_dir: Path, step: int, batches: int = 32) -> dict:
+    """Why the window is not 2x faster: how far a full-range batch's LoRA gradient points along the window's.
+
+    At checkpoint `step` of a run (its config: preset, rank, strength, scheduler, Min-SNR, caption dropout), the
+    expected gradient of the window objective G_w is estimated from `batches` batches; then, for fresh batches drawn
+    from the window, from the full range and from t above the window, the mean cosine of one batch's gradient with
+    G_w. Progress per step along G_w goes roughly with that cosine (Adam normalises the length), so the full range's
+    cosine over the window's predicts its relative speed; 0.5 would need the out-of-window half to point nowhere.
+    """
+    from adapt import bench, cache, config, objective, trainstep
+    cfg = config.load(config.RunConfig, run_dir / "config.yaml")
+    pipe, facts = model.load_base(cfg.model.base)
+    lora.attach(pipe.unet, cfg.lora.preset, cfg.lora.rank, cfg.lora.alpha)
+    set_lora(pipe, "default", load_file(str(run_dir / f"checkpoint-{step}" / checkpoint.WEIGHTS) + ".safetensors"))
+    sized, caps, _ = bench._images(cfg.data.num_images or 32, cfg.data.resolution, facts)  # the synthetic set's images
+    post = cache.encode_entries(pipe.vae, sized.pixels)
+    o = cfg.objective
+    win = objective.window_timesteps(sample.make_scheduler(pipe.scheduler, o.scheduler), o.inference_steps, o.strength, "img2img_exact")
+    td = trainstep.build(pipe, facts, caps, win, post, sized, cfg.train.batch_size)
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+
+    def grad(window, i):
+        td.window = window
+        b = trainstep.draw(td, cfg.train.batch_size, trainstep.step_generator(7, i), cfg.data.caption_dropout, at=i)
+        g = torch.autograd.grad(trainstep.forward_loss(pipe.unet, b, td, o.min_snr_gamma).mean(), params)
+        return torch.cat([x.flatten() for x in g])
+
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    g_w = torch.stack([grad(win, i) for i in range(batches)]).mean(0)
+    T = pipe.scheduler.config.num_train_timesteps
+    above = torch.arange(int(win.max()) + 1, T)
+    out = {}
+    for name, window, base in (("window", win, 10_000), ("full", torch.arange(T), 20_000), ("above", above, 30_000)):
+        gs = [grad(window, base + i) for i in range(batches)]
+        out[f"cos_batch_{name}"] = sum(cos(g, g_w) for g in gs) / batches
+        out[f"cos_mean_{name}"] = cos(torch.stack(gs).mean(0), g_w)
+    out["predicted_steps_ratio"] = out["cos_batch_full"] / out["cos_batch_window"]  # window steps / full-range steps
+    return out
+
+
 def crossings(curve: dict, level: float = 0.9, metric: str = "detected") -> tuple[int | None, int | None]:
     """(first checkpoint step with detector reach >= level, first step from which every later checkpoint stays >= level).
     64 judged outputs per checkpoint make reach noisy (about +-0.04): a curve can cross once and dip again, so both are
@@ -95,11 +135,21 @@ def main(argv=None):
                     "the comparison is printed when both are in --out)")
     ap.add_argument("--measure-only", action="store_true", help="measure the runs already trained in --out (e.g. at "
                     "another --strength) instead of training them again")
+    ap.add_argument("--alignment", type=int, default=None, metavar="STEP", help="instead of training or measuring: at "
+                    "checkpoint STEP of --out's img2img_exact run, how well one full-range batch's gradient points along "
+                    "the window's expected one, against one window batch's (the predicted steps ratio)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     adapt.quiet()
     torch.set_num_threads(1)
     out = Path(a.out)
+    if a.alignment is not None:
+        r = alignment(out / "img2img_exact", a.alignment)
+        print(f"step {a.alignment}: mean cosine of one batch's gradient with the window's expected gradient: window "
+              f"{r['cos_batch_window']:.3f}, full range {r['cos_batch_full']:.3f}, above the window {r['cos_batch_above']:.3f} "
+              f"(of 32-batch means: {r['cos_mean_window']:.3f} / {r['cos_mean_full']:.3f} / {r['cos_mean_above']:.3f}); "
+              f"predicted steps ratio window/full {r['predicted_steps_ratio']:.2f}")
+        return
     summary = out / "summary.json"
     results = _read(summary)  # a window measured by another process stays in the file
     for window in a.windows.split(","):

@@ -145,3 +145,21 @@ def test_compare_windows_reports_first_and_held_crossings():
     det = {125: 0.5, 250: 0.91, 375: 0.8, 500: 0.92, 625: 0.95}  # crosses at 250, dips, holds from 500
     assert crossings({s: {"detected": d} for s, d in det.items()}) == (250, 500)
     assert crossings({125: {"detected": 0.5}, 250: {"detected": 0.89}}) == (None, None)
+
+
+def test_compare_windows_alignment_measures_the_run_it_is_given(tiny_base, sg_folder, tmp_path):
+    """--alignment reads the run's config and checkpoint: cosines of one batch's LoRA gradient with the window's
+    expected one, and their ratio as the predicted steps ratio. The window's own batches must agree with the mean
+    of other window batches more than chance (a random direction in this many dimensions has |cos| ~ 0.01)."""
+    import sys
+    from conftest import ROOT, recipe_args, run_recipe
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from compare_windows import alignment
+    run = tmp_path / "img2img_exact"
+    r = run_recipe(recipe_args(tiny_base, sg_folder, run, "train.checkpointing_steps=2", "validation.source=null"),
+                   launcher="python")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = alignment(run, 2, batches=3)
+    assert set(a) == {f"cos_{k}_{w}" for k in ("batch", "mean") for w in ("window", "full", "above")} | {"predicted_steps_ratio"}
+    assert all(-1.0 <= a[k] <= 1.0 for k in a if k.startswith("cos_"))
+    assert a["cos_batch_window"] > 0.1 and a["predicted_steps_ratio"] == pytest.approx(a["cos_batch_full"] / a["cos_batch_window"])
