@@ -26,25 +26,38 @@ def dtype_kw(dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
 
 
-def write_portable_tokenizers(folder: str | Path) -> list[Path]:
-    """Beside each BPE `tokenizer.json` in a pipeline folder, write `vocab.json` and `merges.txt` if absent.
+def write_portable(folder: str | Path) -> list[str]:
+    """Make a pipeline folder saved by transformers 5 load the same in transformers 4.x; returns what it changed.
 
-    transformers 5 saves a CLIP tokenizer as tokenizer.json alone; transformers 4.x loads `CLIPTokenizer` (the
-    class model_index.json names) only from vocab.json + merges.txt, the files SD checkpoints ship. Returns the
-    tokenizer folders written to."""
-    written = []
+    transformers 5 saves a CLIP tokenizer as tokenizer.json alone, and a `CLIPTextModel`'s weights without their
+    `text_model.` prefix. transformers 4.x builds `CLIPTokenizer` (the class model_index.json names) only from
+    vocab.json + merges.txt, and loads unprefixed weights as *missing*: a random text encoder, with only a warning.
+    SD checkpoints ship both files and the prefix, which transformers 5 reads too, so adapt writes that layout.
+    """
+    changed = []
     for tj in sorted(Path(folder).glob("tokenizer*/tokenizer.json")):
         vocab_f, merges_f = tj.parent / "vocab.json", tj.parent / "merges.txt"
-        if vocab_f.exists() and merges_f.exists():
-            continue
         bpe = json.loads(tj.read_text(encoding="utf-8"))["model"]
-        if bpe.get("type") != "BPE":
+        if (vocab_f.exists() and merges_f.exists()) or bpe.get("type") != "BPE":
             continue
         merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
         vocab_f.write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
         merges_f.write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
-        written.append(tj.parent)
-    return written
+        changed.append(f"{tj.parent.name}: vocab.json, merges.txt")
+    for w in sorted(Path(folder).glob("text_encoder*/model.safetensors")):
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        with safe_open(str(w), "pt") as f:
+            meta, keys = f.metadata(), list(f.keys())
+            if all(k.startswith(("text_model.", "text_projection.")) for k in keys):
+                continue
+            tensors = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): f.get_tensor(k)
+                       for k in keys}
+        tmp = w.with_name(w.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(w)
+        changed.append(f"{w.parent.name}: text_model. prefix")
+    return changed
 
 
 class ModelError(ValueError):

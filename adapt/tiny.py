@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from adapt.model import write_portable_tokenizers
+from adapt.model import write_portable
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -94,7 +94,7 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, prediction_type: str = "
     """Write a tiny StableDiffusionPipeline folder (diffusers layout, safetensors) to `path`."""
     pipe = StableDiffusionPipeline(**build_tiny_components(seed, prediction_type))
     pipe.save_pretrained(path, safe_serialization=True)
-    write_portable_tokenizers(path)
+    write_portable(path)
     return Path(path)
 
 
@@ -127,5 +127,5 @@ def build_tiny_sdxl_components(seed: int = 0) -> dict:
 def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0) -> Path:
     from diffusers import StableDiffusionXLPipeline
     StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed)).save_pretrained(path, safe_serialization=True)
-    write_portable_tokenizers(path)
+    write_portable(path)
     return Path(path)

@@ -310,7 +310,7 @@ def main(argv=None):
     pipe.to(torch.float16)
     text_encoder.to(torch.float32)  # transformers loads the stored dtype: fp16 here would break plain from_pretrained
     pipe.save_pretrained(tmp, safe_serialization=True)
-    model.write_portable_tokenizers(tmp)  # transformers 4.x loads CLIPTokenizer from vocab.json + merges.txt only
+    model.write_portable(tmp)  # tokenizer files and text-encoder names that transformers 4.x reads too
     stats.update(vae_psnr_db=vae_psnr, vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps,
                  wall_s=time.time() - t_start, threads=cfg.num_threads, torch=torch.__version__)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))

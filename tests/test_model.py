@@ -232,9 +232,10 @@ def test_dtype_reaches_diffusers_under_the_name_its_version_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("folder", ["embedded", "tiny"])
-def test_tokenizer_files_transformers_4_reads_tokenize_as_tokenizer_json_does(folder, tmp_path):
+def test_pipelines_load_the_same_in_transformers_4_and_5(folder, tmp_path):
     """transformers 4.x builds CLIPTokenizer from vocab.json + merges.txt only (transformers 5 saves tokenizer.json
-    alone): the embedded base and every pipeline adapt saves carry both, and they tokenize identically."""
+    alone), and needs the text encoder's `text_model.` names: the embedded base and every pipeline adapt saves
+    carry both; the files tokenize as tokenizer.json does. `make test-floors` runs this on transformers 4.56."""
     import shutil
     from transformers import CLIPTokenizer
     from adapt.tiny import save_tiny_pipeline
@@ -246,4 +247,8 @@ def test_tokenizer_files_transformers_4_reads_tokenize_as_tokenizer_json_does(fo
     a, b = CLIPTokenizer.from_pretrained(src), CLIPTokenizer.from_pretrained(slow)
     for text in ["a photo of a face with curly blond hair, wearing sunglasses", "zebra 123 ümlaut!", ""]:
         assert a(text).input_ids == b(text).input_ids
-    assert model.write_portable_tokenizers(src.parent) == []  # already there: nothing rewritten
+    assert model.write_portable(src.parent) == []  # already there: nothing rewritten
+    # every text-encoder weight is found by name (transformers 4.x reports unprefixed ones missing and draws them at random)
+    from transformers import CLIPTextModel
+    _, info = CLIPTextModel.from_pretrained(src.parent / "text_encoder", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
