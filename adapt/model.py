@@ -34,6 +34,8 @@ def write_portable(folder: str | Path) -> list[str]:
     vocab.json + merges.txt, and loads unprefixed weights as *missing*: a random text encoder, with only a warning.
     SD checkpoints ship both files and the prefix, which transformers 5 reads too, so adapt writes that layout.
     """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
     changed = []
     for tj in sorted(Path(folder).glob("tokenizer*/tokenizer.json")):
         vocab_f, merges_f = tj.parent / "vocab.json", tj.parent / "merges.txt"
@@ -45,8 +47,6 @@ def write_portable(folder: str | Path) -> list[str]:
         merges_f.write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
         changed.append(f"{tj.parent.name}: vocab.json, merges.txt")
     for w in sorted(Path(folder).glob("text_encoder*/model.safetensors")):
-        from safetensors import safe_open
-        from safetensors.torch import save_file
         with safe_open(str(w), "pt") as f:
             meta, keys = f.metadata(), list(f.keys())
             if all(k.startswith(("text_model.", "text_projection.")) for k in keys):
