@@ -72,12 +72,15 @@ def alignment(run_dir: Path, step: int, batches: int = 32) -> dict:
     G_w. Progress per step along G_w goes roughly with that cosine (Adam normalises the length), so the full range's
     cosine over the window's predicts its relative speed; 0.5 would need the out-of-window half to point nowhere.
     """
-    from adapt import bench, cache, config, objective, trainstep
+    from adapt import buckets, cache, config, objective, trainstep
     cfg = config.load(config.RunConfig, run_dir / "config.yaml")
     pipe, facts = model.load_base(cfg.model.base)
     lora.attach(pipe.unet, cfg.lora.preset, cfg.lora.rank, cfg.lora.alpha)
     set_lora(pipe, "default", load_file(str(run_dir / f"checkpoint-{step}" / checkpoint.WEIGHTS) + ".safetensors"))
-    sized, caps, _ = bench._images(cfg.data.num_images or 32, cfg.data.resolution, facts)  # the synthetic set's images
+    made = [synth.make("sunglasses", "train", i) for i in range(cfg.data.num_images or 32)]  # the synthetic set's images
+    sizing = buckets.Sizing(cfg.data.resolution, facts.size_multiple, buckets=False)
+    sized = buckets.size_images([m[0] for m in made], sizing)
+    caps = [m[1] for m in made]
     post = cache.encode_entries(pipe.vae, sized.pixels)
     o = cfg.objective
     win = objective.window_timesteps(sample.make_scheduler(pipe.scheduler, o.scheduler), o.inference_steps, o.strength, "img2img_exact")

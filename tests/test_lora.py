@@ -147,6 +147,12 @@ def test_save_then_plain_diffusers_load_is_exact(tiny_base, tmp_path):
     plain = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
     plain.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")  # as the model card
     assert torch.equal(_out(plain.unet), trained)  # bit-exact, alpha included
+    import diffusers
+    from packaging.version import Version
+    if Version(diffusers.__version__) >= Version("0.40"):  # before 0.40 diffusers asks offline for weight_name
+        bare = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
+        bare.load_lora_weights(str(tmp_path))  # the folder alone, as diffusers' docs write it
+        assert torch.equal(_out(bare.unet), trained)
 
     plain.fuse_lora(components=["unet"])
     assert (_out(plain.unet) - trained).abs().max() <= 1e-6
