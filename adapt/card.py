@@ -6,6 +6,7 @@ from pathlib import Path
 
 from adapt import atomic, config
 from adapt.facts import AdapterFacts
+from adapt.lora import WEIGHTS_NAME
 
 
 def write_model_card(out: Path, f: AdapterFacts, cfg) -> Path:
@@ -40,7 +41,7 @@ adapt sample --base {f.base} --adapter {out} --image source.png --prompt "{promp
 Plain diffusers, the same image (same scheduler, steps, strength, guidance and seed; a square source.png):
 ```python
 {_load_lines(f)}
-pipe.load_lora_weights("{out}", weight_name="pytorch_lora_weights.safetensors"){_decoder_lines(f, out)}
+pipe.load_lora_weights("{out}", weight_name="{WEIGHTS_NAME}"){_decoder_lines(f, out)}
 source = load_image("source.png").resize(({f.resolution}, {f.resolution}))
 image = pipe("{prompt}", image=source, strength={f.strength}, num_inference_steps={f.inference_steps},
              guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(0)).images[0]

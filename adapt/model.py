@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from adapt import atomic
+
 ZOO = Path(__file__).parent / "zoo"
 EMBEDDED_PREFIX = "adapt:"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -26,6 +28,13 @@ def dtype_kw(dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
 
 
+def write_bpe_files(folder: str | Path, vocab: dict, merges: list) -> None:
+    """vocab.json + merges.txt, the CLIP/GPT-2 BPE files every transformers version reads; merges as (a, b) or "a b"."""
+    lines = "".join((m if isinstance(m, str) else " ".join(m)) + "\n" for m in merges)
+    atomic.write_bytes(Path(folder) / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
+    atomic.write_bytes(Path(folder) / "merges.txt", ("#version: 0.2\n" + lines).encode("utf-8"))
+
+
 def write_portable(folder: str | Path) -> list[str]:
     """Make a pipeline folder saved by transformers 5 load the same in transformers 4.x; returns what it changed.
 
@@ -35,27 +44,21 @@ def write_portable(folder: str | Path) -> list[str]:
     SD checkpoints ship both files and the prefix, which transformers 5 reads too, so adapt writes that layout.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
     changed = []
     for tj in sorted(Path(folder).glob("tokenizer*/tokenizer.json")):
-        vocab_f, merges_f = tj.parent / "vocab.json", tj.parent / "merges.txt"
         bpe = json.loads(tj.read_text(encoding="utf-8"))["model"]
-        if (vocab_f.exists() and merges_f.exists()) or bpe.get("type") != "BPE":
+        if ((tj.parent / "vocab.json").exists() and (tj.parent / "merges.txt").exists()) or bpe.get("type") != "BPE":
             continue
-        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
-        vocab_f.write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
-        merges_f.write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+        write_bpe_files(tj.parent, bpe["vocab"], bpe["merges"])
         changed.append(f"{tj.parent.name}: vocab.json, merges.txt")
+    keep = ("text_model.", "text_projection.")
     for w in sorted(Path(folder).glob("text_encoder*/model.safetensors")):
         with safe_open(str(w), "pt") as f:
             meta, keys = f.metadata(), list(f.keys())
-            if all(k.startswith(("text_model.", "text_projection.")) for k in keys):
+            if all(k.startswith(keep) for k in keys):
                 continue
-            tensors = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): f.get_tensor(k)
-                       for k in keys}
-        tmp = w.with_name(w.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(w)
+            tensors = {(k if k.startswith(keep) else "text_model." + k): f.get_tensor(k) for k in keys}
+        atomic.write_safetensors(tensors, w, meta)
         changed.append(f"{w.parent.name}: text_model. prefix")
     return changed
 

@@ -8,7 +8,6 @@ reads through the same path as a downloaded model.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from adapt.model import write_portable
+from adapt.model import write_bpe_files, write_portable
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -59,8 +58,7 @@ def build_tokenizer(words: list[str], max_length: int = 77) -> CLIPTokenizer:
     vocab[EOS] = len(vocab)
     # Through files, as a downloaded tokenizer loads: transformers 5 also takes vocab/merges in memory, 4.x does not.
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        write_bpe_files(d, vocab, merges)
         return CLIPTokenizer.from_pretrained(d, model_max_length=max_length, bos_token=BOS, eos_token=EOS,
                                              pad_token=EOS, unk_token=EOS)
 
