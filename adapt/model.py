@@ -8,6 +8,7 @@ goes through diffusers' own loaders, so the embedded base takes the same path as
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,6 +66,91 @@ def write_portable(folder: str | Path) -> list[str]:
 
 class ModelError(ValueError):
     """The base model cannot be found or is not a usable diffusion pipeline; the message says which."""
+
+
+WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
+# diffusers renames these on load (VAE attention saved before diffusers 0.14): the loaded name -> the stored one.
+_DEPRECATED_ATTENTION = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+
+
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The .safetensors files a component's loader reads: `<name>[.variant][-0000k-of-0000n].safetensors`."""
+    names = re.compile(r"(model|diffusion_pytorch_model)(\.(?P<v>[\w]+))?(-\d+-of-\d+)?\.safetensors")
+    by_variant: dict[str | None, list[Path]] = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        m = names.fullmatch(p.name)
+        if m:
+            by_variant.setdefault(m["v"], []).append(p)
+    return by_variant.get(variant) or by_variant.get(None, [])
+
+
+def verify_weights(module: torch.nn.Module, folder: str | Path, variant: str | None = None) -> None:
+    """Raise ModelError unless every parameter of `module` holds the value stored in `folder`'s safetensors files.
+
+    diffusers and transformers fill a weight they do not find in a checkpoint with random values and only log a
+    warning (which adapt.quiet() silences): a UNet missing one norm, or a text encoder saved by transformers 5
+    (without its `text_model.` prefix) read by transformers 4.x, loads as a model that was never trained. The
+    check reads one row of each stored tensor (the header and a few KB, not the weights again). A folder with no
+    safetensors files (pickle .bin only) is not checked.
+    """
+    from safetensors import safe_open
+    folder = Path(folder)
+    files = _weight_files(folder, variant)
+    if not files:
+        return
+    where = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            where.update({k: f for k in h.keys()})
+    text = type(module).__module__.startswith("transformers")
+    prefix = "text_model."  # CLIP's: transformers 5 names parameters without it and reads keys with or without it
+
+    def stored_name(name: str) -> str | None:
+        candidates = [name]
+        if text:
+            candidates.append(name.removeprefix(prefix) if name.startswith(prefix) else prefix + name)
+        for new, old in _DEPRECATED_ATTENTION.items():
+            candidates += [c.replace(new, old) for c in list(candidates) if new in c]
+        return next((c for c in candidates if c in where), None)
+
+    missing, differ = [], []
+    handles = {}
+    try:
+        for name, p in module.named_parameters():
+            key = stored_name(name)
+            if key is None:
+                missing.append(name)
+                continue
+            h = handles.setdefault(where[key], safe_open(str(where[key]), "pt"))
+            row = h.get_tensor(key) if p.ndim == 0 else h.get_slice(key)[:1]
+            mine = p.detach().cpu() if p.ndim == 0 else p.detach()[:1].cpu()
+            if row.shape == mine.shape and not torch.equal(row.to(mine.dtype), mine):
+                differ.append(name)  # a shape the loader transformed is not compared
+    finally:
+        handles.clear()
+    if not (missing or differ):
+        return
+    n = sum(1 for _ in module.parameters())
+    shown = ", ".join((missing + differ)[:3]) + (", ..." if len(missing) + len(differ) > 3 else "")
+    msg = (f"{folder}: {len(missing) + len(differ)} of {type(module).__name__}'s {n} weights were not loaded from "
+           f"{', '.join(f.name for f in files)} and hold random values ({shown})")
+    import transformers
+    if differ and text and not any(k.startswith(prefix) for k in where) and int(transformers.__version__.split(".")[0]) < 5:
+        msg += (f". The file's keys lack the `{prefix}` prefix (saved by transformers >= 5), which transformers "
+                f"{transformers.__version__} does not map: upgrade transformers, or rewrite the folder in the layout "
+                f"every version reads: python -c \"from adapt.model import write_portable; "
+                f"write_portable('{folder.parent}')\"")
+    elif missing:
+        msg += ": the checkpoint lacks them; it is incomplete, or its config.json describes another architecture"
+    raise ModelError(msg)
+
+
+def verify_pipeline(pipe, folder: str | Path, variant: str | None = None) -> None:
+    """verify_weights for each weighted component of a pipeline loaded from `folder` (diffusers layout)."""
+    for name in WEIGHTED:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module) and (Path(folder) / name).is_dir():
+            verify_weights(module, Path(folder) / name, variant)
 
 
 @dataclass
@@ -160,16 +246,27 @@ def load_pipeline(base: str, revision: str | None = None, variant: str | None = 
         if cls.__name__.endswith("XLPipeline"):
             kw = dtype_kw(torch_dtype)
         try:
-            return cls.from_pretrained(where, variant=variant, **kw), where
+            pipe = cls.from_pretrained(where, variant=variant, **kw)
         except (OSError, ValueError) as e:
             raise ModelError(f"{where}: could not load as {cls.__name__}: {e}") from e
+        verify_pipeline(pipe, where, variant)
+        return pipe, where
     if kind == "file":
         cls = _pipeline_class(None, architecture or single_file_architecture(where))
         try:
             kw = {"config": config} if config else {}
-            return cls.from_single_file(where, **dtype_kw(torch_dtype), **kw), where
+            pipe = cls.from_single_file(where, **dtype_kw(torch_dtype), **kw)
         except Exception as e:  # diffusers raises many types for unrecognised files
-            raise ModelError(f"{where}: not a loadable single-file Stable Diffusion checkpoint: {e}") from e
+            hint = " (a weight the model needs is missing from the file)" if "meta tensor" in str(e) else ""
+            raise ModelError(f"{where}: not a loadable single-file Stable Diffusion checkpoint{hint}: {e}") from e
+        # diffusers leaves a text-encoder weight the file lacks on the meta device, to fail at the first prompt
+        for name in WEIGHTED:
+            module = getattr(pipe, name, None)
+            empty = [k for k, p in module.named_parameters() if p.is_meta] if module is not None else []
+            if empty:
+                raise ModelError(f"{where}: the file holds no value for {len(empty)} of {name}'s weights "
+                                 f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}); the checkpoint is incomplete")
+        return pipe, where
     from huggingface_hub import constants
     offline = constants.HF_HUB_OFFLINE
     try:
@@ -179,12 +276,14 @@ def load_pipeline(base: str, revision: str | None = None, variant: str | None = 
         if cls.__name__.endswith("XLPipeline"):
             kw = dtype_kw(torch_dtype)
         commit = Path(index_path).parent.name  # .../snapshots/<commit>/model_index.json: what was actually loaded
-        return cls.from_pretrained(where, revision=revision, variant=variant, **kw), f"{where}@{commit}"
+        pipe = cls.from_pretrained(where, revision=revision, variant=variant, **kw)
     except Exception as e:
         if offline or "offline" in str(e).lower() or "connect" in str(e).lower() or "resolve" in str(e).lower():
             raise ModelError(f"hub id {where!r}: the Hugging Face hub is unreachable (offline={offline}) and the model "
                              f"is not in the local cache; download it where you have network, or pass a local folder") from e
         raise ModelError(f"hub id {where!r}: could not load: {e}") from e
+    verify_pipeline(pipe, Path(index_path).parent, variant)
+    return pipe, f"{where}@{commit}"
 
 
 def facts_of(pipe, source: str, resolved: str) -> BaseFacts:
@@ -259,5 +358,7 @@ def load_base(base: str, revision: str | None = None, variant: str | None = None
             pipe.vae = AutoencoderKL.from_pretrained(vae, **dtype_kw(pipe.vae.dtype))
         except Exception as e:
             raise ModelError(f"VAE {vae!r}: could not load an AutoencoderKL: {e}") from e
+        if Path(vae).is_dir():  # a hub VAE's files are not checked
+            verify_weights(pipe.vae, vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe, facts_of(pipe, base, resolved)

@@ -252,3 +252,97 @@ def test_pipelines_load_the_same_in_transformers_4_and_5(folder, tmp_path):
     from transformers import CLIPTextModel
     _, info = CLIPTextModel.from_pretrained(src.parent / "text_encoder", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def _rewrite(path, edit):
+    """Rewrite a safetensors file through `edit(dict) -> dict`, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(edit(tensors), str(path), meta)
+
+
+@pytest.mark.parametrize("component,key", [("unet", "conv_norm_out.weight"),
+                                           ("text_encoder", "text_model.encoder.layers.0.layer_norm1.weight"),
+                                           ("vae", "decoder.conv_out.bias")])
+def test_a_weight_missing_from_the_checkpoint_is_refused_not_drawn_at_random(tiny_base, tmp_path, component, key):
+    """diffusers and transformers fill a weight the file lacks with random values and only warn (adapt.quiet()
+    silences the warning): the base would train and sample as a model nobody trained."""
+    import shutil
+    folder = shutil.copytree(tiny_base, tmp_path / "base")
+    f = next((folder / component).glob("*.safetensors"))
+    _rewrite(f, lambda t: {k: v for k, v in t.items() if k != key})
+    with pytest.raises(model.ModelError, match=rf"{component}: 1 of .* weights were not loaded from {f.name} and hold "
+                                               rf"random values \((text_model\.)?{key.removeprefix('text_model.')}\): "
+                                               "the checkpoint lacks them"):
+        model.load_base(str(folder))
+
+
+def test_a_replacement_vae_missing_a_weight_is_refused(tiny_base, tmp_path):
+    import shutil
+    vae = shutil.copytree(tiny_base / "vae", tmp_path / "vae")
+    _rewrite(vae / "diffusion_pytorch_model.safetensors", lambda t: {k: v for k, v in t.items() if k != "encoder.conv_in.weight"})
+    with pytest.raises(model.ModelError, match="vae: 1 of AutoencoderKL's .* \\(encoder.conv_in.weight\\)"):
+        model.load_base(str(tiny_base), vae=str(vae))
+
+
+def test_renamed_and_recast_weights_are_not_false_alarms(tiny_base, tmp_path):
+    """What the loaders map on purpose passes: a VAE saved before diffusers 0.14 (attention as query/key/value/
+    proj_attn), an fp16 variant read into fp32 and bf16, a text encoder with or without the `text_model.` prefix
+    (transformers 5 reads both)."""
+    import shutil
+    import torch
+    import transformers
+    folder = shutil.copytree(tiny_base, tmp_path / "base")
+    old = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+
+    def deprecated(t):
+        out = {}
+        for k, v in t.items():
+            for new, was in old.items():
+                k = k.replace(new, was) if "mid_block.attentions" in k else k
+            out[k] = v
+        return out
+    _rewrite(folder / "vae" / "diffusion_pytorch_model.safetensors", deprecated)
+    for comp in ("unet", "vae", "text_encoder"):
+        for f in (folder / comp).glob("*.safetensors"):
+            shutil.copy(f, f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")))
+            _rewrite(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")),
+                     lambda t: {k: v.half() for k, v in t.items()})
+    ref, _ = model.load_base(str(tiny_base))
+    pipe, _ = model.load_base(str(folder))  # the renamed VAE: its attention loads as the original's
+    assert torch.equal(pipe.vae.decoder.mid_block.attentions[0].to_q.weight, ref.vae.decoder.mid_block.attentions[0].to_q.weight)
+    for dtype in (torch.float32, torch.bfloat16):
+        p16, _ = model.load_base(str(folder), variant="fp16", torch_dtype=dtype)
+        w = p16.unet.conv_in.weight
+        assert w.dtype == dtype and torch.equal(w, ref.unet.conv_in.weight.half().to(dtype))
+    _rewrite(folder / "text_encoder" / "model.safetensors", lambda t: {k.removeprefix("text_model."): v for k, v in t.items()})
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        pipe, _ = model.load_base(str(folder), variant=None)
+        assert all(torch.equal(a, b) for a, b in zip(pipe.text_encoder.parameters(), ref.text_encoder.parameters()))
+    else:  # transformers 4.x draws every unprefixed weight at random: refused, with the way out
+        with pytest.raises(model.ModelError, match=r"lack the `text_model\.` prefix \(saved by transformers >= 5\).*"
+                                                   r"write_portable"):
+            model.load_base(str(folder))
+        assert model.write_portable(folder) == ["text_encoder: text_model. prefix"]
+        pipe, _ = model.load_base(str(folder))
+        assert all(torch.equal(a, b) for a, b in zip(pipe.text_encoder.parameters(), ref.text_encoder.parameters()))
+
+
+@pytest.mark.parametrize("key,says", [
+    ("cond_stage_model.transformer.text_model.final_layer_norm.weight",
+     r"holds no value for 1 of text_encoder's weights \((text_model\.)?final_layer_norm.weight\)"),
+    ("model.diffusion_model.out.0.weight", r"a weight the model needs is missing from the file")])
+def test_a_single_file_missing_a_weight_is_refused_at_load(tmp_path, key, says):
+    """diffusers' single-file loader leaves a text-encoder weight the file lacks on the meta device, so the load
+    'succeeds' and the first prompt fails deep inside CLIP; a UNet weight fails with 'Cannot copy out of meta tensor'."""
+    from diffusers import StableDiffusionPipeline
+    from adapt.singlefile import save_checkpoint
+    from adapt.tiny import build_tiny_components
+    pipe = StableDiffusionPipeline(**build_tiny_components())
+    pipe.save_pretrained(tmp_path / "folder")
+    ckpt = save_checkpoint(pipe, tmp_path / "model.safetensors")
+    _rewrite(ckpt, lambda t: {k: v for k, v in t.items() if k != key})
+    with pytest.raises(model.ModelError, match=rf"model.safetensors: .*{says}"):
+        model.load_base(str(ckpt), config=str(tmp_path / "folder"))
