@@ -207,7 +207,7 @@ def _encoder_flops(pipe, sized, caps: list[str], batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     ids = pipe.tokenizer(caps[:1], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids
-    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+    with FlopCounterMode(display=False) as fc, torch.no_grad():  # torch 2.4 counts nothing under inference_mode
         pipe.vae.encode(sized.pixels[0][None].to(pipe.vae.dtype)).latent_dist.sample()
         pipe.text_encoder(ids)
     return batch * fc.get_total_flops()
