@@ -39,12 +39,11 @@ test-integration: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	@$(BIN)/python -m pytest -q -m slow
 
-# The lower bounds in pyproject.toml, installed exactly (.ci/floors.txt), with the same torch pin. ADAPT_TEST_FLOORS
+# The lower bounds in pyproject.toml, torch's included, installed exactly (.ci/floors.txt). ADAPT_TEST_FLOORS
 # tells the one test with pinned losses that the tiny random pipeline's seeded init differs in these versions.
 FLOORS := .venv-floors
 $(FLOORS)/.installed: pyproject.toml .ci/floors.txt
 	@$(PYTHON) -m venv $(FLOORS)
-	@$(FLOORS)/bin/python -c "import torch" 2>/dev/null || $(FLOORS)/bin/python -m pip -q --disable-pip-version-check install "$(TORCH_PIN)"
 	@$(FLOORS)/bin/python -m pip -q --disable-pip-version-check install -c .ci/floors.txt -e ".[test]"
 	@touch $@
 

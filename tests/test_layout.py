@@ -44,8 +44,8 @@ def test_shipped_configs_validate(path):
 
 
 def test_floor_pins_match_the_lower_bounds():
-    """`make test-floors` installs .ci/floors.txt: each `>=` bound of pyproject.toml (torch aside, see the file) is
-    pinned there at that version, so the bounds users get are the ones CI tested."""
+    """`make test-floors` installs .ci/floors.txt: each `>=` bound of pyproject.toml, torch's included, is pinned there
+    at that version, so the bounds users get are the ones CI tested."""
     import re
     import tomllib
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -57,4 +57,4 @@ def test_floor_pins_match_the_lower_bounds():
     pins = dict(line.split("==") for line in (ROOT / ".ci/floors.txt").read_text().split("\n")
                 if line.strip() and not line.startswith("#"))
     from packaging.version import Version
-    assert {k.lower(): Version(v) for k, v in pins.items()} == {k: Version(v) for k, v in bounds.items() if k != "torch"}
+    assert {k.lower(): Version(v) for k, v in pins.items()} == {k: Version(v) for k, v in bounds.items()}
