@@ -145,6 +145,10 @@ def load(adapter: str | Path, base_vae):
         vae = AutoencoderKL.from_pretrained(str(path), **model.dtype_kw(base_vae.dtype))
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise DecoderError(f"{path}: not a loadable VAE folder ({type(e).__name__}: {e})") from e
+    try:  # diffusers fills a weight the file lacks at random and only warns
+        model.verify_weights(vae, path)
+    except model.ModelError as e:
+        raise DecoderError(str(e)) from e
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # a config built in code holds tuples, JSON lists
     differ = [k for k in ("in_channels", "latent_channels", "block_out_channels", "layers_per_block", "scaling_factor")
               if norm(vae.config.get(k)) != norm(base_vae.config.get(k))]
