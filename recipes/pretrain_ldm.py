@@ -135,7 +135,9 @@ def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> Autoenco
     vae = build_vae(cfg.vae_latent_channels)
     if cfg.vae_from:  # reuse a trained VAE as it is (e.g. v1's for a new UNet): latents, caches and tuned decoders stay valid
         log(f"VAE: reusing {cfg.vae_from}/vae")
-        return AutoencoderKL.from_pretrained(cfg.vae_from, subfolder="vae", **model.dtype_kw(torch.float32))
+        reused = AutoencoderKL.from_pretrained(cfg.vae_from, subfolder="vae", **model.dtype_kw(torch.float32))
+        model.verify_weights(reused, Path(cfg.vae_from) / "vae")  # a weight missing from it would be drawn at random
+        return reused
     if final.exists():
         vae.load_state_dict(load_file(str(final)))
         return vae
