@@ -3,8 +3,8 @@
 #   make test   set up .venv with test extras, then run the test suite (unit and recipe tests, a few minutes)
 #   make test-integration   the off-path tests: real signals, a real full filesystem, accelerate launch (CI runs them)
 #   make test-slow          SD-sized architectures and the GPU check's CPU path (CI runs them)
-#   make test-floors        make test's and make test-integration's tests in .venv-floors, on the lowest versions
-#                           pyproject.toml allows (CI runs it)
+#   make test-floors        all three test sets in .venv-floors, on the lowest versions pyproject.toml allows,
+#                           torch 2.4 included (CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -48,7 +48,7 @@ $(FLOORS)/.installed: pyproject.toml .ci/floors.txt
 	@touch $@
 
 test-floors: $(FLOORS)/.installed
-	@ADAPT_TEST_FLOORS=1 $(FLOORS)/bin/python -m pytest -q -m "not slow"
+	@ADAPT_TEST_FLOORS=1 $(FLOORS)/bin/python -m pytest -q -m "slow or not slow"
 
 clean:
 	rm -rf runs/demo

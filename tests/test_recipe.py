@@ -153,7 +153,12 @@ def test_regional_compile_trains_the_same_losses_and_resumes_uncompiled(tiny_bas
     r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.compile=regional", "train.checkpointing_steps=2"), launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compile: regional (train.compile=regional)" in r.stdout
-    np.testing.assert_allclose([row["loss"] for row in read_log(out)], PINNED, rtol=1e-3)
+    eager = PINNED
+    if os.environ.get("ADAPT_TEST_FLOORS"):  # other random weights on the floor versions: an eager run of the same venv
+        r0 = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "eager"), launcher="python")
+        assert r0.returncode == 0, r0.stderr[-3000:]
+        eager = [row["loss"] for row in read_log(tmp_path / "eager")]
+    np.testing.assert_allclose([row["loss"] for row in read_log(out)], eager, rtol=1e-3)
     (out / lora.WEIGHTS_NAME).unlink()
     r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.compile=off", "train.max_steps=5",
                                "train.resume_from_checkpoint=latest"), launcher="python")
