@@ -121,7 +121,9 @@ def verify_weights(module: torch.nn.Module, folder: str | Path, variant: str | N
             if key is None:
                 missing.append(name)
                 continue
-            h = handles.setdefault(where[key], safe_open(str(where[key]), "pt"))
+            if where[key] not in handles:
+                handles[where[key]] = safe_open(str(where[key]), "pt")
+            h = handles[where[key]]
             row = h.get_tensor(key) if p.ndim == 0 else h.get_slice(key)[:1]
             mine = p.detach().cpu() if p.ndim == 0 else p.detach()[:1].cpu()
             if row.shape == mine.shape and not torch.equal(row.to(mine.dtype), mine):
