@@ -229,6 +229,12 @@ class Clip:
             self.tokenizer = AutoTokenizer.from_pretrained(name)
         except Exception as e:
             raise WeightsError(f"CLIP model {name!r}: could not load a CLIPModel and its tokenizer ({type(e).__name__}: {e})") from e
+        if Path(name).is_dir():  # transformers draws a weight the folder lacks at random and only warns
+            from adapt import model
+            try:
+                model.verify_weights(self.model, name)
+            except model.ModelError as e:
+                raise WeightsError(f"CLIP model {e}") from e
         self.size, self.device = int(self.model.config.vision_config.image_size), device
 
     @staticmethod

@@ -160,3 +160,10 @@ def test_clip_embeddings_from_a_saved_model(tmp_path):
     assert t.shape == (2, 16) and not torch.allclose(t[0], t[1])
     with pytest.raises(P.WeightsError, match="could not load a CLIPModel"):
         P.Clip(str(tmp_path / "missing"))
+    # a folder missing a weight: transformers would draw it at random, every score would be noise
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(tmp_path / "clip" / "model.safetensors"))
+    del sd["visual_projection.weight"]
+    save_file(sd, str(tmp_path / "clip" / "model.safetensors"), {"format": "pt"})
+    with pytest.raises(P.WeightsError, match=r"clip: 1 of CLIPModel's .* \(visual_projection\.weight\)"):
+        P.Clip(str(tmp_path / "clip"))
