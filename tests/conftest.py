@@ -79,3 +79,13 @@ def run_recipe(args, cwd=ROOT, launcher="accelerate", nproc=1, timeout=600, env_
 def read_log(out_dir):
     import json
     return [json.loads(l) for l in (Path(out_dir) / "logs" / "train_log.jsonl").read_text().splitlines() if l.strip()]
+
+
+def rewrite_safetensors(path, edit):
+    """Rewrite a safetensors file through `edit(dict) -> dict`, keeping its metadata (a checkpoint as another tool,
+    or a damaged copy, would leave it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(edit(tensors), str(path), meta)

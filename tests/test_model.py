@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from conftest import rewrite_safetensors
 
 from adapt import model
 
@@ -254,15 +255,6 @@ def test_pipelines_load_the_same_in_transformers_4_and_5(folder, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
-def _rewrite(path, edit):
-    """Rewrite a safetensors file through `edit(dict) -> dict`, keeping its metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    with safe_open(str(path), "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    save_file(edit(tensors), str(path), meta)
-
-
 @pytest.mark.parametrize("component,key", [("unet", "conv_norm_out.weight"),
                                            ("text_encoder", "text_model.encoder.layers.0.layer_norm1.weight"),
                                            ("vae", "decoder.conv_out.bias")])
@@ -272,7 +264,7 @@ def test_a_weight_missing_from_the_checkpoint_is_refused_not_drawn_at_random(tin
     import shutil
     folder = shutil.copytree(tiny_base, tmp_path / "base")
     f = next((folder / component).glob("*.safetensors"))
-    _rewrite(f, lambda t: {k: v for k, v in t.items() if k != key})
+    rewrite_safetensors(f, lambda t: {k: v for k, v in t.items() if k != key})
     with pytest.raises(model.ModelError, match=rf"{component}: 1 of .* weights were not loaded from {f.name} and hold "
                                                rf"random values \((text_model\.)?{key.removeprefix('text_model.')}\): "
                                                "the checkpoint lacks them"):
@@ -282,7 +274,7 @@ def test_a_weight_missing_from_the_checkpoint_is_refused_not_drawn_at_random(tin
 def test_a_replacement_vae_missing_a_weight_is_refused(tiny_base, tmp_path):
     import shutil
     vae = shutil.copytree(tiny_base / "vae", tmp_path / "vae")
-    _rewrite(vae / "diffusion_pytorch_model.safetensors", lambda t: {k: v for k, v in t.items() if k != "encoder.conv_in.weight"})
+    rewrite_safetensors(vae / "diffusion_pytorch_model.safetensors", lambda t: {k: v for k, v in t.items() if k != "encoder.conv_in.weight"})
     with pytest.raises(model.ModelError, match="vae: 1 of AutoencoderKL's .* \\(encoder.conv_in.weight\\)"):
         model.load_base(str(tiny_base), vae=str(vae))
 
@@ -304,11 +296,11 @@ def test_renamed_and_recast_weights_are_not_false_alarms(tiny_base, tmp_path):
                 k = k.replace(new, was) if "mid_block.attentions" in k else k
             out[k] = v
         return out
-    _rewrite(folder / "vae" / "diffusion_pytorch_model.safetensors", deprecated)
+    rewrite_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors", deprecated)
     for comp in ("unet", "vae", "text_encoder"):
         for f in (folder / comp).glob("*.safetensors"):
             shutil.copy(f, f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")))
-            _rewrite(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")),
+            rewrite_safetensors(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")),
                      lambda t: {k: v.half() for k, v in t.items()})
     ref, _ = model.load_base(str(tiny_base))
     pipe, _ = model.load_base(str(folder))  # the renamed VAE: its attention loads as the original's
@@ -317,7 +309,7 @@ def test_renamed_and_recast_weights_are_not_false_alarms(tiny_base, tmp_path):
         p16, _ = model.load_base(str(folder), variant="fp16", torch_dtype=dtype)
         w = p16.unet.conv_in.weight
         assert w.dtype == dtype and torch.equal(w, ref.unet.conv_in.weight.half().to(dtype))
-    _rewrite(folder / "text_encoder" / "model.safetensors", lambda t: {k.removeprefix("text_model."): v for k, v in t.items()})
+    rewrite_safetensors(folder / "text_encoder" / "model.safetensors", lambda t: {k.removeprefix("text_model."): v for k, v in t.items()})
     if int(transformers.__version__.split(".")[0]) >= 5:
         pipe, _ = model.load_base(str(folder), variant=None)
         assert all(torch.equal(a, b) for a, b in zip(pipe.text_encoder.parameters(), ref.text_encoder.parameters()))
@@ -343,6 +335,6 @@ def test_a_single_file_missing_a_weight_is_refused_at_load(tmp_path, key, says):
     pipe = StableDiffusionPipeline(**build_tiny_components())
     pipe.save_pretrained(tmp_path / "folder")
     ckpt = save_checkpoint(pipe, tmp_path / "model.safetensors")
-    _rewrite(ckpt, lambda t: {k: v for k, v in t.items() if k != key})
+    rewrite_safetensors(ckpt, lambda t: {k: v for k, v in t.items() if k != key})
     with pytest.raises(model.ModelError, match=rf"model.safetensors: .*{says}"):
         model.load_base(str(ckpt), config=str(tmp_path / "folder"))
