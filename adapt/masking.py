@@ -45,16 +45,25 @@ def _cond(pipe, prompts: list[str], size: tuple[int, int]) -> dict:
 
 
 @torch.no_grad()
-def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[str], settings: MaskSettings):
+def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[str], settings: MaskSettings,
+              seeds: list[int] | None = None):
     """Latent edit masks in {0, 1}, (1, h, w) per image: where the adapters `names` change the noise prediction.
     Stacked as an (N, 1, h, w) tensor when the images share one size, else a list (images of one size are
-    computed together)."""
+    computed together).
+
+    Image i's noise draws come from its own generator, seeded `seeds[i]` (default `settings.seed + i`, the seed
+    `sample.img2img` gives image i), so its mask does not depend on the other images of the call: sampled alone
+    with its own seed, an image gets the mask, and so the output, it got in a batch."""
+    seeds = [settings.seed + i for i in range(len(images))] if seeds is None else list(seeds)
+    if len(seeds) != len(images):
+        raise ValueError(f"auto_mask: {len(seeds)} seeds for {len(images)} images")
     sizes = {img.size for img in images}
     if len(sizes) > 1:
         out: list = [None] * len(images)
         for size in sizes:
             idx = [i for i, img in enumerate(images) if img.size == size]
-            for i, m in zip(idx, auto_mask(pipe, [images[i] for i in idx], [prompts[i] for i in idx], names, settings)):
+            for i, m in zip(idx, auto_mask(pipe, [images[i] for i in idx], [prompts[i] for i in idx], names, settings,
+                                           [seeds[i] for i in idx])):
                 out[i] = m
         return out
     from diffusers import DDPMScheduler
@@ -68,8 +77,9 @@ def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[s
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise process the UNet knows
     t = torch.full((len(images),), settings.timestep, dtype=torch.long)
     diff = torch.zeros(z0.shape[0], 1, *z0.shape[2:], device=z0.device)
-    for k in range(settings.draws):
-        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(settings.seed + k)).to(z0)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(settings.draws):
+        noise = torch.cat([torch.randn((1, *z0.shape[1:]), generator=g) for g in gens]).to(z0)
         zt = ddpm.add_noise(z0, noise, t)
         tt = t.to(z0.device)
         with lora.applied(pipe, names, [1.0] * len(names), fuse=False):

@@ -50,6 +50,21 @@ def test_auto_mask_is_binary_dilated_and_empty_for_a_no_op_adapter(pipe_with_ada
             masking.auto_mask(pipe_with_adapter, imgs, prompts, ["ad"], masking.MaskSettings())
 
 
+
+def test_an_images_mask_does_not_depend_on_the_other_images_of_the_call(pipe_with_adapter):
+    # img2img seeds image i with seed + i; the mask's noise draws follow it, so an output sampled in a batch is
+    # reproduced by sampling its image alone with its own seed (the seed `adapt sample` records in the PNG).
+    imgs, prompts = _faces(3), ["a face wearing sunglasses"] * 3
+    s = masking.MaskSettings(dilate=0, threshold=0.3)
+    batch = masking.auto_mask(pipe_with_adapter, imgs, prompts, ["ad"], s)
+    for i in (1, 2):
+        alone = masking.auto_mask(pipe_with_adapter, [imgs[i]], [prompts[i]], ["ad"], masking.MaskSettings(dilate=0, threshold=0.3, seed=i))
+        assert torch.equal(batch[i], alone[0]), i
+    other = masking.auto_mask(pipe_with_adapter, [imgs[1]], [prompts[1]], ["ad"], s)  # seed 0, not 1: other draws
+    assert not torch.equal(batch[1], other[0])
+    with pytest.raises(ValueError, match="2 seeds for 3 images"):
+        masking.auto_mask(pipe_with_adapter, imgs, prompts, ["ad"], s, seeds=[0, 1])
+
 def test_blending_keeps_the_source_outside_and_is_plain_img2img_with_a_full_mask(pipe_with_adapter):
     imgs, prompts = _faces(), ["a face wearing sunglasses"] * 2
     h = 64 // pipe_with_adapter.vae_scale_factor
