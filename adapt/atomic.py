@@ -87,10 +87,11 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     return _write(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
-def write_image(img, path: str | Path) -> Path:
-    """A PIL image, format from the suffix."""
+def write_image(img, path: str | Path, pnginfo=None) -> Path:
+    """A PIL image, format from the suffix; `pnginfo` (PIL PngInfo: text chunks) for a PNG."""
     fmt = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
-    return _write(Path(path), lambda tmp: img.save(tmp, format=fmt))
+    kw = {"pnginfo": pnginfo} if pnginfo is not None and fmt == "PNG" else {}
+    return _write(Path(path), lambda tmp: img.save(tmp, format=fmt, **kw))
 
 
 def write_figure(fig, path: str | Path, **kw) -> Path:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -36,7 +37,7 @@ def _add_sample(sub):
     p.add_argument("--num-images", type=int, default=1, help="txt2img images")
     p.add_argument("--resolution", type=int, default=None, help="pixel budget: img2img runs each input at its own aspect "
                    "with about resolution² pixels (sides multiples of the VAE factor); default: the adapter's training resolution, "
-                   "else the base's native one")
+                   "else the base's native one. txt2img: resolution x resolution (default: the base's native size)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep adapters unfused (default: fused at the given scale, which is faster and equal within ~1e-6)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
@@ -68,7 +69,7 @@ def _add_sample(sub):
 
 
 def cmd_sample(a) -> int:
-    from adapt import atomic, decoder, lora, masking, model, sample
+    from adapt import atomic, decoder, lora, masking, model, provenance, sample
     _apply_recommended(a)
     _check_sample_args(a)
     stored = [lora.facts(ad) for ad in a.adapter]  # reads (and checks) every adapter before the base loads
@@ -102,10 +103,18 @@ def cmd_sample(a) -> int:
             print(f"using strength {strength} stored in adapter {a.adapter[0]} (trained for it); pass --strength to override")
         budget = a.resolution or (first.resolution if first is not None and first.resolution else facts.sample_size)
         images = [sample.fit_budget(p, budget, facts.vae_factor) for p in a.image]
-        mask, paste_blur = _edit_mask(a, pipe, images, prompts, names)
+        mask, paste_blur, mask_settings = _edit_mask(a, pipe, images, prompts, names)
         with with_adapters(), decoder.swapped(pipe, tuned):
             imgs = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched, mask=mask, paste_blur=paste_blur)
-        paths = sample.save_images(imgs, out, "img2img")
+        common = _record_common(a, pipe, facts, names, scales, steps, sched, tuned, device)
+        records = [provenance.SampleRecord(
+            kind="img2img", prompt=prompts[i], seed=a.seed + i, width=img.size[0], height=img.size[1], resolution=budget,
+            strength=strength, source=_where(a.image[i]), source_sha256=provenance.file_sha256(a.image[i]),
+            mask=None if mask is None else provenance.MaskUse(
+                source="auto" if a.mask == ["auto"] else _where(a.mask[i]), area=float(mask[i].mean()),
+                settings={**dataclasses.asdict(mask_settings), "seed": a.seed + i}), **common)
+            for i, img in enumerate(imgs)]
+        paths = sample.save_images(imgs, out, "img2img", [provenance.png_info(r) for r in records])
         if mask is not None:
             sample.save_images([masking.mask_image(m, img.size) for m, img in zip(mask, images)], out, "mask")
         if a.grid and names:
@@ -120,11 +129,34 @@ def cmd_sample(a) -> int:
                   + f" at strength {strength})")
     else:
         with with_adapters(), decoder.swapped(pipe, tuned):
-            imgs = sample.txt2img(pipe, prompts[0], a.num_images, steps, a.guidance, a.seed, sched)
-        paths = sample.save_images(imgs, out, "txt2img")
+            imgs = sample.txt2img(pipe, prompts[0], a.num_images, steps, a.guidance, a.seed, sched, size=a.resolution)
+        common = _record_common(a, pipe, facts, names, scales, steps, sched, tuned, device)
+        records = [provenance.SampleRecord(kind="txt2img", prompt=prompts[0], seed=a.seed + i, width=img.size[0],
+                                           height=img.size[1], resolution=img.size[0], **common) for i, img in enumerate(imgs)]
+        paths = sample.save_images(imgs, out, "txt2img", [provenance.png_info(r) for r in records])
     dt = time.time() - t0
     print(f"wrote {len(paths)} image(s) to {out} ({dt / len(paths):.2f} s/image): {', '.join(p.name for p in paths)}")
+    print(f"each records its source, seed and settings (PNG text: WebUI 'parameters' and adapt's record); "
+          f"`adapt inspect {paths[0]}` prints them and the command that makes it again")
     return 0
+
+
+def _record_common(a, pipe, facts, names, scales, steps, sched, tuned, device) -> dict:
+    """The provenance fields every output of one `adapt sample` call shares."""
+    import adapt
+    from adapt import decoder, lora, provenance
+    adapters = [provenance.AdapterUse(path=_where(ad), sha256=lora.weights_sha256(ad), scale=float(s),
+                                      short_hash=provenance.addnet_hash(lora.weights_path(ad)))
+                for ad, s in zip(a.adapter, scales)]
+    dec = next((str(decoder.find(ad)) for ad in a.adapter if decoder.find(ad) is not None), None) if tuned is not None else None
+    return dict(steps=steps, scheduler=sched, guidance=float(a.guidance), base=_where(a.base), base_resolved=str(facts.resolved),
+                adapters=adapters, decoder=dec, fused=bool(a.fuse), device=str(device),
+                dtype=str(pipe.unet.dtype).removeprefix("torch."), adapt_version=adapt.__version__)
+
+
+def _where(path: str) -> str:
+    """An existing path made absolute (the record then works from any folder); a name or hub id as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
 def _tuned_decoder(a, pipe):
@@ -215,11 +247,11 @@ def _apply_recommended(a) -> None:
 
 
 def _edit_mask(a, pipe, images, prompts, names):
-    """(latent masks (N, 1, h, w) or None, paste-back blur or None) for `adapt sample --mask`."""
+    """(latent masks (N, 1, h, w) or None, paste-back blur or None, MaskSettings or None) for `adapt sample --mask`."""
     from adapt import masking
     from adapt.data import open_image
     if not a.mask:
-        return None, None
+        return None, None, None
     try:
         settings = masking.MaskSettings(timestep=a.mask_timestep, draws=a.mask_draws, threshold=a.mask_threshold,
                                         close=a.mask_close, dilate=a.mask_dilate, blur=a.mask_blur, paste=a.paste, seed=a.seed)
@@ -238,7 +270,7 @@ def _edit_mask(a, pipe, images, prompts, names):
     area = [float(m.mean()) for m in mask]
     print(f"edit masks {how}: area {', '.join(f'{v:.0%}' for v in area)}"
           + ("; the input is pasted back outside them" if settings.paste else ""))
-    return mask, (settings.blur if settings.paste else None)
+    return mask, (settings.blur if settings.paste else None), settings
 
 
 def _check_sample_args(a) -> None:
@@ -334,15 +366,17 @@ def cmd_eval(a) -> int:
 
 
 def _add_inspect(sub):
-    p = sub.add_parser("inspect", help="print an adapter's stored facts and key audit")
-    p.add_argument("adapter")
+    p = sub.add_parser("inspect", help="print an adapter's stored facts and key audit, or how an image from "
+                       "`adapt sample` was made")
+    p.add_argument("adapter", metavar="ADAPTER_OR_IMAGE", help="adapter folder or .safetensors, or a PNG `adapt sample` wrote")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
 
 def cmd_inspect(a) -> int:
-    import dataclasses
     from adapt import lora
+    if Path(a.adapter).suffix.lower() == ".png":
+        return _inspect_image(a)
     tensors, header = lora.read(a.adapter)
     facts = header[lora.FACTS_KEY]
     meta = header.get("lora_adapter_metadata", {})
@@ -362,6 +396,31 @@ def cmd_inspect(a) -> int:
         print(f"  {k}: {v}")
     if not facts:
         print("  (no adapt facts: trained elsewhere; strength and base unknown)")
+    return 0
+
+
+def _inspect_image(a) -> int:
+    """The record `adapt sample` wrote into an image, and the command that makes the image again."""
+    from adapt import provenance
+    if not Path(a.adapter).is_file():
+        raise CliError(f"{a.adapter}: no such image")
+    try:
+        rec = provenance.read(a.adapter)
+    except provenance.ProvenanceError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"{a.adapter}: not a readable image ({e})") from None
+    if rec is None:
+        raise CliError(f"{a.adapter}: no adapt record (PNG text chunk '{provenance.KEY}'); only images written by "
+                       "`adapt sample` carry one")
+    if a.json:
+        print(json.dumps({**dataclasses.asdict(rec), "reproduce": provenance.reproduce_command(rec)}, indent=1))
+        return 0
+    print(f"image {a.adapter}: {rec.kind} {rec.width}x{rec.height}, seed {rec.seed}, adapt {rec.adapt_version}")
+    for k, v in dataclasses.asdict(rec).items():
+        if k not in ("kind", "width", "height", "seed", "adapt_version", "version"):
+            print(f"  {k}: {v}")
+    print(f"make it again:\n  {provenance.reproduce_command(rec)}")
     return 0
 
 

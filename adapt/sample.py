@@ -177,13 +177,14 @@ def grid(rows: list[list[Image.Image]], labels: list[str] | None = None, pad: in
     return g
 
 
-def save_images(images: list[Image.Image], out: str | Path, stem: str = "sample") -> list[Path]:
+def save_images(images: list[Image.Image], out: str | Path, stem: str = "sample", infos: list | None = None) -> list[Path]:
+    """`<stem>_000.png`, ...; `infos`: one PIL PngInfo per image (adapt.provenance's record) or None."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, img in enumerate(images):
         paths.append(out / f"{stem}_{i:03d}.png")
-        atomic.write_image(img, paths[-1])
+        atomic.write_image(img, paths[-1], infos[i] if infos else None)
     return paths
 
 

@@ -1,0 +1,92 @@
+"""Every image `adapt sample` writes says how it was made (adapt.provenance): WebUI's 'parameters' text, adapt's
+record, and `adapt inspect IMAGE.png`, whose command makes the same image again from its source alone."""
+
+import hashlib
+import json
+import re
+import shlex
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adapt import lora, provenance, synth
+from test_cli import adapt_cli, adapter_dir  # noqa: F401  (the module fixture: a random adapter with strength 0.5)
+
+# WebUI's infotext grammar (modules/infotext_utils.py): prompt lines, then one line of "Key: value" pairs, a value
+# either a JSON-quoted string or running to the next comma; the line counts as parameters with >= 3 pairs.
+WEBUI_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def webui_parse(text: str) -> tuple[str, dict]:
+    *lines, last = text.strip().split("\n")
+    pairs = WEBUI_PARAM.findall(last)
+    assert len(pairs) >= 3, last
+    return "\n".join(lines), {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
+
+
+def tensor_data_sha256(path) -> str:
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def test_each_output_records_how_it_was_made_and_its_command_makes_it_again(tiny_base, adapter_dir, tmp_path):
+    srcs = []
+    for i in range(3):
+        img, _, _ = synth.make("faces", "eval", i)
+        img.save(tmp_path / f"face {i}.png")  # a space in the name: the printed command must quote it
+        srcs.append(tmp_path / f"face {i}.png")
+    r = adapt_cli("sample", "--base", tiny_base, "--adapter", adapter_dir, "--scale", 1.5, "--image", *srcs,
+                  "--prompt", "a face, wearing sunglasses", "--seed", 5, "--mask", "auto", "--mask-close", 0, "--mask-dilate", 0,
+                  "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "s" / "img2img_002.png"
+    rec = provenance.read(out)
+    assert (rec.kind, rec.seed, rec.strength, rec.steps, rec.scheduler) == ("img2img", 7, 0.5, 10, "ddim")  # seed 5 + index 2
+    assert rec.source == str(srcs[2].resolve()) and rec.source_sha256 == hashlib.sha256(srcs[2].read_bytes()).hexdigest()
+    assert (rec.width, rec.height) == Image.open(out).size == (64, 64)
+    [ad] = rec.adapters
+    assert ad.sha256 == lora.weights_sha256(adapter_dir) and ad.scale == 1.5
+    assert ad.short_hash == tensor_data_sha256(lora.weights_path(adapter_dir))[:12]
+    assert rec.mask.source == "auto" and 0 < rec.mask.area < 1 and rec.mask.settings["close"] == 0
+
+    prompt, params = webui_parse(Image.open(out).info["parameters"])
+    name = adapter_dir.name
+    assert prompt == f"a face, wearing sunglasses <lora:{name}:1.5>"
+    assert params["Seed"] == "7" and params["Size"] == "64x64" and params["Denoising strength"] == "0.5"
+    assert params["Steps"] == "10" and params["Sampler"] == "DDIM" and params["Lora hashes"] == f"{name}: {ad.short_hash}"
+
+    r = adapt_cli("inspect", out, "--json")
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(json.loads(r.stdout)["reproduce"])
+    assert cmd[:2] == ["adapt", "sample"]
+    r = adapt_cli(*cmd[1:], "--out", tmp_path / "again")
+    assert r.returncode == 0, r.stderr
+    again = np.asarray(Image.open(tmp_path / "again" / "img2img_000.png"))
+    assert np.array_equal(again, np.asarray(Image.open(out)))  # the third image alone, from its record: bit for bit
+    assert provenance.read(tmp_path / "again" / "img2img_000.png").seed == 7
+
+
+def test_txt2img_records_and_honours_resolution(tiny_base, tmp_path):
+    r = adapt_cli("sample", "--base", tiny_base, "--prompt", "a face", "--num-images", 2, "--steps", 3, "--seed", 3,
+                  "--resolution", 32, "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    recs = [provenance.read(tmp_path / f"txt2img_00{i}.png") for i in range(2)]
+    assert [(x.kind, x.seed, x.width, x.height, x.adapters, x.strength) for x in recs] == [("txt2img", 3, 32, 32, [], None),
+                                                                                        ("txt2img", 4, 32, 32, [], None)]
+    assert Image.open(tmp_path / "txt2img_001.png").size == (32, 32)  # --resolution used to be ignored by txt2img
+
+
+def test_records_are_checked_and_images_without_one_are_named(tmp_path):
+    rec = provenance.SampleRecord(kind="txt2img", prompt="p", seed=0, steps=1, scheduler="ddim", guidance=1.0, width=8,
+                                  height=8, resolution=8, base="b", base_resolved="b")
+    assert provenance.SampleRecord.from_json(rec.to_json()) == rec
+    newer = json.loads(rec.to_json()) | {"version": provenance.RECORD_VERSION + 1}
+    with pytest.raises(provenance.ProvenanceError, match="newer than this adapt reads"):
+        provenance.SampleRecord.from_json(json.dumps(newer))
+    with pytest.raises(provenance.ProvenanceError, match="needs its source image"):
+        provenance.SampleRecord(**{**json.loads(rec.to_json()), "kind": "img2img"})
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    r = adapt_cli("inspect", tmp_path / "plain.png")
+    assert r.returncode == 2 and "no adapt record" in r.stderr and "Traceback" not in r.stderr
