@@ -34,7 +34,7 @@ def _add_sample(sub):
     p.add_argument("--scheduler", default=None, help="ddim|ddpm|euler|pndm|dpm; default: the adapter's, else ddim")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1, help="txt2img images")
+    p.add_argument("--num-images", type=int, default=None, help="txt2img images (default 1)")
     p.add_argument("--resolution", type=int, default=None, help="pixel budget: img2img runs each input at its own aspect "
                    "with about resolution² pixels (sides multiples of the VAE factor); default: the adapter's training resolution, "
                    "else the base's native one. txt2img: resolution x resolution (default: the base's native size)")
@@ -86,7 +86,7 @@ def cmd_sample(a) -> int:
         raise CliError(f"--scheduler {sched!r}: choose from {sorted(sample.SCHEDULERS)}")
     prompts = [_prompt(a.prompt, p) for p in a.image] if a.image else [_prompt(a.prompt, None)]
     out = atomic.writable_dir(a.out, "--out")
-    kind, n = ("img2img", len(a.image)) if a.image else ("txt2img", a.num_images)
+    kind, n = ("img2img", len(a.image)) if a.image else ("txt2img", a.num_images or 1)
     clash = [p for p in [out / f"{kind}_{i:03d}.png" for i in range(n)] + ([Path(a.grid)] if a.grid else []) if p.exists()]
     if clash and not a.overwrite:
         raise CliError(f"{clash[0]} exists ({len(clash)} output(s) would be replaced); pass --overwrite or another --out")
@@ -129,7 +129,7 @@ def cmd_sample(a) -> int:
                   + f" at strength {strength})")
     else:
         with with_adapters(), decoder.swapped(pipe, tuned):
-            imgs = sample.txt2img(pipe, prompts[0], a.num_images, steps, a.guidance, a.seed, sched, size=a.resolution)
+            imgs = sample.txt2img(pipe, prompts[0], a.num_images or 1, steps, a.guidance, a.seed, sched, size=a.resolution)
         common = _record_common(a, pipe, facts, names, scales, steps, sched, tuned, device)
         records = [provenance.SampleRecord(kind="txt2img", prompt=prompts[0], seed=a.seed + i, width=img.size[0],
                                            height=img.size[1], resolution=img.size[0], **common) for i, img in enumerate(imgs)]
@@ -190,6 +190,8 @@ def _apply_recommended(a) -> None:
     The report must have evaluated this very adapter (its weights' sha256), or sampling would not match it."""
     from adapt import lora, report
     rec = None
+    # before defaults fill them: which mask settings the user typed (checked against --mask by _check_sample_args)
+    a.mask_flags_given = ["--no-paste" if f == "paste" else "--" + f.replace("_", "-") for f in MASK_FLAGS if getattr(a, f) is not None]
     if a.recommended:
         try:
             rec = report.load_recommendation(a.recommended)
@@ -282,8 +284,25 @@ def _check_sample_args(a) -> None:
         raise CliError(f"--steps must be >= 1, got {a.steps}")
     if a.strength is not None and not 0 < a.strength <= 1:
         raise CliError(f"--strength must be in (0, 1], got {a.strength}")
-    if a.num_images < 1:
+    if a.num_images is not None and a.num_images < 1:
         raise CliError(f"--num-images must be >= 1, got {a.num_images}")
+    # A flag that would do nothing is refused: the user meant something by it.
+    if not a.image:
+        for flag, v in (("--strength", a.strength), ("--grid", a.grid)):
+            if v is not None:
+                raise CliError(f"{flag}: img2img only (give --image); without it adapt sample draws txt2img")
+    elif a.num_images is not None:
+        raise CliError("--num-images: txt2img only; img2img writes one image per --image (and --seed N starts image i at N + i)")
+    if a.grid and not a.adapter:
+        raise CliError("--grid: its rows compare the base with the adapter on each input; give --adapter")
+    given = getattr(a, "mask_flags_given", [])
+    if given and not a.mask:
+        raise CliError(f"{' '.join(given)}: masked sampling settings, but no --mask (auto, or one mask image per --image) "
+                       "was given, so img2img would redraw the whole image")
+    auto_only = [g for g in given if g not in ("--mask-blur", "--no-paste")]
+    if auto_only and a.mask and a.mask != ["auto"]:
+        raise CliError(f"{' '.join(auto_only)}: settings of the adapter-guided mask (--mask auto); with mask images "
+                       "they would do nothing")
     if a.resolution is not None and (a.resolution < 8 or a.resolution % 8):
         raise CliError(f"--resolution must be a positive multiple of 8, got {a.resolution}")
     for s in a.scale:
