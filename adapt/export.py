@@ -19,9 +19,9 @@ def add_parser(sub):
     p.add_argument("adapter", help="adapter folder or .safetensors file")
     p.add_argument("--format", choices=["kohya", "diffusers"], required=True)
     p.add_argument("--out", default=None, help="output file (kohya) or folder (diffusers); never one of the inputs")
-    p.add_argument("--architecture", choices=["auto", "sd15", "sd21", "sdxl"], default="auto",
-                   help="kohya import: the published family the file was trained on (auto: from its tensor shapes, "
-                        "names and ss_* metadata)")
+    p.add_argument("--architecture", choices=["auto", "sd15", "sd21", "sdxl"], default=None,
+                   help="kohya import: the published family the file was trained on (default auto: from its tensor "
+                        "shapes, names and ss_* metadata)")
     p.add_argument("--base", default=None, help="kohya import: the base model it was trained on (needed for bases "
                    "outside the published SD 1.x / 2.x / XL families); its UNet config decides the layer names")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -30,6 +30,10 @@ def add_parser(sub):
 
 def cmd_export(a) -> int:
     src = Path(a.adapter)
+    if a.format == "kohya" and (a.architecture is not None or a.base is not None):
+        flags = " and ".join(f for f, v in (("--architecture", a.architecture), ("--base", a.base)) if v is not None)
+        raise lora.AdapterError(f"{flags}: settings of the kohya import (--format diffusers); an export to kohya keys "
+                                "takes the layer names from the adapter itself")
     if a.format == "kohya":
         out = Path(a.out) if a.out else (src if src.is_dir() else src.parent) / "kohya_lora.safetensors"
         target = out
@@ -58,5 +62,5 @@ def cmd_export(a) -> int:
     if a.base:
         from adapt import model
         base_cfg = model.unet_config(a.base)
-    print(f"wrote {from_kohya(src, out, a.architecture, base_cfg)}")
+    print(f"wrote {from_kohya(src, out, a.architecture or 'auto', base_cfg)}")
     return 0

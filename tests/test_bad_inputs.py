@@ -95,6 +95,8 @@ CASES = [  # (id, entry, argv with <placeholders> for the fixture's files, extra
     ("inspect-missing", "adapt", ["inspect", "<dir>/noad"], {}, "adapter not found"),
     ("inspect-garbage", "adapt", ["inspect", "<garbage>"], {}, "not a readable .safetensors file"),
     ("export-onto-input", "adapt", ["export", "<ad>", "--format", "kohya", "--out", "<adfile>"], {}, "is the input"),
+    ("export-kohya-import-flag", "adapt", ["export", "<ad>", "--format", "kohya", "--architecture", "sdxl", "--out", "<dir>/k.safetensors"], {},
+     "--architecture: settings of the kohya import"),
     ("export-garbage", "adapt", ["export", "<garbage>", "--format", "diffusers", "--out", "<dir>/imp1"], {}, "not a readable .safetensors file"),
     ("export-unknown-family", "adapt", ["export", "<odd>", "--format", "diffusers", "--out", "<dir>/imp2"], {}, "cannot tell the base architecture"),
     ("export-base-mismatch", "adapt", ["export", "<odd>", "--format", "diffusers", "--base", "<base>", "--out", "<dir>/imp3"], {}, "the given base's take 32"),
