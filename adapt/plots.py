@@ -154,6 +154,8 @@ def summary_markdown(report: dict) -> str:
                   f"Sample at it: `adapt sample --adapter {report['settings']['adapter']} --recommended "
                   f"{report['settings']['out']} --image YOUR_IMAGES`"]
     lines += ["", "Spearman ρ (strength vs reach / vs preservation, 95% CI over images):"]
+    if not report["spearman"]:
+        lines.append("- not computed: one strength was swept (ρ needs two or more)")
     for curve, sp in report["spearman"].items():
         scale, mode = curve.split("/")
         lines.append(f"- {_label((float(scale), mode))}: reach ρ={sp['rho_strength_reach']:.2f} {_ci(sp['rho_strength_reach_ci'])}, "

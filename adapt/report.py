@@ -134,8 +134,10 @@ def recommend(rows: list[dict], threshold: float, has_geometry: bool) -> dict:
             f"{pk} >= {threshold}; ties (reach within 0.01): higher shape_pass, then higher {pk}, then lower strength")
     ok = [r for r in rows if r["scale"] > 0 and r["on_frontier"] and r[pk] >= threshold]
     if not ok:
+        note = ("no adapter setting meets the preservation threshold" if any(r["scale"] > 0 for r in rows)
+                else "no adapter rows were evaluated (scales: 0 only, the base)")
         return {"strength": None, "scale": None, "mode": None, "rule": rule, "reach_metric": rk, "preservation_metric": pk,
-                "gain_over_base": None, "note": "no adapter setting meets the preservation threshold"}
+                "gain_over_base": None, "note": note}
     best = max(ok, key=lambda r: (round(r[rk], 2), r.get("shape_pass", 0.0), r[pk], -r["strength"]))
     rec = {"strength": best["strength"], "scale": best["scale"], "mode": best["mode"], "rule": rule,
            "reach_metric": rk, "preservation_metric": pk, "reach": best[rk], "preservation": best[pk],
@@ -146,9 +148,12 @@ def recommend(rows: list[dict], threshold: float, has_geometry: bool) -> dict:
 
 
 def spearman(strengths: list[float], per: dict, curves: list[tuple], has_geometry: bool) -> dict:
-    """Per curve (scale, mode): Spearman ρ of strength vs per-image reach and vs preservation, with bootstrap CIs."""
+    """Per curve (scale, mode): Spearman ρ of strength vs per-image reach and vs preservation, with bootstrap CIs.
+    Empty when fewer than two strengths were swept: ρ needs the strength to vary (it is not 0 then, it is undefined)."""
     reach_key, pres_key = ("lens", "ssim_out") if has_geometry else ("reach", "ssim")
     out = {}
+    if len(set(strengths)) < 2:
+        return out
     for scale, mode in curves:
         reach = np.stack([per[(s, scale, mode)][reach_key].mean(0) for s in strengths])  # (S, N)
         pres = np.stack([per[(s, scale, mode)][pres_key].mean(0) for s in strengths])

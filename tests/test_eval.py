@@ -163,6 +163,8 @@ def test_sweep_runs_non_square_sources_at_their_own_aspect(adapter, tmp_path):
                           progress=False, log=lambda m: None)
     assert report["source_sizes"] == ["40x88", "56x72", "64x64", "88x40"]
     assert not report["has_masks"] and any("square" in w for w in report["warnings"])
+    assert report["spearman"] == {}  # one strength: rho is undefined, not 0 (it used to print "rho=0.00 [0.00, 0.00]")
+    assert "one strength was swept" in (tmp_path / "r" / "summary.md").read_text()
     rep.validate_report(json.loads((tmp_path / "r" / "report.json").read_text()))
     masked = next(r for r in report["rows"] if r["mode"] == "masked")
     plain = next(r for r in report["rows"] if r["mode"] == "plain" and r["scale"] == 1.0)
@@ -215,6 +217,8 @@ def test_recommendation_picks_from_the_whole_frontier_not_the_scale_1_row():
     assert [r["on_frontier"] for r in rows] == [False, False, False, False, True, False]
     none = rep.recommend(plain, 0.95, True)
     assert none["strength"] is None and "no adapter setting" in none["note"]
+    base_only = [dict(rows[0], on_frontier=True)]
+    assert "scales: 0 only" in rep.recommend(base_only, 0.5, True)["note"]  # nothing to recommend from, said so
     # ties in reach (within 0.01) go to the better shape check
     rows = [_row(0.6, 1.0, "masked", 0.981, 0.97, shape=0.8), _row(0.8, 1.0, "masked", 0.984, 0.98, shape=0.2),
             _row(0.7, 1.0, "masked", 0.982, 0.975, shape=0.9)]
