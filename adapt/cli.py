@@ -368,7 +368,16 @@ def _add_eval(sub):
 
 
 def cmd_eval(a) -> int:
-    from adapt import config, evaluate
+    from adapt import evaluate
+    cfg = eval_config(a)
+    report = evaluate.run(cfg)
+    print((Path(cfg.out) / "summary.md").read_text())
+    return 0 if report["status"] == "ok" else 3
+
+
+def eval_config(a):
+    """The EvalConfig an `adapt eval` command line stands for: --config YAML, then its flags and key=value overrides."""
+    from adapt import config
     ov = list(a.overrides)
     for key in ("adapter", "base", "source", "target", "prompt", "seeds", "num_images", "steps", "out"):
         if getattr(a, key) is not None:
@@ -379,9 +388,7 @@ def cmd_eval(a) -> int:
     cfg = config.load(config.EvalConfig, a.config, ov)
     if not cfg.adapter:
         raise config.ConfigError("adapter: required (--adapter DIR)")
-    report = evaluate.run(cfg)
-    print((Path(cfg.out) / "summary.md").read_text())
-    return 0 if report["status"] == "ok" else 3
+    return cfg
 
 
 def _add_inspect(sub):
@@ -479,6 +486,19 @@ def cmd_data_build(a) -> int:
     return 0
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with a command's key=value overrides allowed between its flags as well as after them
+    (`adapt eval ... target_split=eval --strengths 0.5 fid_inception=...`): argparse alone gives a positional list
+    one place, and its intermixed parsing does not support subcommands."""
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adapt", description="Adapt latent diffusion models to new domains with LoRA.")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -496,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     import adapt
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     adapt.quiet()
     if args.threads:
         import torch

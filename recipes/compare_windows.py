@@ -142,7 +142,7 @@ def main(argv=None):
                     "checkpoint STEP of --out's img2img_exact run, how well one full-range batch's gradient points along "
                     "the window's expected one, against one window batch's (the predicted steps ratio)")
     ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # key=value overrides may sit between flags
     adapt.quiet()
     torch.set_num_threads(1)
     out = Path(a.out)

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                                  epilog=config.keys_help(config.RunConfig))
     ap.add_argument("--config", help="YAML run config (recipes/configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100 lora.rank=4")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides may sit before, between or after flags
     cfg = config.load(config.RunConfig, args.config, args.overrides)
     adapt.quiet()
     if cfg.train.num_threads:

@@ -271,7 +271,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*", help="key=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides may sit between flags
     cfg = cfglib.load(cfglib.PretrainConfig, args.config, args.overrides)
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)

@@ -84,6 +84,16 @@ def test_errors_are_one_clear_line(tiny_base, tmp_path):
     assert r.returncode == 2 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
 
 
+
+def test_eval_overrides_may_sit_between_flags():
+    from adapt import cli
+    a = cli.parse_args(["eval", "target_split=eval", "--adapter", "ad", "--strengths", "0.5", "num_target=4", "--out", "o"])
+    assert a.overrides == ["target_split=eval", "num_target=4"] and a.strengths == "0.5"
+    assert cli.eval_config(a).num_target == 4
+    for argv in (["sample", "x=1"], ["eval", "--adapter", "ad", "--bogus"]):  # no overrides there / not an override
+        with pytest.raises(SystemExit):
+            cli.parse_args(argv)
+
 def test_device_and_dtype_choice():
     import torch
     assert model.pick_device("auto") == model.pick_device(None) == torch.device("cpu")  # this machine has no GPU

@@ -167,6 +167,16 @@ def test_regional_compile_trains_the_same_losses_and_resumes_uncompiled(tiny_bas
     assert lora.facts(out).steps_trained == 5
 
 
+
+def test_overrides_may_come_before_and_between_flags(tmp_path):
+    # `... lora_img2img.py train.max_steps=1 --config X lora.rank=2` is how people edit a copied command; argparse
+    # used to stop at the second group ("unrecognized arguments: lora.rank=2"). Now every override reaches the config,
+    # which names the unknown one.
+    from conftest import TINY_CFG
+    r = run_recipe(["train.max_steps=1", "--config", TINY_CFG, "lora.rank=2", "bogus.key=1", f"out_dir={tmp_path}"],
+                   launcher="python", timeout=120)
+    assert r.returncode == 2 and "unknown config key 'bogus'" in r.stderr and "unrecognized arguments" not in r.stderr
+
 def test_compile_and_precision_decisions():
     import importlib.util
     from conftest import ROOT
