@@ -116,6 +116,19 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     # Domain classifier on a separate split of real source vs real target images.
     cs, _, _ = data.load(cfg.source, res, cfg.classifier_split, num_images=cfg.classifier_images, logger=lambda m: None)
     ct, _, _ = data.load(cfg.target, res, cfg.classifier_split, num_images=cfg.classifier_images, logger=lambda m: None)
+    # A folder has no splits: the classifier would learn the very sources it then judges (as "source"), biasing reach
+    # low. They are left out when enough others remain; otherwise the report says so.
+    judged = set(data.image_fingerprints(src_px))
+    keep = [i for i, f in enumerate(data.image_fingerprints(cs)) if f not in judged]
+    if len(keep) < len(cs) and len(keep) >= 8:
+        log(f"domain classifier: {len(cs) - len(keep)} of its {len(cs)} source images are evaluated sources ({cfg.source} "
+            f"has no separate '{cfg.classifier_split}' split); left out, so it judges faces it has not seen")
+        cs = cs[keep]
+    elif len(keep) < len(cs):
+        warnings.append(f"the domain classifier was trained on the evaluated source images ({len(cs) - len(keep)} of "
+                        f"{len(cs)}; {cfg.source} has no separate '{cfg.classifier_split}' split and too few others): "
+                        "classifier reach may read low; give the source more images than num_images")
+        log("WARNING: " + warnings[-1])
     clf = classifier.train(cs, ct, vae=pipe.vae)
     log(f"domain classifier: held-out accuracy {clf.accuracy:.3f} ({clf.n_heldout} real images, raw and VAE round-tripped)")
     report = {"version": rep.REPORT_VERSION, "status": "ok",

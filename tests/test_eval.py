@@ -164,6 +164,8 @@ def test_sweep_runs_non_square_sources_at_their_own_aspect(adapter, tmp_path):
     assert report["source_sizes"] == ["40x88", "56x72", "64x64", "88x40"]
     assert not report["has_masks"] and any("square" in w for w in report["warnings"])
     assert report["spearman"] == {}  # one strength: rho is undefined, not 0 (it used to print "rho=0.00 [0.00, 0.00]")
+    # a folder has no splits and holds only the 4 evaluated sources: the classifier had to learn them, and says so
+    assert any("trained on the evaluated source images (4 of 4" in w for w in report["warnings"])
     assert "one strength was swept" in (tmp_path / "r" / "summary.md").read_text()
     rep.validate_report(json.loads((tmp_path / "r" / "report.json").read_text()))
     masked = next(r for r in report["rows"] if r["mode"] == "masked")
@@ -172,6 +174,16 @@ def test_sweep_runs_non_square_sources_at_their_own_aspect(adapter, tmp_path):
     g = Image.open(tmp_path / "r" / "grid.png")
     assert g.size[1] % (88 + 2) == 2  # rows as tall as the tallest source (padded, not squashed to a square)
 
+
+
+def test_a_folder_sources_judged_images_are_kept_out_of_the_classifier(adapter, tmp_path):
+    from adapt import synth
+    src = synth.build_imagefolder("faces", tmp_path / "src", n=12, split="eval")
+    msgs = []
+    report = evaluate.run(_cfg(adapter, tmp_path / "r", source=str(src), strengths=[0.5], scales=[0.0], seeds=1),
+                          progress=False, log=msgs.append)
+    assert any("4 of its 12 source images are evaluated sources" in m for m in msgs), msgs
+    assert not any("evaluated source" in w for w in report["warnings"])
 
 def test_unreliable_classifier_refuses_the_report(adapter, tmp_path):
     report = evaluate.run(_cfg(adapter, tmp_path, min_classifier_accuracy=1.01), progress=False, log=lambda m: None)
