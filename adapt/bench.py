@@ -416,15 +416,23 @@ def add_parser(sub):
 
 
 def cmd_bench(a) -> int:
+    from adapt.cli import CliError
     cases = QUICK if a.config == "quick" else PERF if a.config == "p1" else \
         [c for c in CASES if not c.startswith("ref-")] if a.config == "all" else a.config.split(",")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
-        raise SystemExit(f"error: unknown bench case(s) {unknown}; known: {list(CASES)}")
+        raise CliError(f"unknown bench case(s) {unknown}; known: {list(CASES)}")
     refs = [c for c in cases if c.startswith("ref-")]
     if refs and not (a.reference_venv and a.reference_script):
-        raise SystemExit(f"error: {refs} need --reference-venv and --reference-script")
+        raise CliError(f"{refs} need --reference-venv and --reference-script")
     reference = (Path(a.reference_venv).resolve(), Path(a.reference_script).resolve()) if refs else None
+    # Checked before any case runs: a p1 round spends minutes on adapt's cases before the first reference one.
+    if reference and not (reference[0] / "bin" / "accelerate").is_file():
+        raise CliError(f"--reference-venv {a.reference_venv}: no bin/accelerate in it (a venv with diffusers, accelerate "
+                       "and torchvision that runs diffusers' LoRA example)")
+    if reference and not reference[1].is_file():
+        raise CliError(f"--reference-script {a.reference_script}: no such file (examples/text_to_image/"
+                       "train_text_to_image_lora.py from a diffusers checkout)")
     run(cases, torch.get_num_threads() if a.threads is None else a.threads, a.out, reference)
     return 0
 
