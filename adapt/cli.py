@@ -97,43 +97,58 @@ def cmd_sample(a) -> int:
     tuned = _tuned_decoder(a, pipe)
     scales = a.scale or [1.0] * len(names)
     with_adapters = lambda: lora.applied(pipe, names, scales, fuse=a.fuse) if names else nullcontext()
+    common = _record_common(a, pipe, facts, names, scales, steps, sched, tuned, device)
+    written: dict[int, Path] = {}
+
+    def write(make_record):
+        """on_batch for sample.img2img/txt2img: each image is written (with its record) as soon as its batch is done,
+        so a Ctrl-C keeps what was finished."""
+        def on_batch(idx, done):
+            for i, img in zip(idx, done):
+                written[i] = atomic.write_image(img, out / f"{kind}_{i:03d}.png", provenance.png_info(make_record(i, img)))
+        return on_batch
+
     t0 = time.time()
-    if a.image:
-        if a.strength is None:
-            print(f"using strength {strength} stored in adapter {a.adapter[0]} (trained for it); pass --strength to override")
-        budget = a.resolution or (first.resolution if first is not None and first.resolution else facts.sample_size)
-        images = [sample.fit_budget(p, budget, facts.vae_factor) for p in a.image]
-        mask, paste_blur, mask_settings = _edit_mask(a, pipe, images, prompts, names)
-        with with_adapters(), decoder.swapped(pipe, tuned):
-            imgs = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched, mask=mask, paste_blur=paste_blur)
-        common = _record_common(a, pipe, facts, names, scales, steps, sched, tuned, device)
-        records = [provenance.SampleRecord(
-            kind="img2img", prompt=prompts[i], seed=a.seed + i, width=img.size[0], height=img.size[1], resolution=budget,
-            strength=strength, source=_where(a.image[i]), source_sha256=provenance.file_sha256(a.image[i]),
-            mask=None if mask is None else provenance.MaskUse(
-                source="auto" if a.mask == ["auto"] else _where(a.mask[i]), area=float(mask[i].mean()),
-                settings={**dataclasses.asdict(mask_settings), "seed": a.seed + i}), **common)
-            for i, img in enumerate(imgs)]
-        paths = sample.save_images(imgs, out, "img2img", [provenance.png_info(r) for r in records])
-        if mask is not None:
-            sample.save_images([masking.mask_image(m, img.size) for m, img in zip(mask, images)], out, "mask")
-        if a.grid and names:
-            with lora.applied(pipe, names, [0.0] * len(names)):
-                base = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched)
-            cols = [images, base]
+    try:
+        if a.image:
+            if a.strength is None:
+                print(f"using strength {strength} stored in adapter {a.adapter[0]} (trained for it); pass --strength to override")
+            budget = a.resolution or (first.resolution if first is not None and first.resolution else facts.sample_size)
+            images = [sample.fit_budget(p, budget, facts.vae_factor) for p in a.image]
+            mask, paste_blur, mask_settings = _edit_mask(a, pipe, images, prompts, names)
             if mask is not None:
-                with with_adapters(), decoder.swapped(pipe, tuned):
-                    cols.append(sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched))
-            atomic.write_image(sample.grid([list(r) for r in zip(*cols, imgs)]), a.grid)
-            print(f"wrote grid {a.grid} (rows: input | base | adapter" + (" | adapter masked" if mask is not None else "")
-                  + f" at strength {strength})")
-    else:
-        with with_adapters(), decoder.swapped(pipe, tuned):
-            imgs = sample.txt2img(pipe, prompts[0], a.num_images or 1, steps, a.guidance, a.seed, sched, size=a.resolution)
-        common = _record_common(a, pipe, facts, names, scales, steps, sched, tuned, device)
-        records = [provenance.SampleRecord(kind="txt2img", prompt=prompts[0], seed=a.seed + i, width=img.size[0],
-                                           height=img.size[1], resolution=img.size[0], **common) for i, img in enumerate(imgs)]
-        paths = sample.save_images(imgs, out, "txt2img", [provenance.png_info(r) for r in records])
+                sample.save_images([masking.mask_image(m, img.size) for m, img in zip(mask, images)], out, "mask")
+            record = lambda i, img: provenance.SampleRecord(
+                kind="img2img", prompt=prompts[i], seed=a.seed + i, width=img.size[0], height=img.size[1], resolution=budget,
+                strength=strength, source=_where(a.image[i]), source_sha256=provenance.file_sha256(a.image[i]),
+                mask=None if mask is None else provenance.MaskUse(
+                    source="auto" if a.mask == ["auto"] else _where(a.mask[i]), area=float(mask[i].mean()),
+                    settings={**dataclasses.asdict(mask_settings), "seed": a.seed + i}), **common)
+            with with_adapters(), decoder.swapped(pipe, tuned):
+                imgs = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched, mask=mask,
+                                      paste_blur=paste_blur, on_batch=write(record))
+            if a.grid:
+                with lora.applied(pipe, names, [0.0] * len(names)):
+                    base = sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched)
+                cols = [images, base]
+                if mask is not None:
+                    with with_adapters(), decoder.swapped(pipe, tuned):
+                        cols.append(sample.img2img(pipe, images, prompts, strength, steps, a.guidance, a.seed, sched))
+                atomic.write_image(sample.grid([list(r) for r in zip(*cols, imgs)]), a.grid)
+                print(f"wrote grid {a.grid} (rows: input | base | adapter" + (" | adapter masked" if mask is not None else "")
+                      + f" at strength {strength})")
+        else:
+            record = lambda i, img: provenance.SampleRecord(kind="txt2img", prompt=prompts[0], seed=a.seed + i, width=img.size[0],
+                                                            height=img.size[1], resolution=img.size[0], **common)
+            with with_adapters(), decoder.swapped(pipe, tuned):
+                sample.txt2img(pipe, prompts[0], n, steps, a.guidance, a.seed, sched, size=a.resolution, on_batch=write(record))
+    except KeyboardInterrupt:
+        done = [written[i].name for i in sorted(written)]
+        print(f"interrupted: {len(done)} of {n} image(s) were finished and are in {out}" + (f" ({', '.join(done)})" if done
+              else "") + "; each records its seed and settings (`adapt inspect IMAGE.png` gives the command for one)",
+              file=sys.stderr)
+        return 130
+    paths = [written[i] for i in sorted(written)]
     dt = time.time() - t0
     print(f"wrote {len(paths)} image(s) to {out} ({dt / len(paths):.2f} s/image): {', '.join(p.name for p in paths)}")
     print(f"each records its source, seed and settings (PNG text: WebUI 'parameters' and adapt's record); "
@@ -524,6 +539,9 @@ def main(argv=None) -> int:
     from adapt import atomic, config, data, decoder, lora, model
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # commands that can keep partial work say so themselves (adapt sample)
+        print("interrupted (Ctrl-C): nothing more was written", file=sys.stderr)
+        return 130
     except (CliError, config.ConfigError, data.DataError, model.ModelError, lora.AdapterError, atomic.WriteError,
             decoder.DecoderError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -100,7 +100,8 @@ def fit_budget(img, budget: int, multiple: int) -> Image.Image:
 @torch.no_grad()
 def img2img(pipe, images: list, prompts: list[str] | str, strength: float, steps: int = 50, guidance: float = 7.5,
             seed: int = 0, scheduler: str | None = "ddim", negative_prompt: str | None = None, batch_size: int = 8,
-            mask: torch.Tensor | None = None, paste_blur: float | None = None, blend: bool = True) -> list[Image.Image]:
+            mask: torch.Tensor | None = None, paste_blur: float | None = None, blend: bool = True,
+            on_batch=None) -> list[Image.Image]:
     """img2img on each image with its own seeded generator; returns PIL images.
 
     Images run at their own size (`fit_budget` them first); images of one size are batched together.
@@ -108,6 +109,7 @@ def img2img(pipe, images: list, prompts: list[str] | str, strength: float, steps
     (adapt.masking): outside them every step keeps the noised source (latent blending; `blend=False`
     skips it), and with `paste_blur` (pixels, >= 0) the decoded output is pasted onto the input through
     the feathered mask, so outside it the output is the input.
+    on_batch(indices, images): called as each batch is done (final images), e.g. to write them before the rest run.
     """
     from adapt import masking
     if not 0.0 < strength <= 1.0:
@@ -130,11 +132,13 @@ def img2img(pipe, images: list, prompts: list[str] | str, strength: float, steps
         res = p(prompt=[prompts[i] for i in idx], image=batch, strength=strength, height=h, width=w,
                 num_inference_steps=steps, guidance_scale=guidance, generator=[gens[i] for i in idx],
                 negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None, **extra).images
+        if mask is not None and paste_blur is not None:
+            res = [masking.paste([o], [images[i]], masking.pixel_mask(mask[i][None], o.size[::-1], paste_blur))[0]
+                   for i, o in zip(idx, res)]
         for i, img in zip(idx, res):
             out[i] = img
-    if mask is not None and paste_blur is not None:
-        out = [masking.paste([o], [x], masking.pixel_mask(m[None], o.size[::-1], paste_blur))[0]
-               for o, x, m in zip(out, images, mask)]
+        if on_batch is not None:
+            on_batch(idx, res)
     return out
 
 
@@ -149,8 +153,8 @@ def _same_size_batches(images: list[Image.Image], batch_size: int) -> list[list[
 
 @torch.no_grad()
 def txt2img(pipe, prompts: list[str] | str, n: int = 1, steps: int = 50, guidance: float = 7.5, seed: int = 0,
-            scheduler: str | None = "ddim", size: int | None = None, batch_size: int = 8) -> list[Image.Image]:
-    """txt2img for each prompt (or `n` copies of one prompt), one seeded generator per image."""
+            scheduler: str | None = "ddim", size: int | None = None, batch_size: int = 8, on_batch=None) -> list[Image.Image]:
+    """txt2img for each prompt (or `n` copies of one prompt), one seeded generator per image; `on_batch` as img2img's."""
     p = _variant(pipe, "txt2img")
     if scheduler:
         p.scheduler = make_scheduler(pipe.scheduler, scheduler)
@@ -158,8 +162,11 @@ def txt2img(pipe, prompts: list[str] | str, n: int = 1, steps: int = 50, guidanc
     gens = generators(seed, len(prompts))
     out = []
     for i in range(0, len(prompts), batch_size):
-        out += p(prompt=prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                 generator=gens[i:i + batch_size], height=size, width=size).images
+        res = p(prompt=prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                generator=gens[i:i + batch_size], height=size, width=size).images
+        out += res
+        if on_batch is not None:
+            on_batch(list(range(i, i + len(res))), res)
     return out
 
 

@@ -90,3 +90,27 @@ def test_records_are_checked_and_images_without_one_are_named(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     r = adapt_cli("inspect", tmp_path / "plain.png")
     assert r.returncode == 2 and "no adapt record" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.integration  # a real SIGINT to a subprocess: `make test-integration`
+def test_ctrl_c_keeps_the_images_already_finished(tiny_base, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    img = tmp_path / "face.png"
+    synth.make("faces", "eval", 0)[0].save(img)
+    out = tmp_path / "s"
+    exe = Path(sys.executable).parent / "adapt"
+    p = subprocess.Popen([str(exe), "--threads", "1", "sample", "--base", str(tiny_base), "--image", *[str(img)] * 40,
+                          "--strength", "1", "--steps", "400", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "img2img_007.png").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the first batch of 8 is written as soon as it is done
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    kept = sorted(out.glob("img2img_*.png"))
+    assert 8 <= len(kept) < 40 and f"interrupted: {len(kept)} of 40 image(s) were finished" in err
+    assert [provenance.read(k).seed for k in kept] == list(range(len(kept)))  # whole files, each with its record
