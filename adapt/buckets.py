@@ -183,10 +183,14 @@ class BucketSampler:
     and rank r takes slice r. Ranks therefore see disjoint images whenever the bucket has enough.
     """
 
-    def __init__(self, bucket_of: list[tuple[int, int]], batch_size: int, world: int = 1, seed: int = 0):
+    def __init__(self, bucket_of: list[tuple[int, int]], batch_size: int, world: int = 1, seed: int = 0,
+                 repeats: list[int] | None = None):
+        """repeats: per image, how many times as often it is drawn (kohya's N_name folders); None = all once."""
+        if repeats is not None and (len(repeats) != len(bucket_of) or min(repeats, default=1) < 1):
+            raise ValueError(f"repeats: one int >= 1 per image ({len(bucket_of)}), got {len(repeats)} (min {min(repeats, default=None)})")
         self.groups: dict[tuple[int, int], list[int]] = {}
         for i, b in enumerate(bucket_of):
-            self.groups.setdefault(b, []).append(i)
+            self.groups.setdefault(b, []).extend([i] * (repeats[i] if repeats else 1))  # an image n times: drawn n times as often
         self.keys = sorted(self.groups)
         self.batch_size, self.world, self.seed = batch_size, world, seed
         self.weights = torch.tensor([len(self.groups[k]) for k in self.keys], dtype=torch.float64)
@@ -203,6 +207,7 @@ class BucketSampler:
     def summary(self) -> list[str]:
         """One line per bucket: its size, its images, and what happens when it is smaller than a step's draw."""
         need = self.world * self.batch_size
-        return [f"bucket {w}x{h}: {len(self.groups[(w, h)])} images" +
+        return [f"bucket {w}x{h}: {len(set(self.groups[(w, h)]))} images" +
+                (f" ({len(self.groups[(w, h)])} with repeats)" if len(set(self.groups[(w, h)])) < len(self.groups[(w, h)]) else "") +
                 (f" (fewer than the {need} a step draws: its images repeat within a step)" if len(self.groups[(w, h)]) < need else "")
                 for w, h in self.keys]

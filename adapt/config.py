@@ -53,6 +53,8 @@ class DataConfig:
     cache_dir: Optional[str] = opt(None, "where caches live; default $ADAPT_CACHE or ~/.cache/adapt")
     cache_threads: Optional[int] = opt(None, "torch threads while encoding the latent cache (a one-off frozen pass); "
                                        "None = this machine's cores shared by its local ranks")
+    kohya_folders: bool = opt(False, "read the folder's subfolders named like kohya's 'N_name' (10_ohwx person) as kohya "
+                              "does: each image drawn N times as often, and 'name' its caption when it has none")
     masks: Optional[str] = opt(None, "masked loss (as kohya's): 'alpha' = each image's alpha channel, or a folder (relative "
                                "to the image folder, or absolute) with a mask image per training image under the same name; "
                                "white = where the target domain differs. None = the whole image counts")

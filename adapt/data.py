@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class Record:
     load: object  # () -> PIL.Image, raises on bad data
     extra: dict = field(default_factory=dict)  # other metadata columns (e.g. eye_boxes)
     path: Path | None = None  # the file, for local folders (masks are found beside it)
+    repeats: int = 1  # how many times as often the sampler draws it (kohya's N_name folders, data.kohya_folders)
 
 
 @dataclass
@@ -156,9 +158,15 @@ def _read_metadata(root: Path, report: DataReport) -> dict[str, dict]:
     return rows
 
 
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # sd-scripts' DreamBooth layout: <repeats>_<caption words>/
+
+
 def read_folder(root: str | Path, caption_column: str = "text", default_caption: str = "",
-                report: DataReport | None = None, masks: str | None = None) -> tuple[list[Record], DataReport]:
-    """Records of a local imagefolder: metadata.jsonl captions, else `<image>.txt` sidecars, else the default.
+                report: DataReport | None = None, masks: str | None = None,
+                kohya_folders: bool = False) -> tuple[list[Record], DataReport]:
+    """Records of a local imagefolder: metadata.jsonl captions, else `<image>.txt` sidecars, else (with
+    `kohya_folders`, for images in a top-level `N_name` subfolder) the folder's name, else the default.
+    With `kohya_folders` such an image is drawn N times as often (Record.repeats), as sd-scripts repeats it.
     A mask folder inside `root` (data.masks) is not read as training images."""
     root = Path(root)
     report = report or DataReport()
@@ -185,15 +193,27 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
     records = []
     for key, path in listed.items():
         row = rows.get(key, {})
+        parts = key.split("/")
+        kohya = KOHYA_FOLDER.match(parts[0]) if len(parts) > 1 else None
+        if kohya and not kohya_folders:
+            report.note("in a folder named like kohya's N_name, read as a plain subfolder (data.kohya_folders=true "
+                        "repeats and captions it as kohya does)", key)
+            kohya = None
+        if kohya and int(kohya.group(1)) == 0:
+            report.skip("in a kohya folder with 0 repeats", key)
+            continue
         caption = _decode_caption(row.get(caption_column), key, report)
         if caption is None and path.with_suffix(".txt").is_file():
             caption = path.with_suffix(".txt").read_text(errors="replace").strip()
+        if caption is None and kohya:
+            report.note("no caption: its kohya folder's name used", key)
+            caption = kohya.group(2)
         if caption is None:
             if rows:
                 report.note(f"no '{caption_column}' caption, default used", key)
             caption = default_caption.format(name=path.stem)
         extra = {k: v for k, v in row.items() if k not in ("file_name", caption_column)}
-        records.append(Record(key, caption, (lambda p=path: open_image(p)), extra, path))
+        records.append(Record(key, caption, (lambda p=path: open_image(p)), extra, path, int(kohya.group(1)) if kohya else 1))
     return records, report
 
 
@@ -269,14 +289,14 @@ def usable_cache_dir(path: Path, what: str) -> Path:
 
 def read_records(source: str, split: str = "train", image_column: str = "image", caption_column: str = "text",
                  default_caption: str = "", num_images: int | None = None, cache_dir: str | Path | None = None,
-                 masks: str | None = None):
+                 masks: str | None = None, kohya_folders: bool = False):
     """Dispatch on the source form; returns (records, report). Raises DataError when nothing is usable."""
     cache = usable_cache_dir(Path(cache_dir), "data.cache_dir") if cache_dir else default_cache_dir()
     p = Path(source).expanduser()
     if p.is_dir() and (p / "dataset.yaml").is_file():
         records, report = read_definition(p, split, num_images, cache, masks=masks)
     elif p.is_dir():
-        records, report = read_folder(p, caption_column, default_caption, masks=masks)
+        records, report = read_folder(p, caption_column, default_caption, masks=masks, kohya_folders=kohya_folders)
     elif masks:
         raise DataError(f"data.masks={masks!r}: masks need a local image folder, not the hub dataset {source!r}")
     elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
@@ -355,11 +375,12 @@ def image_fingerprints(pixels: torch.Tensor) -> list[str]:
 
 def load_sized(source: str, sizing: buckets.Sizing, split: str = "train", image_column: str = "image",
                caption_column: str = "text", default_caption: str = "", num_images: int | None = None, cache_dir=None,
-               logger=None, masks: str | None = None) -> tuple[buckets.Sized, list[Record], DataReport]:
+               logger=None, masks: str | None = None, kohya_folders: bool = False) -> tuple[buckets.Sized, list[Record], DataReport]:
     """Read and decode a training set and place each image in its aspect bucket (adapt.buckets).
     Images smaller than their bucket are upscaled and named in the log, unless `sizing.min_size` skips them."""
     say = logger or log.info
-    records, report = read_records(source, split, image_column, caption_column, default_caption, num_images, cache_dir, masks)
+    records, report = read_records(source, split, image_column, caption_column, default_caption, num_images, cache_dir, masks,
+                                   kohya_folders)
     if not records and not report.num_skipped:
         raise DataError(f"no images found in {source!r} (split {split!r})")
     images, kept = decode(records, report, sizing.min_size)

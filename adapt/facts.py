@@ -117,7 +117,7 @@ FREE = ("out_dir", "train.max_steps", "train.checkpointing_steps", "train.checkp
         "train.gradient_checkpointing", "train.compile", "data.cache", "data.cache_dir", "data.cache_threads", "validation.")
 OPTIMIZER = ("optim.",)
 # Keys added after checkpoints already existed: a checkpoint without one ran as the section's default does.
-INTRODUCED = {f"decoder.{k}": v for k, v in dataclasses.asdict(DecoderConfig()).items()}
+INTRODUCED = {**{f"decoder.{k}": v for k, v in dataclasses.asdict(DecoderConfig()).items()}, "data.kohya_folders": False}
 
 
 def classify(key: str) -> str:

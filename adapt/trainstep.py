@@ -48,12 +48,12 @@ def latent_loss_masks(masks: list[torch.Tensor], factor: int, outside: float) ->
 
 
 def build(pipe, facts, captions: list[str], window: torch.Tensor, post: dict | None, sized: buckets.Sized,
-          batch_size: int, device="cpu", world: int = 1, seed: int = 0) -> TrainData:
+          batch_size: int, device="cpu", world: int = 1, seed: int = 0, repeats: list[int] | None = None) -> TrainData:
     """TrainData for a pipeline: one embedding per unique caption plus the empty prompt (last row).
 
     With `post` (cached posteriors of `sized`'s entries) steps sample latents from it; without, steps encode
     `sized.pixels`. The bucket sampler draws `world` x `batch_size` images a step; SDXL gets each entry's
-    original size and crop (`sized.placements`)."""
+    original size and crop (`sized.placements`). `repeats`: per image, how many times as often it is drawn."""
     uniq = sorted(set(captions))
     row = {c: i for i, c in enumerate(uniq)}
     enc = cache.encode_prompts(pipe, uniq + [""], device=device)
@@ -62,7 +62,7 @@ def build(pipe, facts, captions: list[str], window: torch.Tensor, post: dict | N
     return TrainData(captions=captions, caption_index=torch.tensor([row[c] for c in captions]), emb=prompts["emb"],
                      window=window, alphas_cumprod=pipe.scheduler.alphas_cumprod, scaling_factor=facts.scaling_factor,
                      shift_factor=facts.shift_factor, prediction_type=facts.prediction_type,
-                     sampler=buckets.BucketSampler(sized.bucket_of(), batch_size, world, seed), crops=sized.crops,
+                     sampler=buckets.BucketSampler(sized.bucket_of(), batch_size, world, seed, repeats), crops=sized.crops,
                      post=post, pixels=None if post is not None else sized.pixels, pooled=prompts.get("pooled"),
                      time_ids=sized.time_ids() if xl else None, time_ids_flip=sized.time_ids(True) if xl else None)
 

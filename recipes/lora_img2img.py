@@ -84,8 +84,16 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     d = cfg.data
     sizing = _sizing(cfg, facts)
     sized, records, report = data.load_sized(d.source, sizing, d.split, d.image_column, d.caption_column,
-                                             d.default_caption, d.num_images, d.cache_dir, logger=say, masks=d.masks)
+                                             d.default_caption, d.num_images, d.cache_dir, logger=say, masks=d.masks,
+                                             kohya_folders=d.kohya_folders)
     fingerprint = data.fingerprint(records, sized.pixels, sized.crops)
+    repeats = [r.repeats for r in records]
+    if max(repeats) > 1:  # kohya's N_name folders: part of what a resume must match
+        fingerprint = cache.cache_key(images=fingerprint, repeats=repeats)[:16]
+        folders = {}
+        for r in records:
+            folders.setdefault(r.name.split("/")[0], [0, r.repeats])[0] += 1
+        say("kohya folders (repeats x images): " + ", ".join(f"{k}: {n} x {c}" for k, (c, n) in sorted(folders.items())))
     loss_masks = None
     if d.masks:  # masked loss: the masks are part of the data a resume must match
         masks = data.load_masks(records, d.masks, sized.placements, sized.crops)
@@ -167,7 +175,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     say(f"window {cfg.objective.window} at strength {cfg.objective.strength} ({cfg.objective.scheduler}, "
         f"{cfg.objective.inference_steps} steps): {len(window)} timesteps in [{int(window.min())}, {int(window.max())}]")
     td = trainstep.build(pipe, facts, captions, window, post if cfg.data.cache else None, sized, cfg.train.batch_size,
-                         acc.device, acc.num_processes, cfg.train.seed)
+                         acc.device, acc.num_processes, cfg.train.seed, repeats if max(repeats) > 1 else None)
     say(f"sizing: {'buckets' if d.buckets else 'square'} at {d.resolution}² px (step {sizing.step}), "
         f"{'random' if d.random_crop else 'centre'} crops x {d.crops_per_image}; " + "; ".join(td.sampler.summary()))
     td.loss_masks = loss_masks

@@ -167,3 +167,15 @@ def test_two_process_ddp_with_buckets_draws_disjoint_images(tiny_base, photos, t
         assert len(r0) == len(r1) == 2
         if sizes[x["bucket"]] >= 4:  # enough images for both ranks: no image on two ranks in one step
             assert not set(r0) & set(r1), x
+
+
+def test_sampler_draws_an_image_in_proportion_to_its_repeats():
+    s = buckets.BucketSampler([(64, 64)] * 3 + [(48, 80)], batch_size=2, repeats=[6, 1, 1, 2])
+    counts = torch.zeros(4)
+    for step in range(3000):
+        counts += torch.bincount(s.batch(step)[1], minlength=4)
+    share = counts / counts.sum()
+    assert torch.allclose(share, torch.tensor([0.6, 0.1, 0.1, 0.2]), atol=0.02), share  # 6 : 1 : 1 : 2
+    assert s.summary()[1].startswith("bucket 64x64: 3 images (8 with repeats)")  # buckets in sorted order: 48x80 first
+    with pytest.raises(ValueError, match="repeats"):
+        buckets.BucketSampler([(64, 64)] * 2, 2, repeats=[1, 0])

@@ -161,3 +161,20 @@ def test_hub_dataset_rows_decoded_by_adapt(monkeypatch):
     assert report.num_skipped == 1 and "train[1]" in report.summary()
     with pytest.raises(data.DataError, match="has no column 'img'.*'image', 'text'"):
         data.load("org/sunglasses", 32, image_column="img")
+
+
+def test_kohya_folders_repeat_and_caption_only_when_asked(tmp_path):
+    # sd-scripts' DreamBooth layout: <repeats>_<caption words>/ under the dataset folder.
+    for sub, n in (("10_sks face", 2), ("1_face", 2), ("0_unused", 1)):
+        (tmp_path / sub).mkdir()
+        for i in range(n):
+            Image.new("RGB", (16, 16), (40 * i, 90, 20)).save(tmp_path / sub / f"{i}.png")
+    (tmp_path / "1_face" / "0.txt").write_text("a face, captioned")  # a caption file wins over the folder name
+    recs, rep = data.read_folder(tmp_path, kohya_folders=True)
+    got = {r.name: (r.caption, r.repeats) for r in recs}
+    assert got == {"10_sks face/0.png": ("sks face", 10), "10_sks face/1.png": ("sks face", 10),
+                   "1_face/0.png": ("a face, captioned", 1), "1_face/1.png": ("face", 1)}
+    assert rep.skipped["in a kohya folder with 0 repeats"] == ["0_unused/0.png"]
+    recs, rep = data.read_folder(tmp_path)  # off (the default): plain subfolders, each named in the log's note
+    assert {r.repeats for r in recs} == {1} and len(recs) == 5 and {r.caption for r in recs} == {"", "a face, captioned"}
+    assert len(next(v for k, v in rep.notes.items() if "kohya" in k)) == 5
