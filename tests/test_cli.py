@@ -172,16 +172,16 @@ def test_load_recommendation_checks_the_report(adapter_dir, tiny_base, tmp_path)
 
 
 def test_recommended_refuses_another_adapter(adapter_dir, tiny_base, tmp_path):
-    from adapt import cli
+    from adapt import cli, cli_sample
     img = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(img)
     a = cli.build_parser().parse_args(["sample", "--adapter", str(adapter_dir), "--image", str(img), "--recommended",
                                        str(_report(tmp_path, adapter_dir, tiny_base, sha="ab" * 32))])
     with pytest.raises(cli.CliError, match=r"the report evaluated adapter .* \(weights sha256 abababababab\), not --adapter"):
-        cli._apply_recommended(a)
+        cli_sample._apply_recommended(a)
     a = cli.build_parser().parse_args(["sample", "--image", str(img), "--recommended", str(tmp_path / "eval")])
     with pytest.raises(cli.CliError, match="give the one --adapter the report evaluated"):
-        cli._apply_recommended(a)
+        cli_sample._apply_recommended(a)
     # the evaluation decoded with a tuned VAE (adapt.decoder) that the adapter no longer ships: refused, unless opted out
     d = _report(tmp_path, adapter_dir, tiny_base)
     r = json.loads((d / "report.json").read_text())
@@ -189,26 +189,26 @@ def test_recommended_refuses_another_adapter(adapter_dir, tiny_base, tmp_path):
     argv = ["sample", "--adapter", str(adapter_dir), "--image", str(img), "--recommended", str(d)]
     with pytest.raises(cli.CliError, match=r"decoded the adapter's outputs with its tuned VAE /gone/vae, which --adapter .* "
                                            r"no longer ships .*--base-decoder"):
-        cli._apply_recommended(cli.build_parser().parse_args(argv))
-    cli._apply_recommended(cli.build_parser().parse_args(argv + ["--base-decoder"]))
+        cli_sample._apply_recommended(cli.build_parser().parse_args(argv))
+    cli_sample._apply_recommended(cli.build_parser().parse_args(argv + ["--base-decoder"]))
 
 
 def test_recommended_fills_unset_flags_and_explicit_ones_win(adapter_dir, tiny_base, tmp_path):
-    from adapt import cli
+    from adapt import cli, cli_sample
     img = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(img)
     rep = str(_report(tmp_path, adapter_dir, tiny_base))
     a = cli.build_parser().parse_args(["sample", "--adapter", str(adapter_dir), "--image", str(img), "--recommended", rep])
-    cli._apply_recommended(a)
+    cli_sample._apply_recommended(a)
     assert (a.base, a.strength, a.scale, a.steps, a.scheduler, a.guidance) == (str(tiny_base), 0.7, [1.5], 10, "ddim", 1.0)
     assert (a.mask, a.mask_threshold, a.mask_close, a.mask_draws, a.mask_blur, a.prompt) == \
         (["auto"], 0.4, 1, 2, 0.5, "{caption} wearing sunglasses")
     a = cli.build_parser().parse_args(["sample", "--adapter", str(adapter_dir), "--image", str(img), "--recommended", rep,
                                        "--scale", "1", "--mask-close", "3", "--guidance", "2"])
-    cli._apply_recommended(a)
+    cli_sample._apply_recommended(a)
     assert (a.scale, a.mask_close, a.guidance, a.strength) == ([1.0], 3, 2.0, 0.7)
     a = cli.build_parser().parse_args(["sample", "--image", str(img), "--strength", "0.5"])  # no report: the defaults
-    cli._apply_recommended(a)
+    cli_sample._apply_recommended(a)
     assert (a.base, a.guidance, a.prompt, a.mask, a.mask_threshold, a.mask_close, a.paste) == ("tiny-faces", 7.5, "", None, 0.5, 2, True)
 
 

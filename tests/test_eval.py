@@ -265,11 +265,11 @@ def test_adapter_rows_decode_with_its_tuned_decoder_and_base_rows_do_not(adapter
     assert off["settings"]["decoder"] is None  # opted out: every row decodes with the base's, as without vae/
     assert [r["preservation_ssim"] for r in off["rows"]] == [r["preservation_ssim"] for r in plain["rows"]]
     # `adapt sample --recommended` then samples as measured: with the base's decoder
-    from adapt import cli
+    from adapt import cli, cli_sample
     img = tmp_path / "x.png"
     synth.make("faces", "eval", 0)[0].save(img)
     for folder, expect in (("b", False), ("c", True)):
         a = cli.build_parser().parse_args(["sample", "--adapter", str(tuned), "--image", str(img), "--recommended",
                                            str(tmp_path / folder)])
-        cli._apply_recommended(a)
+        cli_sample._apply_recommended(a)
         assert a.base_decoder is expect
