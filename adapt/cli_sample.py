@@ -167,7 +167,7 @@ def _record_common(a, pipe, facts, names, scales, steps, sched, tuned, device) -
     adapters = [provenance.AdapterUse(path=_where(ad), sha256=lora.weights_sha256(ad), scale=float(s),
                                       short_hash=provenance.addnet_hash(lora.weights_path(ad)))
                 for ad, s in zip(a.adapter, scales)]
-    dec = next((str(decoder.find(ad)) for ad in a.adapter if decoder.find(ad) is not None), None) if tuned is not None else None
+    dec = next((str(f) for ad in a.adapter if (f := decoder.find(ad)) is not None), None) if tuned is not None else None
     return dict(steps=steps, scheduler=sched, guidance=float(a.guidance), base=_where(a.base), base_resolved=str(facts.resolved),
                 adapters=adapters, decoder=dec, fused=bool(a.fuse), device=str(device),
                 dtype=str(pipe.unet.dtype).removeprefix("torch."), adapt_version=adapt.__version__)
