@@ -203,6 +203,9 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     from diffusers.optimization import get_scheduler
     lr_sched = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                              num_training_steps=cfg.train.max_steps)
+    if cfg.optim.warmup_steps >= cfg.train.max_steps:  # a short trial run of a config made for a long one
+        say(f"WARNING: optim.warmup_steps ({cfg.optim.warmup_steps}) >= train.max_steps ({cfg.train.max_steps}): the "
+            f"learning rate never reaches optim.lr ({cfg.optim.lr:g}); lower optim.warmup_steps for a short run")
     unet, optimizer = acc.prepare(unet, optimizer)
     base_unet = acc.unwrap_model(unet)
 

@@ -48,6 +48,7 @@ def test_demo_config_short_run(tmp_path):
                     "train.checkpointing_steps=0", "validation.steps=0", "validation.num_images=2"], launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(read_log(out)) == 3 and (out / "validation" / "step_000003.png").is_file()
+    assert "optim.warmup_steps (20) >= train.max_steps (3): the learning rate never reaches optim.lr (0.003)" in r.stdout
     f = lora.facts(out)
     assert f.base == "tiny-faces" and f.strength == 0.8 and f.num_images == 32
 
