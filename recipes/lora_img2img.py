@@ -90,10 +90,10 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     repeats = [r.repeats for r in records]
     if max(repeats) > 1:  # kohya's N_name folders: part of what a resume must match
         fingerprint = cache.cache_key(images=fingerprint, repeats=repeats)[:16]
-        folders = {}
-        for r in records:
-            folders.setdefault(r.name.split("/")[0], [0, r.repeats])[0] += 1
-        say("kohya folders (repeats x images): " + ", ".join(f"{k}: {n} x {c}" for k, (c, n) in sorted(folders.items())))
+        tops = [r.name.split("/")[0] for r in records if "/" in r.name]
+        kohya = {k: tops.count(k) for k in sorted(set(tops)) if data.KOHYA_FOLDER.match(k)}  # images at the top level stay out
+        say("kohya folders (repeats x images): " + ", ".join(f"{k}: {data.KOHYA_FOLDER.match(k).group(1)} x {n}"
+                                                             for k, n in kohya.items()))
     loss_masks = None
     if d.masks:  # masked loss: the masks are part of the data a resume must match
         masks = data.load_masks(records, d.masks, sized.placements, sized.crops)
