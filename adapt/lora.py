@@ -215,6 +215,14 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
     """
     path = weights_path(adapter)
     tensors, header = read(path)
+    if any(k.startswith("lora_unet_") for k in tensors) and not any(k.startswith("unet.") for k in tensors):
+        # A kohya / WebUI file (what civitai serves): imported against this pipeline's own UNet config, exactly as
+        # `adapt export --format diffusers --base` would write it, then loaded like any adapter.
+        import tempfile
+        from adapt import kohya
+        with tempfile.TemporaryDirectory() as tmp:
+            kohya.from_kohya(path, tmp, base_cfg=dict(pipe.unet.config), log=log)
+            return load_into(pipe, tmp, scale, adapter_name, check, base_resolved, log)
     name = adapter_name or f"adapter_{len(pipe.get_list_adapters().get('unet', [])) if hasattr(pipe, 'get_list_adapters') else 0}"
     f = header[FACTS_KEY]
     arch = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
@@ -321,5 +329,5 @@ def check_keys(unet, tensors: dict, path) -> None:
         raise AdapterError(f"{path}: {len(unmatched)} of {len(tensors)} keys map to no module of this UNet "
                            f"(adapter for another architecture or a renamed layer?): {shown}")
     if not any(k.startswith("unet.") for k in tensors):
-        raise AdapterError(f"{path}: no 'unet.' keys; this is not a diffusers-format UNet LoRA "
-                           f"(kohya files: convert with `adapt export --format diffusers`)")
+        raise AdapterError(f"{path}: no 'unet.' keys (diffusers format) and no 'lora_unet_' keys (kohya format): "
+                           "it holds no UNet LoRA")

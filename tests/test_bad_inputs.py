@@ -77,6 +77,8 @@ CASES = [  # (id, entry, argv with <placeholders> for the fixture's files, extra
     ("sample-adapter-missing", "adapt", ["sample", "--adapter", "<dir>/noad"], {}, "adapter not found"),
     ("sample-adapter-garbage", "adapt", ["sample", "--adapter", "<garbage>"], {}, "not a readable .safetensors file"),
     ("sample-adapter-pickle", "adapt", ["sample", "--adapter", "<pickle>"], {}, "pickle"),
+    ("sample-kohya-other-family", "adapt", ["sample", "--base", "<base>", "--adapter", "<odd>", "--image", "<img>", "--strength", "0.5"], {},
+     "the given base's take 32"),
     ("sample-scales-count", "adapt", ["sample", "--adapter", "<ad>", "--scale", "1", "--scale", "2"], {}, "2 --scale values for 1 adapters"),
     ("sample-scale-negative", "adapt", ["sample", "--adapter", "<ad>", "--scale", "-1"], {}, "--scale must be >= 0"),
     ("sample-scheduler", "adapt", ["sample", "--scheduler", "bogus"], {}, "--scheduler 'bogus'"),

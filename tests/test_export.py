@@ -53,6 +53,9 @@ def test_roundtrip_through_diffusers_kohya_loader_is_exact(trained, tiny_base, t
     ours, _ = model.load_base(str(tiny_base))
     lora.load_into(ours, back.parent)
     assert (_out(ours.unet) - want).abs().max() <= 1e-5
+    direct, _ = model.load_base(str(tiny_base))  # the kohya file itself, as `adapt sample --adapter k.safetensors` takes it
+    lora.load_into(direct, f)
+    assert (_out(direct.unet) - want).abs().max() <= 1e-5
 
 
 def test_sdxl_names_map_both_ways():
