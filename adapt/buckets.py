@@ -207,7 +207,9 @@ class BucketSampler:
     def summary(self) -> list[str]:
         """One line per bucket: its size, its images, and what happens when it is smaller than a step's draw."""
         need = self.world * self.batch_size
-        return [f"bucket {w}x{h}: {len(set(self.groups[(w, h)]))} images" +
-                (f" ({len(self.groups[(w, h)])} with repeats)" if len(set(self.groups[(w, h)])) < len(self.groups[(w, h)]) else "") +
-                (f" (fewer than the {need} a step draws: its images repeat within a step)" if len(self.groups[(w, h)]) < need else "")
-                for w, h in self.keys]
+        lines = []
+        for w, h in self.keys:
+            drawn, images = len(self.groups[(w, h)]), len(set(self.groups[(w, h)]))  # drawn counts repeats
+            lines.append(f"bucket {w}x{h}: {images} images" + (f" ({drawn} with repeats)" if images < drawn else "") +
+                         (f" (fewer than the {need} a step draws: its images repeat within a step)" if drawn < need else ""))
+        return lines

@@ -104,9 +104,10 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     if len(tgt_px) < 2:
         raise data.DataError(f"target {cfg.target} (split {cfg.target_split}): {len(tgt_px)} usable image(s); KID needs at least 2")
     trained = set(facts.image_fingerprints)
-    for label, px, recs in (("source", src_px, src_rec), ("target", tgt_px, tgt_rec)):
+    src_fp = data.image_fingerprints(src_px)
+    for label, fp, recs in (("source", src_fp, src_rec), ("target", data.image_fingerprints(tgt_px), tgt_rec)):
         # content hashes (adapters since 0.9), and hashes of the sized pixels that earlier adapters recorded
-        overlap = trained & (set(data.image_fingerprints(px)) | {r.extra["content_hash"] for r in recs})
+        overlap = trained & (set(fp) | {r.extra["content_hash"] for r in recs})
         if overlap:
             warnings.append(f"{len(overlap)} {label} evaluation images are identical to the adapter's training images "
                             f"(dataset fingerprint {facts.dataset_fingerprint}); use a held-out split")
@@ -118,7 +119,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     ct, _, _ = data.load(cfg.target, res, cfg.classifier_split, num_images=cfg.classifier_images, logger=lambda m: None)
     # A folder has no splits: the classifier would learn the very sources it then judges (as "source"), biasing reach
     # low. They are left out when enough others remain; otherwise the report says so.
-    judged = set(data.image_fingerprints(src_px))
+    judged = set(src_fp)
     keep = [i for i, f in enumerate(data.image_fingerprints(cs)) if f not in judged]
     if len(keep) < len(cs) and len(keep) >= 8:
         log(f"domain classifier: {len(cs) - len(keep)} of its {len(cs)} source images are evaluated sources ({cfg.source} "

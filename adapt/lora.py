@@ -141,9 +141,8 @@ def weights_path(adapter: str | Path) -> Path:
 
 def weights_sha256(adapter: str | Path) -> str:
     """sha256 of an adapter's weights file: what ties an evaluation report to the adapter it measured."""
-    import hashlib
-    with open(weights_path(adapter), "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    from adapt.provenance import file_sha256
+    return file_sha256(weights_path(adapter))
 
 
 def refuse_pickle_reason() -> str:
