@@ -1,18 +1,47 @@
-"""A small domain classifier trained from scratch on real source vs real target images.
+"""The domain classifier: does an image look like the source domain or the target domain?
 
-It judges "target reach" (the share of outputs it calls target) and gives the feature space for KID.
-No pretrained weights are needed, so it works offline and for any domain pair. When a VAE is given,
-each training image is also seen after an encode-decode round trip, so the classifier judges content
-and not the VAE's softness (every img2img output has been through that VAE).
+It judges "target reach" (the share of outputs it calls target) and gives the feature space for KID. Both kinds
+work offline and for any domain pair, and both learn from real source vs real target images, raw and after a VAE
+encode-decode round trip (every img2img output has been through that VAE, so they must judge content, not softness):
+  scratch        a small CNN trained from scratch on the pixels.
+  base_features  logistic regression on the frozen base UNet's features of the image: encoded, noised lightly
+                 (t = 50), one UNet pass with the empty prompt, the mean- and max-pooled activations of the last
+                 down block but one, the mid block and the second up block. Diffusion UNets are good feature
+                 extractors (Xiang et al. 2023, "Denoising Diffusion Autoencoders are Unified Self-supervised
+                 Learners"; Tang et al. 2023, DIFT), and the base is pretrained, so few images suffice.
+Measured on the synthetic domains (faces vs sunglasses, 64 px, the embedded base; 4 draws of the classifier images;
+judged against the benchmark's lens detector on the demo adapter's outputs at 8 settings x 32 faces):
+
+  images per class                         16              32              64      (base_features / scratch)
+  accuracy on real images, 5-fold CV       0.91 / 0.74     0.94 / 0.87     0.97 / 0.94
+  agreement with the detector, per output  0.82 / 0.74     0.85 / 0.88     0.86 / 0.89
+  |reach - detector reach|, per setting    0.095 / 0.191   0.073 / 0.088   0.065 / 0.064
+
+So `auto` uses base_features below FEW images in the smaller class, where it wins on every count, and scratch from
+there on: with more images the probe still scores higher on real images but agrees less with the detector on outputs.
+
+Accuracy. With SMALL or more images per class, a 20% held-out split (at least 20 per class). Below, a 20% split is a
+handful of images (one mistake in 14 moves it by 0.07: five seeds of a split of the same 32 + 40 photos read
+0.79-1.00), so the estimate is stratified FOLDS-fold cross-validation: every image is judged once by a model that
+did not see it (the same five seeds: 0.90-0.97), and the judge is then fit on all of them. Both come with a 95%
+Wilson interval over the distinct held-out images (an image's raw and round-tripped views are not independent).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+KINDS = ("auto", "scratch", "base_features")
+SMALL = 100  # images in the smaller class below which the accuracy is cross-validated
+FEW = 32  # ... and below which `auto` uses base_features
+FOLDS = 5
 
 
 class DomainNet(nn.Module):
@@ -34,82 +63,212 @@ class DomainNet(nn.Module):
         return self.head(self.body(x)).squeeze(-1)
 
 
+class BaseFeatures:
+    """(N, 3, H, W) in [-1, 1] -> (N, D) float32 CPU features from the base UNet (D = 2 x the three blocks' channels).
+
+    `base_only` is a context in which the pipeline's UNet runs without any adapter (evaluation loads the adapter it
+    judges into the same pipeline; the judge must not see through it). Deterministic: one fixed noise per call."""
+
+    def __init__(self, pipe, base_only: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 timestep: int = 50, seed: int = 0, batch: int = 32):
+        self.pipe, self.base_only, self.timestep, self.seed, self.batch = pipe, base_only, timestep, seed, batch
+        unet = pipe.unet
+        if len(unet.down_blocks) < 2 or len(unet.up_blocks) < 2:
+            raise ValueError("base_features: the UNet needs at least two down and two up blocks")
+        self.blocks = [unet.down_blocks[-2], unet.mid_block, unet.up_blocks[1]]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from diffusers import DDPMScheduler
+
+        from adapt.masking import unet_cond
+        pipe, vae = self.pipe, self.pipe.vae
+        ddpm = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise process the UNet knows
+        acts: list = [None] * len(self.blocks)
+
+        def keep(i):  # down blocks return (hidden, residuals); the mid and up blocks the hidden states
+            return lambda m, inp, out: acts.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+        hooks = [b.register_forward_hook(keep(i)) for i, b in enumerate(self.blocks)]
+        out = []
+        try:
+            with self.base_only():
+                for i in range(0, len(x), self.batch):
+                    with _vae_precision(vae):
+                        xb = x[i:i + self.batch].to(vae.device, vae.dtype)
+                        z = (vae.encode(xb).latent_dist.mode() * vae.config.scaling_factor).to(pipe.unet.dtype)
+                    g = torch.Generator().manual_seed(self.seed + i)
+                    t = torch.full((len(z),), self.timestep, dtype=torch.long)
+                    zt = ddpm.add_noise(z, torch.randn(z.shape, generator=g).to(z), t)
+                    pipe.unet(zt, t.to(z.device), **unet_cond(pipe, [""] * len(z), tuple(xb.shape[-2:])))
+                    out.append(torch.cat([f for a in acts for f in (a.float().mean((2, 3)), a.float().amax((2, 3)))], 1).cpu())
+        finally:
+            for h in hooks:
+                h.remove()
+        return torch.cat(out)
+
+
+@dataclass
+class Probe:
+    """L2-regularised logistic regression on standardised features (LBFGS, full batch: a few hundred rows)."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+
+    @classmethod
+    def fit(cls, f: torch.Tensor, y: torch.Tensor, l2: float = 1e-2) -> "Probe":
+        mean, std = f.mean(0), f.std(0) + 1e-6
+        x = (f - mean) / std
+        w = torch.zeros(f.shape[1], requires_grad=True)
+        b = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w ** 2).sum()
+            loss.backward()
+            return loss
+        with torch.enable_grad():
+            opt.step(closure)
+        return cls(mean, std, w.detach(), b.detach())
+
+    def prob(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(((f - self.mean) / self.std) @ self.w + self.b)
+
+
 @dataclass
 class TrainedClassifier:
-    net: DomainNet
-    accuracy: float  # held-out accuracy on real images
-    n_train: int
-    n_heldout: int
+    kind: str  # "scratch" | "base_features"
+    accuracy: float  # on real images the judging model did not see, raw and VAE round-tripped
+    accuracy_ci: list[float]  # 95% Wilson interval over the distinct held-out images
+    n_train: int  # real images the judge learned from
+    n_heldout: int  # distinct real images the accuracy is measured on
+    validation: str  # how: "20% held-out split" or "5-fold cross-validation"
+    _prob: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
+    _features: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
 
     @torch.no_grad()
     def prob_target(self, x: torch.Tensor, batch: int = 256) -> np.ndarray:
-        self.net.eval()
-        return torch.cat([torch.sigmoid(self.net(x[i:i + batch])) for i in range(0, len(x), batch)]).numpy()
+        return torch.cat([self._prob(x[i:i + batch]) for i in range(0, len(x), batch)]).numpy()
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch: int = 256) -> np.ndarray:
-        self.net.eval()
-        return torch.cat([self.net.features(x[i:i + batch]) for i in range(0, len(x), batch)]).numpy()
+        return torch.cat([self._features(x[i:i + batch]) for i in range(0, len(x), batch)]).numpy()
+
+
+@contextlib.contextmanager
+def _vae_precision(vae):
+    """SDXL's VAE (force_upcast in its config) overflows in fp16; diffusers' pipelines run it in fp32 then, so do we."""
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(dtype)
 
 
 @torch.no_grad()
 def vae_roundtrip(vae, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """Encode (posterior mode) and decode: what the VAE alone does to images (N, 3, H, W) in [-1, 1]."""
-    dtype = vae.dtype
-    upcast = dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
-    if upcast:  # SDXL's VAE overflows in fp16; diffusers' pipelines run it in fp32 when its config says so
-        vae.to(torch.float32)
-    try:
-        out = []
+    out = []
+    with _vae_precision(vae):
         for i in range(0, len(x), batch):
             xb = x[i:i + batch].to(vae.device, vae.dtype)
             out.append(vae.decode(vae.encode(xb).latent_dist.mode()).sample.clamp(-1, 1).float().cpu())
-    finally:
-        if upcast:
-            vae.to(dtype)
     return torch.cat(out)
 
 
-def train(source: torch.Tensor, target: torch.Tensor, vae=None, heldout: float = 0.2, epochs: int = 8,
-          batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> TrainedClassifier:
-    """Train on (1-heldout) of each class, report accuracy on the rest. Inputs (N, 3, H, W) in [-1, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+def wilson(correct: float, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion (Wilson 1927); sound at n of a few dozen and near 0 or 1."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = correct / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))]
 
-    def split(x):
-        perm = torch.randperm(len(x), generator=g)
-        k = max(1, int(round(len(x) * heldout)))
-        return x[perm[k:]], x[perm[:k]]
 
-    s_tr, s_te = split(source)
-    t_tr, t_te = split(target)
-    x_tr = torch.cat([s_tr, t_tr])
-    y_tr = torch.cat([torch.zeros(len(s_tr)), torch.ones(len(t_tr))])
-    if vae is not None:  # the same images after the VAE round trip, same labels
-        x_tr = torch.cat([x_tr, vae_roundtrip(vae, x_tr)])
-        y_tr = torch.cat([y_tr, y_tr])
+def _fit_scratch(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, epochs: int, batch_size: int, lr: float) -> DomainNet:
     net = DomainNet()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(x_tr) + batch_size - 1) // batch_size)
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     net.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_tr), generator=g)
-        for i in range(0, len(x_tr), batch_size):
-            idx = perm[i:i + batch_size]
-            xb = x_tr[idx]
-            flip = torch.rand(len(idx), generator=g) < 0.5  # the domains are left-right symmetric
-            xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
-            loss = nn.functional.binary_cross_entropy_with_logits(net(xb), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    clf = TrainedClassifier(net, 0.0, len(x_tr), len(s_te) + len(t_te))
-    x_te = torch.cat([s_te, t_te])
-    y_te = np.concatenate([np.zeros(len(s_te)), np.ones(len(t_te))])
-    if vae is not None:  # held-out accuracy on both raw and round-tripped images
-        x_te = torch.cat([x_te, vae_roundtrip(vae, x_te)])
-        y_te = np.concatenate([y_te, y_te])
-    clf.accuracy = float(((clf.prob_target(x_te) > 0.5) == y_te).mean())
-    return clf
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                idx = perm[i:i + batch_size]
+                xb = x[idx]
+                flip = torch.rand(len(idx), generator=g) < 0.5  # the domains are left-right symmetric
+                xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
+                loss = nn.functional.binary_cross_entropy_with_logits(net(xb), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    return net.eval()
+
+
+def _folds(y: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """Fold of each item, (N,) in [0, k): each class dealt round-robin after its own shuffle (stratified)."""
+    fold = torch.zeros(len(y), dtype=torch.long)
+    for c in (0, 1):
+        idx = torch.nonzero(y == c).flatten()
+        fold[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx)) % k
+    return fold
+
+
+def train(source: torch.Tensor, target: torch.Tensor, vae=None, kind: str = "scratch", features: BaseFeatures | None = None,
+          epochs: int = 8, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, small: int = SMALL,
+          folds: int = FOLDS) -> TrainedClassifier:
+    """Fit a judge of target vs source on real images (N, 3, H, W) in [-1, 1] and measure its accuracy (module doc).
+    kind "auto" resolves by FEW; "base_features" needs `features` (a BaseFeatures of the base pipeline)."""
+    if kind not in KINDS:
+        raise ValueError(f"classifier kind {kind!r}: expected one of {KINDS}")
+    n_small = min(len(source), len(target))
+    if n_small < 2:
+        raise ValueError(f"the domain classifier needs at least 2 images of each domain, got {len(source)} source "
+                         f"and {len(target)} target")
+    if kind == "auto":
+        kind = "base_features" if n_small < FEW else "scratch"
+    if kind == "base_features" and features is None:
+        raise ValueError("classifier kind base_features needs the base pipeline's features (BaseFeatures)")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the CNN's initialisation
+    x = torch.cat([source, target])
+    y = torch.cat([torch.zeros(len(source)), torch.ones(len(target))])
+    views = [x] + ([vae_roundtrip(vae, x)] if vae is not None else [])  # each image raw and round-tripped
+    if kind == "base_features":
+        views = [features(v) for v in views]
+
+    def fit(idx: torch.Tensor):
+        """A model of images idx (all their views): its prob_target in view space, and prob_target and features of
+        pixels (the same thing for scratch; through `features` for base_features)."""
+        xs, ys = torch.cat([v[idx] for v in views]), y[idx].repeat(len(views))
+        if kind == "scratch":
+            net = _fit_scratch(xs, ys, g, epochs, batch_size, lr)
+            prob = lambda v: torch.sigmoid(net(v))
+            return prob, prob, net.features
+        probe = Probe.fit(xs, ys)
+        return probe.prob, lambda v: probe.prob(features(v)), features
+
+    cross = n_small < small
+    k = min(folds, n_small) if cross else 5  # the 20% split is fold 0 of 5
+    fold = _folds(y.long(), k, g)
+    correct = n_views = 0
+    for f in range(k if cross else 1):
+        test = fold == f
+        model = fit(~test)
+        with torch.no_grad():
+            for v in views:
+                correct += int(((model[0](v[test]) > 0.5).float() == y[test]).sum())
+                n_views += int(test.sum())
+    if cross:
+        model = fit(torch.ones(len(y), dtype=torch.bool))
+    n_held = len(y) if cross else int((fold == 0).sum())
+    accuracy = correct / n_views  # each image has len(views) views, so this is also the mean over images
+    return TrainedClassifier(kind, accuracy, wilson(accuracy * n_held, n_held), len(y) if cross else len(y) - n_held,
+                             n_held, f"{k}-fold cross-validation" if cross else "20% held-out split", model[1], model[2])

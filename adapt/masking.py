@@ -32,7 +32,7 @@ def _encode(pipe, images: list[Image.Image]) -> torch.Tensor:
     return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
 
 
-def _cond(pipe, prompts: list[str], size: tuple[int, int]) -> dict:
+def unet_cond(pipe, prompts: list[str], size: tuple[int, int]) -> dict:
     """UNet conditioning for `prompts` without guidance: encoder states (+ SDXL's pooled text and time ids)."""
     device = pipe.unet.device
     if getattr(pipe, "text_encoder_2", None) is None:
@@ -73,7 +73,7 @@ def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[s
         raise ValueError("auto_mask: an adapter is fused into the UNet (inside lora.applied(fuse=True)?); compute the "
                          "mask outside that block, so the adapter can be switched off for the base prediction")
     z0 = _encode(pipe, images)
-    cond = _cond(pipe, prompts, images[0].size[::-1])
+    cond = unet_cond(pipe, prompts, images[0].size[::-1])
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise process the UNet knows
     t = torch.full((len(images),), settings.timestep, dtype=torch.long)
     diff = torch.zeros(z0.shape[0], 1, *z0.shape[2:], device=z0.device)

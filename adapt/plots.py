@@ -95,6 +95,16 @@ def sweep_grid(inputs, outputs: dict, strengths, curves: list, path: Path) -> No
     atomic.write_image(sample.grid(rows), path)
 
 
+def _classifier_line(report: dict) -> str:
+    c = report.get("classifier")  # reports before it was recorded give the accuracy alone
+    if c is None:
+        return f"Domain classifier held-out accuracy: **{report['classifier_accuracy']:.3f}**."
+    kind = {"scratch": "a CNN trained from scratch", "base_features": "logistic regression on the base UNet's features"}[c["kind"]]
+    lo, hi = c["accuracy_ci"]
+    return (f"Domain classifier ({kind}): accuracy **{report['classifier_accuracy']:.3f}** [{lo:.2f}, {hi:.2f}] by "
+            f"{c['validation']} on {c['n_heldout']} real images ({c['n_source']} source, {c['n_target']} target).")
+
+
 def summary_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# Domain-transfer evaluation: {Path(str(s['adapter'])).name}", ""]
@@ -103,7 +113,7 @@ def summary_markdown(report: dict) -> str:
         return "\n".join(lines)
     masks = report.get("has_masks")
     lines += [f"Base `{s['base']}`, {s['n_source']} held-out source images x {s['seeds']} seeds, {s['steps']} {s['scheduler']} steps, "
-              f"guidance {s['guidance']}. Domain classifier held-out accuracy: **{report['classifier_accuracy']:.3f}**.", ""]
+              f"guidance {s['guidance']}. " + _classifier_line(report), ""]
     if s.get("decoder"):
         lines += [f"The adapter ships a VAE decoder tuned on its domain (`{s['decoder']}`): adapter rows decode with it, "
                   "base rows (scale 0) with the base's.", ""]
@@ -117,7 +127,7 @@ def summary_markdown(report: dict) -> str:
                   f" (base VAE: PSNR {c['psnr']:.1f} dB).", ""]
     if masks:
         lines += ["Reach (detector) is the ground-truth lens detector; shape = two lenses and the bridge between them "
-                  "(adapt/synthbench.py); reach (clf) is a from-scratch domain classifier, a second opinion.", ""]
+                  "(adapt/synthbench.py); reach (clf) is the domain classifier, a second opinion.", ""]
     head = ["strength", "scale", "mode", "reach (clf)"] + \
         (["reach (detector)", "shape", "SSIM out-band", "drift out-band", "mask area (out-band)"] if masks else ["mask area"]) + \
         ["SSIM", "PSNR", "KID feat", "Δreach vs base", "frontier"]

@@ -3,9 +3,12 @@ recommendation rule, and the files (report.json, report.csv, summary.md). No mod
 `adapt.evaluate` runs the sweep and hands this module per-image arrays.
 
 report.json schema (REPORT_SCHEMA below is checked by `validate_report`; version REPORT_VERSION):
-  version, status       report format version; "ok" | "refused" (classifier below min accuracy; `reason` says why)
+  version, status       report format version; "ok" | "refused" (the classifier, the only reach judge, below min accuracy)
   settings, versions    the config, seeds and sample counts; library versions
-  classifier_accuracy   held-out accuracy of the domain classifier on real images
+  classifier_accuracy   accuracy of the domain classifier on real images it did not learn from
+  classifier            {kind: "scratch" | "base_features", accuracy_ci (95% Wilson), validation (a 20% held-out
+                        split, or k-fold cross-validation for small sets), n_heldout, n_source, n_target};
+                        absent in reports written before it was recorded
   vae_ceiling           preservation of a VAE encode-decode alone (the best plain img2img can do)
   adapter_vae_ceiling   the same through the adapter's tuned decoder (adapt.decoder), when it ships one
   rows                  one per (strength, scale, mode): strength, scale, mode ("plain" | "masked"),
@@ -60,6 +63,8 @@ def validate_report(report: dict) -> None:
             raise ValueError(f"report.json: missing key {k!r}")
         if not isinstance(report[k], tp):
             raise ValueError(f"report.json: {k!r} should be {tp.__name__}, got {type(report[k]).__name__}")
+    if not isinstance(report.get("classifier", {}), dict):
+        raise ValueError(f"report.json: 'classifier' should be dict, got {type(report['classifier']).__name__}")
     if report["version"] != REPORT_VERSION:
         raise ValueError(f"report.json: version {report['version']}, this adapt reads version {REPORT_VERSION}")
     for i, row in enumerate(report.get("rows", [])):

@@ -112,6 +112,8 @@ CASES = [  # (id, entry, argv with <placeholders> for the fixture's files, extra
     ("eval-empty-window", "adapt", ["eval", "--adapter", "<ad>", "--strengths", "0.01"], {}, "smallest usable strength"),
     ("eval-negative-scale", "adapt", ["eval", "--adapter", "<ad>", "--scales", "-1"], {}, "scales: must be >= 0"),
     ("eval-prompt-field", "adapt", ["eval", "--adapter", "<ad>", "--prompt", "{style}"], {}, "only '{caption}'"),
+    ("eval-classifier-kind", "adapt", ["eval", "--adapter", "<ad>", "classifier=cnn"], {},
+     "classifier: 'cnn' is not one of ['auto', 'scratch', 'base_features']"),
     ("eval-one-target", "adapt", ["eval", "--adapter", "<ad>", "--target", "<one>", "--source", "<sg>", "--num-images", "2",
                                   "--strengths", "0.6", "--scales", "0,1", "--seeds", "1", "--out", "<dir>/ev"], {}, "KID needs at least 2"),
 ]

@@ -69,11 +69,75 @@ def test_lens_detector_on_real_pairs_and_global_changes():
     assert min(both) > synthbench.SUNGLASSES_THRESHOLD
 
 
+def _domain(domain, n, start=0):
+    return torch.from_numpy(np.stack([np.asarray(synth.make(domain, "classifier", i)[0]) for i in range(start, start + n)])
+                            ).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def test_classifier_learns_the_synthetic_domains_quickly():
-    def load(domain, n):
-        return torch.from_numpy(np.stack([np.asarray(synth.make(domain, "classifier", i)[0]) for i in range(n)])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    clf = classifier.train(load("faces", 128), load("sunglasses", 128), epochs=12)
-    assert clf.accuracy >= 0.95
+    """Cross-validated over all 128 images (0.953 here). One 20% split reads far more loosely: on 128 + 128 images
+    five seeds gave 0.885-1.000 (this test used to pass on one that read 0.98), 5-fold cross-validation 0.945-0.973."""
+    a, b = _domain("faces", 64), _domain("sunglasses", 64)
+    clf = classifier.train(a, b, epochs=12, small=1000)
+    assert clf.validation == "5-fold cross-validation" and clf.n_heldout == 128 and clf.n_train == 128
+    assert clf.accuracy >= 0.93
+    lo, hi = clf.accuracy_ci
+    assert lo < clf.accuracy < hi and hi - lo < 0.1
+    split = classifier.train(a, b, epochs=12, small=64)  # >= `small` per class: a 20% split, the judge fit on the rest
+    assert split.validation == "20% held-out split" and (split.n_train, split.n_heldout) == (102, 26)
+
+
+def test_wilson_interval():
+    assert classifier.wilson(0, 10) == [0.0, pytest.approx(0.2775, abs=1e-4)]
+    assert classifier.wilson(10, 10) == [pytest.approx(0.7225, abs=1e-4), 1.0]
+    assert classifier.wilson(36, 40) == [pytest.approx(0.7695, abs=1e-4), pytest.approx(0.9604, abs=1e-4)]
+
+
+def test_few_images_are_judged_by_the_base_features_and_cross_validated():
+    """16 faces vs 20 faces in sunglasses, as a user's few-shot folders: `auto` picks the probe on the embedded base's
+    UNet features, cross-validated over all 36 images; it beats the from-scratch CNN on the same folds."""
+    pipe, _ = model.load_base("tiny-faces")
+    feats = classifier.BaseFeatures(pipe)
+    src, tgt = _domain("faces", 16), _domain("sunglasses", 20)
+    probe = classifier.train(src, tgt, vae=pipe.vae, kind="auto", features=feats)
+    scratch = classifier.train(src, tgt, vae=pipe.vae, kind="scratch")
+    assert (probe.kind, probe.validation, probe.n_heldout, probe.n_train) == ("base_features", "5-fold cross-validation", 36, 36)
+    assert probe.accuracy >= 0.85 and probe.accuracy > scratch.accuracy, (probe.accuracy, scratch.accuracy)
+    # the judge (fit on all 36) on images it never saw: new faces read source, new sunglasses target
+    p = probe.prob_target(torch.cat([_domain("faces", 16, start=100), _domain("sunglasses", 16, start=100)]))
+    assert ((p > 0.5) == np.r_[np.zeros(16), np.ones(16)]).mean() >= 0.85
+    assert probe.features(src[:3]).shape == (3, 2 * 3 * 128)  # mean and max of three 128-channel blocks
+    with pytest.raises(ValueError, match="base_features needs"):
+        classifier.train(src, tgt, kind="base_features")
+    with pytest.raises(ValueError, match="at least 2 images of each domain"):
+        classifier.train(src[:1], tgt, kind="scratch")
+
+
+def test_base_features_on_sdxl():
+    """SDXL's UNet also takes pooled text and time ids (the same conditioning as the edit mask's)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from adapt.tiny import build_tiny_sdxl_components
+    pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components())
+    f = classifier.BaseFeatures(pipe)(_domain("faces", 3))
+    chans = [pipe.unet.down_blocks[-2].resnets[-1].out_channels, pipe.unet.mid_block.resnets[-1].out_channels,
+             pipe.unet.up_blocks[1].resnets[-1].out_channels]
+    assert f.shape == (3, 2 * sum(chans)) and torch.isfinite(f).all() and f.std(0).max() > 0
+
+
+def test_base_features_do_not_see_the_adapter(tiny_base):
+    """Evaluation judges with the pipeline that holds the adapter: inside `base_only` the features are the base's."""
+    pipe, _ = model.load_base(str(tiny_base))
+    x = _domain("faces", 2)
+    before = classifier.BaseFeatures(pipe)(x)
+    lora.attach(pipe.unet, "cross_attn", rank=4)
+    for n, p in pipe.unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    names = list(pipe.unet.peft_config)
+    assert not torch.allclose(classifier.BaseFeatures(pipe)(x), before, atol=1e-4)  # the adapter changes the features
+    judged = classifier.BaseFeatures(pipe, lambda: lora.applied(pipe, names, [0.0] * len(names), fuse=False))(x)
+    torch.testing.assert_close(judged, before, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +153,8 @@ def adapter(tiny_base, tmp_path_factory):
 
 
 def _cfg(adapter, out, **kw):
-    base = dict(adapter=str(adapter), num_images=4, num_target=8, classifier_images=32, seeds=2, strengths=[0.3, 0.7],
+    # 16 classifier images per domain: the base-feature probe (cheap); the CNN's path has its own test
+    base = dict(adapter=str(adapter), num_images=4, num_target=8, classifier_images=16, seeds=2, strengths=[0.3, 0.7],
                 scales=[0.0, 1.0], out=str(out), min_classifier_accuracy=0.0)
     base.update(kw)
     return config.load(config.EvalConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
@@ -185,10 +250,26 @@ def test_a_folder_sources_judged_images_are_kept_out_of_the_classifier(adapter, 
     assert any("4 of its 12 source images are evaluated sources" in m for m in msgs), msgs
     assert not any("evaluated source" in w for w in report["warnings"])
 
-def test_unreliable_classifier_refuses_the_report(adapter, tmp_path):
-    report = evaluate.run(_cfg(adapter, tmp_path, min_classifier_accuracy=1.01), progress=False, log=lambda m: None)
-    assert report["status"] == "refused" and "unreliable" in report["reason"]
-    assert "refused" in (tmp_path / "summary.md").read_text()
+def test_an_unreliable_classifier_refuses_the_report_only_where_it_is_the_reach_judge(adapter, tmp_path):
+    from adapt import synth
+    # on the benchmark the lens detector judges reach: the sweep runs, and the classifier's column is flagged
+    msgs = []
+    report = evaluate.run(_cfg(adapter, tmp_path / "bench", min_classifier_accuracy=1.01, strengths=[0.5], seeds=1,
+                               classifier_images=32), progress=False, log=msgs.append)
+    assert report["status"] == "ok" and report["rows"]
+    assert any("< min_classifier_accuracy 1.01: its reach column (clf) is unreliable" in w for w in report["warnings"])
+    c = report["classifier"]
+    assert c["kind"] == "scratch" and c["validation"] == "5-fold cross-validation"  # 32 per domain: a small set
+    assert c["n_heldout"] == c["n_source"] + c["n_target"] == 64 and c["accuracy_ci"][0] <= report["classifier_accuracy"]
+    assert any(m.startswith("domain classifier (scratch): accuracy") and "5-fold cross-validation" in m for m in msgs)
+    summary = (tmp_path / "bench" / "summary.md").read_text()
+    assert "Domain classifier (a CNN trained from scratch)" in summary and "5-fold" in summary
+    # elsewhere (non-square photos: no detector) it is the only judge, and nothing is swept
+    src = synth.build_imagefolder("faces", tmp_path / "photos", n=4, split="eval", aspects=[0.5, 2.0, 0.75, 1.0], scales=[2.0])
+    report = evaluate.run(_cfg(adapter, tmp_path / "r", source=str(src), min_classifier_accuracy=1.01),
+                          progress=False, log=lambda m: None)
+    assert report["status"] == "refused" and "unreliable" in report["reason"] and "(base_features)" in report["reason"]
+    assert "rows" not in report and "refused" in (tmp_path / "r" / "summary.md").read_text()
 
 
 def test_vae_roundtrip_upcasts_an_fp16_vae_that_asks_for_it():
