@@ -39,7 +39,11 @@ def _add_eval(sub):
 def cmd_eval(a) -> int:
     from adapt import evaluate
     cfg = eval_config(a)
-    report = evaluate.run(cfg)
+    try:
+        report = evaluate.run(cfg)
+    except evaluate.SweepInterrupted as e:  # the finished settings were written; say where
+        print(str(e), file=sys.stderr)
+        return 130
     print((Path(cfg.out) / "summary.md").read_text())
     return 0 if report["status"] == "ok" else 3
 
@@ -194,7 +198,7 @@ def main(argv=None) -> int:
     from adapt import atomic, config, data, decoder, lora, model
     try:
         return args.func(args)
-    except KeyboardInterrupt:  # commands that can keep partial work say so themselves (adapt sample)
+    except KeyboardInterrupt:  # commands that can keep partial work say so themselves (adapt sample, adapt eval)
         print("interrupted (Ctrl-C): nothing more was written", file=sys.stderr)
         return 130
     except (CliError, config.ConfigError, data.DataError, model.ModelError, lora.AdapterError, atomic.WriteError,

@@ -16,6 +16,7 @@ Per output we measure
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -24,6 +25,14 @@ import torch
 
 from adapt import classifier, config, data, decoder, lora, masking, metrics, model, perceptual, report as rep, sample, synthbench
 from adapt.facts import AdapterFacts
+
+
+def _interrupted(path: Path) -> bool:
+    """A report left by a Ctrl-C'd sweep: running the same command again replaces it without overwrite=true."""
+    try:
+        return json.loads(path.read_text()).get("status") == "interrupted"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _arr(pixels: torch.Tensor) -> np.ndarray:
@@ -61,6 +70,10 @@ def _downsample(x: np.ndarray, size: int = 16) -> np.ndarray:
     return torch.nn.functional.adaptive_avg_pool2d(t, size).flatten(1).numpy()
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the sweep, after the finished settings were written; the message says where."""
+
+
 def curves(cfg: config.EvalConfig) -> list[tuple[float, str]]:
     """(scale, mode) series swept at every strength: the base (scale 0) only plain, adapters in every mode."""
     return [(c, m) for c in cfg.scales for m in cfg.modes if c > 0 or m == "plain"]
@@ -72,7 +85,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise config.ConfigError(f"out: {out} is a file, not a folder")
-    if (out / "report.json").exists() and not cfg.overwrite:
+    if (out / "report.json").exists() and not cfg.overwrite and not _interrupted(out / "report.json"):
         raise config.ConfigError(f"out: {out} already holds a report; pass overwrite=true or another --out")
     out.mkdir(parents=True, exist_ok=True)
     facts = lora.facts(cfg.adapter) or AdapterFacts(architecture="sd")  # trained elsewhere: nothing recorded
@@ -206,42 +219,54 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     runs = [(s, c, m) for s in cfg.strengths for c, m in curves(cfg)]
     from tqdm.auto import tqdm
     bar = tqdm(total=len(runs) * cfg.seeds, desc="eval sweep", disable=not progress, mininterval=2.0)
-    for strength, scale, mode in runs:
-        acc: dict = {}
-        outs_all = []
-        masked = mode == "masked"
-        for seed in range(cfg.seeds):
-            with lora.applied(pipe, [name], [scale], fuse=cfg.fuse), decoder.swapped(pipe, tuned if scale > 0 else None):
-                outs = sample.img2img(pipe, src_images, prompts, strength, steps, cfg.guidance, 1000 * seed, sched,
-                                      batch_size=cfg.batch_size, mask=edit_mask if masked else None,
-                                      paste_blur=cfg.mask_blur if masked and cfg.mask_paste else None, blend=cfg.mask_blend)
-            if seed == 0:
-                grid_imgs[(strength, scale, mode)] = outs[:4]
-            arr = [sample.to_array(o) for o in outs]
-            m = _per_image(arr, inputs, faces, masks)
-            arr = _square(arr, res)  # (N, res, res, 3)
-            outs_all.append(arr)
-            x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() * 2 - 1
-            m["reach"] = (clf.prob_target(x) > 0.5).astype(float)
-            m["feat"] = clf.features(x)
-            if masked:
-                m.update(mask_stats)
-            for k, v in m.items():
-                acc.setdefault(k, []).append(v)
-            bar.update(1)
-        per[(strength, scale, mode)] = {k: np.stack(v) for k, v in acc.items()}
-        per[(strength, scale, mode)]["pix"] = _downsample(np.concatenate(outs_all))
-        per[(strength, scale, mode)]["perceptual"] = _perceptual_row(perc, np.stack(outs_all))
+    stopped = False
+    try:  # Ctrl-C keeps the settings already measured (below)
+        for strength, scale, mode in runs:
+            acc: dict = {}
+            outs_all = []
+            masked = mode == "masked"
+            for seed in range(cfg.seeds):
+                with lora.applied(pipe, [name], [scale], fuse=cfg.fuse), decoder.swapped(pipe, tuned if scale > 0 else None):
+                    outs = sample.img2img(pipe, src_images, prompts, strength, steps, cfg.guidance, 1000 * seed, sched,
+                                          batch_size=cfg.batch_size, mask=edit_mask if masked else None,
+                                          paste_blur=cfg.mask_blur if masked and cfg.mask_paste else None, blend=cfg.mask_blend)
+                if seed == 0:
+                    grid_imgs[(strength, scale, mode)] = outs[:4]
+                arr = [sample.to_array(o) for o in outs]
+                m = _per_image(arr, inputs, faces, masks)
+                arr = _square(arr, res)  # (N, res, res, 3)
+                outs_all.append(arr)
+                x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() * 2 - 1
+                m["reach"] = (clf.prob_target(x) > 0.5).astype(float)
+                m["feat"] = clf.features(x)
+                if masked:
+                    m.update(mask_stats)
+                for k, v in m.items():
+                    acc.setdefault(k, []).append(v)
+                bar.update(1)
+            per[(strength, scale, mode)] = {k: np.stack(v) for k, v in acc.items()}
+            per[(strength, scale, mode)]["pix"] = _downsample(np.concatenate(outs_all))
+            per[(strength, scale, mode)]["perceptual"] = _perceptual_row(perc, np.stack(outs_all))
+    except KeyboardInterrupt:
+        stopped = True
     bar.close()
 
     rows = []
-    for key in runs:
+    for key in [k for k in runs if k in per]:  # all of them, unless interrupted
         p = per[key]
         rows.append({**rep.aggregate(*key, {k: v for k, v in p.items() if k != "perceptual"}, tgt_feat, tgt_pix, faces is not None),
                      **p["perceptual"]})
     rep.add_deltas(rows)
     rep.mark_frontier(rows, faces is not None)
     report["rows"] = rows
+    if stopped:
+        report.update(status="interrupted", seconds=round(time.time() - t0, 1),
+                      reason=f"interrupted (Ctrl-C) after {len(rows)} of {len(runs)} settings; the rows hold those, whole "
+                             "(every seed and image); nothing is recommended from a partial sweep; the same command "
+                             "runs it again")
+        rep.write(out, report)
+        raise SweepInterrupted(f"interrupted: {len(rows)} of {len(runs)} settings were measured and are in {out / 'report.json'} "
+                               "(status 'interrupted', no recommendation); the same command runs the sweep again")
     report["spearman"] = rep.spearman(cfg.strengths, per, curves(cfg), faces is not None)
     report["recommended"] = rep.recommend(rows, cfg.preservation_threshold, faces is not None)
     report["seconds"] = round(time.time() - t0, 1)
@@ -254,12 +279,8 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
 
 
 def _weights_id(path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"{path} (sha256 {h.hexdigest()[:12]})"
+    from adapt.provenance import file_sha256
+    return f"{path} (sha256 {file_sha256(path)[:12]})"
 
 
 def _perceptual_setup(cfg, facts, res, src_px, tgt_px, report, log, device) -> dict:

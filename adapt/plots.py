@@ -108,9 +108,12 @@ def _classifier_line(report: dict) -> str:
 def summary_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# Domain-transfer evaluation: {Path(str(s['adapter'])).name}", ""]
-    if report["status"] != "ok":
+    if report["status"] == "refused":
         lines += [f"**Report refused:** {report['reason']}", ""]
         return "\n".join(lines)
+    partial = report["status"] == "interrupted"
+    if partial:
+        lines += [f"**Partial sweep:** {report['reason']}.", ""]
     masks = report.get("has_masks")
     lines += [f"Base `{s['base']}`, {s['n_source']} held-out source images x {s['seeds']} seeds, {s['steps']} {s['scheduler']} steps, "
               f"guidance {s['guidance']}. " + _classifier_line(report), ""]
@@ -133,11 +136,10 @@ def summary_markdown(report: dict) -> str:
         ["SSIM", "PSNR", "KID feat", "Δreach vs base", "frontier"]
     names = {"fid": "FID", "intra_lpips": "Intra-LPIPS", "preservation_lpips": "LPIPS to input", "clip_score": "CLIP score",
              "clip_direction": "CLIP direction"}
-    extra = [k for k in names if k in report["rows"][0]]  # the metrics whose weights were given
+    extra = [k for k in names if report["rows"] and k in report["rows"][0]]  # the metrics whose weights were given
     head += [names[k] for k in extra]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rec = report["recommended"]
-    rk = rec["reach_metric"]
+    rk = "detector_reach" if masks else "target_reach"  # the reach the deltas are shown for
     for r in report["rows"]:
         cells = [f"{r['strength']:g}", f"{r['scale']:g}", r["mode"],
                  f"{r['target_reach']:.2f} [{r['target_reach_ci'][0]:.2f}, {r['target_reach_ci'][1]:.2f}]"]
@@ -153,6 +155,9 @@ def summary_markdown(report: dict) -> str:
                   "—" if r["scale"] == 0 or d is None else f"{d:+.2f}", "●" if r["on_frontier"] else ""]
         cells += [f"{r[k]:.3f}" for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
+    if partial:
+        return "\n".join(lines + ["", "Files: report.json, report.csv (the finished settings)."]) + "\n"
+    rec = report["recommended"]
     if rec["strength"] is None:
         lines += ["", f"**Recommended:** none — {rec['note']}. Rule: {rec['rule']}."]
     else:

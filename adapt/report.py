@@ -3,7 +3,8 @@ recommendation rule, and the files (report.json, report.csv, summary.md). No mod
 `adapt.evaluate` runs the sweep and hands this module per-image arrays.
 
 report.json schema (REPORT_SCHEMA below is checked by `validate_report`; version REPORT_VERSION):
-  version, status       report format version; "ok" | "refused" (the classifier, the only reach judge, below min accuracy)
+  version, status       report format version; "ok" | "refused" (the classifier, the only reach judge, below min
+                        accuracy) | "interrupted" (Ctrl-C: the finished rows, no spearman or recommendation)
   settings, versions    the config, seeds and sample counts; library versions
   classifier_accuracy   accuracy of the domain classifier on real images it did not learn from
   classifier            {kind: "scratch" | "base_features", accuracy_ci (95% Wilson), validation (a 20% held-out
@@ -59,6 +60,8 @@ def validate_report(report: dict) -> None:
     for k, tp in REPORT_SCHEMA.items():
         if k not in report:
             if report.get("status") == "refused" and k in ("rows", "spearman", "recommended", "vae_ceiling"):
+                continue
+            if report.get("status") == "interrupted" and k in ("spearman", "recommended"):
                 continue
             raise ValueError(f"report.json: missing key {k!r}")
         if not isinstance(report[k], tp):
@@ -235,7 +238,7 @@ def load_recommendation(path: str | Path) -> Recommendation:
     except ValueError as e:
         raise RecommendationError(f"{p}: {e}") from None
     if report["status"] != "ok":
-        raise RecommendationError(f"{p}: the evaluation was refused ({report.get('reason', 'no reason recorded')}), "
+        raise RecommendationError(f"{p}: the evaluation was {report['status']} ({report.get('reason', 'no reason recorded')}), "
                                   "so it recommends nothing")
     rec, st = report["recommended"], report["settings"]
     if rec.get("strength") is None:

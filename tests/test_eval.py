@@ -354,3 +354,71 @@ def test_adapter_rows_decode_with_its_tuned_decoder_and_base_rows_do_not(adapter
                                            str(tmp_path / folder)])
         cli_sample._apply_recommended(a)
         assert a.base_decoder is expect
+
+
+def test_ctrl_c_during_the_sweep_keeps_the_finished_settings(adapter, tmp_path, monkeypatch):
+    """KeyboardInterrupt (what SIGINT raises; the real signal is the integration test below) on the 4th img2img call:
+    the 1st setting (2 seeds) is written whole, the 2nd (1 of 2 seeds) is not; the same command then runs again."""
+    from adapt import sample
+    real, calls = sample.img2img, []
+
+    def img2img(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(sample, "img2img", img2img)
+    cfg = _cfg(adapter, tmp_path, modes=["plain"])
+    with pytest.raises(evaluate.SweepInterrupted, match=r"1 of 4 settings were measured and are in .*report.json"):
+        evaluate.run(cfg, progress=False, log=lambda m: None)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    rep.validate_report(saved)
+    assert saved["status"] == "interrupted" and "after 1 of 4 settings" in saved["reason"]
+    assert [(r["strength"], r["scale"], r["n_outputs"]) for r in saved["rows"]] == [(0.3, 0.0, 8)]
+    assert "recommended" not in saved and "spearman" not in saved
+    assert "Partial sweep" in (tmp_path / "summary.md").read_text() and (tmp_path / "report.csv").read_text().count("\n") == 2
+    with pytest.raises(rep.RecommendationError, match="was interrupted"):
+        rep.load_recommendation(tmp_path)
+    monkeypatch.setattr(sample, "img2img", real)
+    again = evaluate.run(cfg, progress=False, log=lambda m: None)  # no overwrite=true needed over a partial report
+    assert again["status"] == "ok" and len(again["rows"]) == 4
+    assert again["rows"][0]["preservation_ssim"] == saved["rows"][0]["preservation_ssim"]
+    with pytest.raises(config.ConfigError, match="already holds a report"):  # a finished one is still protected
+        evaluate.run(cfg, progress=False, log=lambda m: None)
+
+
+@pytest.mark.integration  # a real SIGINT to `adapt eval` in a subprocess: `make test-integration`
+def test_adapt_eval_ctrl_c_writes_the_partial_report_and_one_line(adapter, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+    out = tmp_path / "ev"
+    exe = Path(sys.executable).parent / "adapt"
+    p = subprocess.Popen([str(exe), "--threads", "1", "eval", "--adapter", str(adapter), "--strengths", "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+                          "--scales", "0,1", "--modes", "plain", "--seeds", "3", "--num-images", "4", "--out", str(out),
+                          "num_target=8", "classifier_images=16", "min_classifier_accuracy=0", "steps=50"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    started = threading.Event()
+    lines = []
+
+    def read():
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("domain classifier"):
+                started.set()
+    threading.Thread(target=read, daemon=True).start()
+    assert started.wait(180), "".join(lines)
+    time.sleep(4)  # a few settings into the sweep
+    p.send_signal(signal.SIGINT)
+    err = p.stderr.read()
+    p.wait(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    saved = json.loads((out / "report.json").read_text())
+    n = len(saved["rows"])
+    assert saved["status"] == "interrupted" and 1 <= n < 20, (n, err[-500:])
+    assert f"interrupted: {n} of 20 settings were measured and are in {out / 'report.json'}" in err
+    assert all(r["n_outputs"] == 12 for r in saved["rows"])  # whole settings: 3 seeds x 4 images
