@@ -244,9 +244,10 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
                 for k, v in m.items():
                     acc.setdefault(k, []).append(v)
                 bar.update(1)
-            per[(strength, scale, mode)] = {k: np.stack(v) for k, v in acc.items()}
-            per[(strength, scale, mode)]["pix"] = _downsample(np.concatenate(outs_all))
-            per[(strength, scale, mode)]["perceptual"] = _perceptual_row(perc, np.stack(outs_all))
+            done = {k: np.stack(v) for k, v in acc.items()}
+            done["pix"] = _downsample(np.concatenate(outs_all))
+            done["perceptual"] = _perceptual_row(perc, np.stack(outs_all))
+            per[(strength, scale, mode)] = done  # one assignment: a setting is in `per` whole or not at all
     except KeyboardInterrupt:
         stopped = True
     bar.close()

@@ -66,6 +66,8 @@ def validate_report(report: dict) -> None:
             raise ValueError(f"report.json: missing key {k!r}")
         if not isinstance(report[k], tp):
             raise ValueError(f"report.json: {k!r} should be {tp.__name__}, got {type(report[k]).__name__}")
+    if report["status"] not in ("ok", "refused", "interrupted"):
+        raise ValueError(f"report.json: status {report['status']!r} is not 'ok', 'refused' or 'interrupted'")
     if not isinstance(report.get("classifier", {}), dict):
         raise ValueError(f"report.json: 'classifier' should be dict, got {type(report['classifier']).__name__}")
     if report["version"] != REPORT_VERSION:

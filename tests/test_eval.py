@@ -216,6 +216,8 @@ def test_sweep_end_to_end_writes_every_file(adapter, tmp_path):
     assert "Intra-LPIPS" in (tmp_path / "again" / "summary.md").read_text()
     with pytest.raises(ValueError, match="rows"):
         rep.validate_report({**saved, "rows": "nope"})
+    with pytest.raises(ValueError, match="status 'done' is not"):
+        rep.validate_report({**saved, "status": "done"})
 
 
 def test_sweep_runs_non_square_sources_at_their_own_aspect(adapter, tmp_path):
