@@ -130,16 +130,24 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     # Domain classifier on a separate split of real source vs real target images.
     cs, _, _ = data.load(cfg.source, res, cfg.classifier_split, num_images=cfg.classifier_images, logger=lambda m: None)
     ct, _, _ = data.load(cfg.target, res, cfg.classifier_split, num_images=cfg.classifier_images, logger=lambda m: None)
-    # A folder has no splits: the classifier would learn the very sources it then judges (as "source"), biasing reach
-    # low. They are left out when enough others remain; otherwise the report says so.
-    judged = set(src_fp)
-    keep = [i for i, f in enumerate(data.image_fingerprints(cs)) if f not in judged]
-    if len(keep) < len(cs) and len(keep) >= 8:
-        log(f"domain classifier: {len(cs) - len(keep)} of its {len(cs)} source images are evaluated sources ({cfg.source} "
+    # A folder has no splits: the classifier learns the very sources it then judges (as "source"), which biases reach
+    # low. A cross-validated classifier judges each of their outputs with the fold model that did not learn its
+    # source (cross-fitting) and keeps every image to learn from; otherwise they are left out when enough others
+    # remain, and the report says so when not.
+    src_in_cs = None  # per evaluated source: its row in cs, or -1
+    cs_row = {f: j for j, f in enumerate(data.image_fingerprints(cs))}
+    shared = [cs_row[f] for f in src_fp if f in cs_row]
+    if shared and classifier.cross_validates(len(cs), len(ct)):
+        src_in_cs = [cs_row.get(f, -1) for f in src_fp]
+        log(f"domain classifier: {len(shared)} of its {len(cs)} source images are evaluated sources ({cfg.source} has "
+            f"no separate '{cfg.classifier_split}' split); each of their outputs is judged by the cross-validation model "
+            "that did not learn its source")
+    elif shared and len(cs) - len(shared) >= 8:
+        log(f"domain classifier: {len(shared)} of its {len(cs)} source images are evaluated sources ({cfg.source} "
             f"has no separate '{cfg.classifier_split}' split); left out, so it judges faces it has not seen")
-        cs = cs[keep]
-    elif len(keep) < len(cs):
-        warnings.append(f"the domain classifier was trained on the evaluated source images ({len(cs) - len(keep)} of "
+        cs = cs[[j for j in range(len(cs)) if j not in set(shared)]]
+    elif shared:
+        warnings.append(f"the domain classifier was trained on the evaluated source images ({len(shared)} of "
                         f"{len(cs)}; {cfg.source} has no separate '{cfg.classifier_split}' split and too few others): "
                         "classifier reach may read low; give the source more images than num_images")
         log("WARNING: " + warnings[-1])
@@ -175,8 +183,10 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
                 f"{clf.n_heldout} real images ({len(cs)} source, {len(ct)} target) < min_classifier_accuracy "
                 f"{cfg.min_classifier_accuracy}")
         if faces is None:  # it is the only judge of reach: nothing this sweep would measure could be trusted
+            other = "scratch" if clf.kind == "base_features" else "base_features"
             report.update(status="refused", reason=f"{weak}: its target-reach verdicts would be unreliable (more or "
-                          "cleaner classifier images, or domains that differ visibly, are needed)")
+                          f"cleaner classifier images, or domains that differ visibly, are needed; classifier={other} "
+                          "tries the other kind of judge)")
             rep.write(out, report)
             return report
         warnings.append(f"{weak}: its reach column (clf) is unreliable; the lens detector judges reach here")
@@ -237,7 +247,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
                 arr = _square(arr, res)  # (N, res, res, 3)
                 outs_all.append(arr)
                 x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() * 2 - 1
-                m["reach"] = (clf.prob_target(x) > 0.5).astype(float)
+                m["reach"] = (clf.prob_target(x, sources=src_in_cs) > 0.5).astype(float)
                 m["feat"] = clf.features(x)
                 if masked:
                     m.update(mask_stats)

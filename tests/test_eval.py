@@ -107,10 +107,29 @@ def test_few_images_are_judged_by_the_base_features_and_cross_validated():
     p = probe.prob_target(torch.cat([_domain("faces", 16, start=100), _domain("sunglasses", 16, start=100)]))
     assert ((p > 0.5) == np.r_[np.zeros(16), np.ones(16)]).mean() >= 0.85
     assert probe.features(src[:3]).shape == (3, 2 * 3 * 128)  # mean and max of three 128-channel blocks
+    torch.testing.assert_close(feats(src[:4])[2:3], feats(src[2:3]), atol=1e-5, rtol=1e-5)  # not a function of the batch
     with pytest.raises(ValueError, match="base_features needs"):
         classifier.train(src, tgt, kind="base_features")
     with pytest.raises(ValueError, match="at least 2 images of each domain"):
         classifier.train(src[:1], tgt, kind="scratch")
+
+
+def test_cross_fitting_judges_a_learned_source_by_a_model_that_did_not_learn_it():
+    """Two domains of pure noise: nothing to learn but the images themselves. The judge fit on all of them calls
+    every source it learned "source"; cross-fitted (each judged by the fold model that did not see it) it is at chance."""
+    pipe, _ = model.load_base("tiny-faces")
+    g = torch.Generator().manual_seed(0)
+    src, tgt = torch.rand(20, 3, 64, 64, generator=g) * 2 - 1, torch.rand(20, 3, 64, 64, generator=g) * 2 - 1
+    clf = classifier.train(src, tgt, kind="base_features", features=classifier.BaseFeatures(pipe))
+    assert clf.accuracy <= 0.7  # cross-validation already says there is nothing to learn
+    assert (clf.prob_target(src) < 0.5).mean() == 1.0  # memorised
+    fitted = clf.prob_target(src, sources=list(range(20)))
+    assert (fitted < 0.5).mean() <= 0.7
+    fold = clf._source_fold  # row by row, the model of the fold that held the image out
+    for i in (0, 7, 19):
+        assert fitted[i] == pytest.approx(float(clf._fold_probs[int(fold[i])](src[i:i + 1])[0]), abs=1e-6)
+    mixed = clf.prob_target(torch.cat([src[:2], tgt[:1]]), sources=[0, 1, -1])  # -1: not one of its sources
+    assert mixed[:2] == pytest.approx(fitted[:2], abs=1e-6) and mixed[2] == pytest.approx(clf.prob_target(tgt[:1])[0], abs=1e-6)
 
 
 def test_base_features_on_sdxl():
@@ -231,8 +250,8 @@ def test_sweep_runs_non_square_sources_at_their_own_aspect(adapter, tmp_path):
     assert report["source_sizes"] == ["40x88", "56x72", "64x64", "88x40"]
     assert not report["has_masks"] and any("square" in w for w in report["warnings"])
     assert report["spearman"] == {}  # one strength: rho is undefined, not 0 (it used to print "rho=0.00 [0.00, 0.00]")
-    # a folder has no splits and holds only the 4 evaluated sources: the classifier had to learn them, and says so
-    assert any("trained on the evaluated source images (4 of 4" in w for w in report["warnings"])
+    # a folder has no splits and holds only the 4 evaluated sources: the classifier learns them, and cross-fits
+    assert not any("evaluated source" in w for w in report["warnings"])
     assert "one strength was swept" in (tmp_path / "r" / "summary.md").read_text()
     rep.validate_report(json.loads((tmp_path / "r" / "report.json").read_text()))
     masked = next(r for r in report["rows"] if r["mode"] == "masked")
@@ -243,14 +262,23 @@ def test_sweep_runs_non_square_sources_at_their_own_aspect(adapter, tmp_path):
 
 
 
-def test_a_folder_sources_judged_images_are_kept_out_of_the_classifier(adapter, tmp_path):
+def test_a_folder_sources_judged_images_are_cross_fitted_or_kept_out_of_the_classifier(adapter, tmp_path, monkeypatch):
     from adapt import synth
     src = synth.build_imagefolder("faces", tmp_path / "src", n=12, split="eval")
     msgs = []
     report = evaluate.run(_cfg(adapter, tmp_path / "r", source=str(src), strengths=[0.5], scales=[0.0], seeds=1),
                           progress=False, log=msgs.append)
-    assert any("4 of its 12 source images are evaluated sources" in m for m in msgs), msgs
-    assert not any("evaluated source" in w for w in report["warnings"])
+    assert any("4 of its 12 source images are evaluated sources" in m and "did not learn its source" in m for m in msgs), msgs
+    assert report["classifier"]["n_source"] == 12 and not any("evaluated source" in w for w in report["warnings"])
+    # a classifier with a held-out split (as from 100 images per domain) cannot cross-fit: they are left out
+    monkeypatch.setattr(classifier, "SMALL", 2)
+    monkeypatch.setattr(classifier, "cross_validates", lambda n_s, n_t, small=2: False)
+    msgs = []
+    report = evaluate.run(_cfg(adapter, tmp_path / "r2", source=str(src), strengths=[0.5], scales=[0.0], seeds=1),
+                          progress=False, log=msgs.append)
+    assert any("4 of its 12 source images are evaluated sources" in m and "left out" in m for m in msgs), msgs
+    assert report["classifier"]["n_source"] == 8 and report["classifier"]["validation"] == "20% held-out split"
+
 
 def test_an_unreliable_classifier_refuses_the_report_only_where_it_is_the_reach_judge(adapter, tmp_path):
     from adapt import synth
