@@ -146,29 +146,42 @@ class TrainedClassifier:
     n_train: int  # real images the judge learned from
     n_heldout: int  # distinct real images the accuracy is measured on
     validation: str  # how: "20% held-out split" or "5-fold cross-validation"
+    # A judge is embed (pixels -> what the models read: the pixels themselves, or the base's features), then prob
+    # (-> P(target)) and features (-> the space KID is measured in), so one embedding serves all three.
+    _embed: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
     _prob: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
     _features: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
-    _fold_probs: list = field(default_factory=list, repr=False)  # cross-validated: each fold's model (prob of pixels)
+    _fold_probs: list = field(default_factory=list, repr=False)  # cross-validated: each fold's model's prob
     _source_fold: torch.Tensor | None = field(default=None, repr=False)  # ... and the fold each source image was in
 
     @torch.no_grad()
-    def prob_target(self, x: torch.Tensor, batch: int = 256, sources=None) -> np.ndarray:
-        """P(target) of images (N, 3, H, W). `sources[i]`: the row of the classifier's own source images that x[i] was
-        made from, or -1. When cross-validated, such an x[i] is judged by the fold's model that did not learn that
-        image (cross-fitting), so outputs of a source the judge learned as "source" are not read as more source-like
-        than the judge would read a stranger's (a user's folder evaluates the same photos the classifier learns from)."""
-        p = torch.cat([self._prob(x[i:i + batch]) for i in range(0, len(x), batch)])
+    def judge(self, x: torch.Tensor, sources=None, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(P(target) (N,), features (N, D)) of images (N, 3, H, W) in [-1, 1].
+
+        `sources[i]`: the row of the classifier's own source images that x[i] was made from, or -1. When
+        cross-validated, such an x[i] is judged by the fold's model that did not learn that image (cross-fitting),
+        so outputs of a source the judge learned as "source" are not read as more source-like than a stranger's
+        would be (a user's folder evaluates the same photos the classifier learns from)."""
+        fold = np.full(len(x), -1)
         if sources is not None and self._fold_probs:
             fold = np.array([int(self._source_fold[s]) if s >= 0 else -1 for s in sources])
+        probs, feats = [], []
+        for i in range(0, len(x), batch):
+            e = self._embed(x[i:i + batch])
+            p = self._prob(e)
             for f, prob in enumerate(self._fold_probs):
-                rows = torch.from_numpy(np.flatnonzero(fold == f))
+                rows = torch.from_numpy(np.flatnonzero(fold[i:i + batch] == f))
                 if len(rows):
-                    p[rows] = torch.cat([prob(x[rows[i:i + batch]]) for i in range(0, len(rows), batch)])
-        return p.numpy()
+                    p[rows] = prob(e[rows])
+            probs.append(p)
+            feats.append(self._features(e))
+        return torch.cat(probs).numpy(), torch.cat(feats).numpy()
 
-    @torch.no_grad()
-    def features(self, x: torch.Tensor, batch: int = 256) -> np.ndarray:
-        return torch.cat([self._features(x[i:i + batch]) for i in range(0, len(x), batch)]).numpy()
+    def prob_target(self, x: torch.Tensor, sources=None) -> np.ndarray:
+        return self.judge(x, sources)[0]
+
+    def features(self, x: torch.Tensor) -> np.ndarray:
+        return self.judge(x)[1]
 
 
 @contextlib.contextmanager
@@ -260,15 +273,12 @@ def train(source: torch.Tensor, target: torch.Tensor, vae=None, kind: str = "scr
         views = [features(v) for v in views]
 
     def fit(idx: torch.Tensor):
-        """A model of images idx (all their views): its prob_target in view space, and prob_target and features of
-        pixels (the same thing for scratch; through `features` for base_features)."""
+        """A model of images idx (all their views): (P(target), KID features), both of a view."""
         xs, ys = torch.cat([v[idx] for v in views]), y[idx].repeat(len(views))
         if kind == "scratch":
             net = _fit_scratch(xs, ys, g, epochs, batch_size, lr)
-            prob = lambda v: torch.sigmoid(net(v))
-            return prob, prob, net.features
-        probe = Probe.fit(xs, ys)
-        return probe.prob, lambda v: probe.prob(features(v)), features
+            return (lambda v: torch.sigmoid(net(v))), net.features
+        return Probe.fit(xs, ys).prob, (lambda v: v)  # KID on the base's features themselves
 
     cross = cross_validates(len(source), len(target), small)
     k = min(folds, n_small) if cross else 5  # the 20% split is fold 0 of 5
@@ -277,18 +287,19 @@ def train(source: torch.Tensor, target: torch.Tensor, vae=None, kind: str = "scr
     fold_probs = []
     for f in range(k if cross else 1):
         test = fold == f
-        model = fit(~test)
-        fold_probs.append(model[1])
+        prob, feats = fit(~test)
+        fold_probs.append(prob)
         with torch.no_grad():
             for v in views:
-                correct += int(((model[0](v[test]) > 0.5).float() == y[test]).sum())
+                correct += int(((prob(v[test]) > 0.5).float() == y[test]).sum())
                 n_views += int(test.sum())
     if cross:
-        model = fit(torch.ones(len(y), dtype=torch.bool))
+        prob, feats = fit(torch.ones(len(y), dtype=torch.bool))
     n_held = len(y) if cross else int((fold == 0).sum())
     accuracy = correct / n_views  # each image has len(views) views, so this is also the mean over images
+    embed = features if kind == "base_features" else (lambda v: v)
     return TrainedClassifier(kind, accuracy, wilson(accuracy * n_held, n_held), len(y) if cross else len(y) - n_held,
-                             n_held, f"{k}-fold cross-validation" if cross else "20% held-out split", model[1], model[2],
+                             n_held, f"{k}-fold cross-validation" if cross else "20% held-out split", embed, prob, feats,
                              fold_probs if cross else [], fold[:len(source)] if cross else None)
 
 

@@ -247,8 +247,8 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
                 arr = _square(arr, res)  # (N, res, res, 3)
                 outs_all.append(arr)
                 x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() * 2 - 1
-                m["reach"] = (clf.prob_target(x, sources=src_in_cs) > 0.5).astype(float)
-                m["feat"] = clf.features(x)
+                prob, m["feat"] = clf.judge(x, sources=src_in_cs)  # the judge's verdicts and KID features at once
+                m["reach"] = (prob > 0.5).astype(float)
                 if masked:
                     m.update(mask_stats)
                 for k, v in m.items():
