@@ -53,6 +53,9 @@ CASES = {
     # bf16 where the CPU has native bf16 dot products (avx512_bf16 / AMX): model.dtype=bfloat16, train.mixed_precision=bf16
     "p1-tiny-bf16": ("tiny", None, 8, True, {"bf16": True}),
     "p1-sd15-bf16": ("sd15", 32, 4, True, {"bf16": True}),
+    # the same with attention left to PyTorch's bf16 CPU kernel (what adapt/cpu_attention.py replaces at short lengths)
+    "lever-bf16-attention-tiny": ("tiny", None, 8, True, {"bf16": True, "bf16_attention": True}),
+    "lever-bf16-attention-sd15": ("sd15", 32, 4, True, {"bf16": True, "bf16_attention": True}),
     "ref-tiny": ("tiny", None, 8, False, {"reference": True}),
     "ref-sd15": ("sd15", 32, 4, False, {"reference": True}),
     "ref-tiny-bf16": ("tiny", None, 8, False, {"reference": True, "bf16": True}),  # --mixed_precision bf16: all in bf16
@@ -127,7 +130,7 @@ def _images(n: int, size: int, facts=None, mixed: bool = False):
 
 def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
-    from adapt import cache, lora, objective, sample, trainstep
+    from adapt import cache, cpu_attention, lora, objective, sample, trainstep
     arch, side, batch, use_cache, extra = CASES[name]
     bf16 = extra.get("bf16", False)  # as model.dtype=bfloat16 + train.mixed_precision=bf16: frozen weights bf16, LoRA fp32
     pipe, facts = _pipeline(arch, torch.bfloat16 if bf16 else torch.float32)
@@ -138,6 +141,8 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
         from diffusers.models.attention_processor import AttnProcessor
         unet.set_attn_processor(AttnProcessor())
     lora.attach(unet, "cross_attn", rank=8)
+    if bf16 and not extra.get("bf16_attention"):  # as the recipe does on a CPU
+        cpu_attention.apply(unet, "cpu", torch.bfloat16)
     if extra.get("gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
     if extra.get("channels_last"):

@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import adapt
-from adapt import atomic, buckets, cache, checkpoint, config, data, decoder, lora, model, objective, runguard, sample, trainstep
+from adapt import atomic, buckets, cache, checkpoint, config, cpu_attention, data, decoder, lora, model, objective, runguard, sample, trainstep
 from adapt import facts as facts_mod
 from adapt import resume as resume_mod
 from adapt import validation
@@ -194,9 +194,12 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
     if compiled:
         unet.compile_repeated_blocks(fullgraph=False)  # in place: module names and state-dict keys are unchanged
     say(f"compile: {'regional' if compiled else 'off'} ({why})")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, model.DTYPES[cfg.model.dtype])
+    if not compiled and (line := cpu_attention.apply(unet, acc.device, half)):  # inductor makes its own attention
+        say(line)
     if acc.device.type == "cpu" and acc.is_main_process:  # measured once, where it is logged
         from adapt.bench import bf16_speed
-        say(_precision_note(cfg.train.mixed_precision, unet_params, bf16_speed()))
+        say(_precision_note(cfg.train.mixed_precision, bf16_speed()))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
@@ -435,17 +438,17 @@ def _compile_decision(mode: str, device: torch.device, steps_left: int, unet_par
                    "on SD 1.5 and 1.01x on the embedded base on CPU; train.compile=regional forces it")
 
 
-def _precision_note(mixed_precision: str, unet_params: int, bf16_speed: float) -> str:
+def _precision_note(mixed_precision: str, bf16_speed: float) -> str:
     """The CPU precision in force and, when the other one is measurably faster here, the settings for it.
 
     On a CPU with native bf16 dot products (AMD EPYC Zen 4: bf16 torch.mm 2.2-2.5x fp32) bf16 trained the SD 1.5
-    architecture's step 1.83x faster (adapt bench, 256 px, batch 4, 1 thread) with the loss within 0.2% of fp32's
-    (the demo, 400 steps, same batches); the embedded base's small convolutions ran 0.83x. On a Xeon whose bf16
-    mm ran 0.64x fp32, bf16 was slower everywhere."""
+    architecture's step 1.8x faster (adapt bench, 256 px, batch 4, 1 thread) and the embedded base's 1.2-1.3x
+    (64 px, batch 8; short attention in fp32, adapt/cpu_attention.py: without it 0.9x), with the loss within 0.2%
+    of fp32's (the demo, 400 steps, same batches). On a Xeon whose bf16 mm ran 0.64x fp32, bf16 was slower."""
     line = f"precision: {'fp32' if mixed_precision == 'no' else mixed_precision}; this CPU's bf16 matmul runs {bf16_speed:.1f}x fp32"
-    if mixed_precision == "no" and bf16_speed >= 1.5 and unet_params >= 100_000_000:
-        return line + (f"; for a UNet of {unet_params / 1e6:.0f}M parameters model.dtype=bfloat16 train.mixed_precision=bf16 "
-                       "is likely faster (SD 1.5: 1.83x per step on such a CPU, loss within 0.2%)")
+    if mixed_precision == "no" and bf16_speed >= 1.5:
+        return line + ("; model.dtype=bfloat16 train.mixed_precision=bf16 is likely faster (on such a CPU: SD 1.5 1.8x "
+                       "per step, the embedded base 1.25x; loss within 0.2%)")
     if mixed_precision == "bf16" and bf16_speed < 1.0:
         return line + "; fp32 (model.dtype=float32 train.mixed_precision=no) is likely faster here"
     return line
