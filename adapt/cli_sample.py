@@ -73,7 +73,7 @@ def add_parser(sub):
 
 
 def cmd_sample(a) -> int:
-    from adapt import atomic, cpu_attention, decoder, lora, masking, model, provenance, sample
+    from adapt import atomic, decoder, lora, masking, model, provenance, sample
     _apply_recommended(a)
     _check_sample_args(a)
     stored = [lora.facts(ad) for ad in a.adapter]  # reads (and checks) every adapter before the base loads
@@ -97,8 +97,6 @@ def cmd_sample(a) -> int:
     device = model.pick_device(a.device)
     pipe, facts = model.load_base(a.base, torch_dtype=model.pick_dtype(a.dtype, device))
     pipe.to(device)  # noise stays on CPU generators, so a seed gives the same start on every device
-    if line := cpu_attention.apply(pipe.unet, device, pipe.unet.dtype):
-        print(line)
     names = [lora.load_into(pipe, ad, 1.0, adapter_name=f"a{i}", base_resolved=facts.resolved) for i, ad in enumerate(a.adapter)]
     tuned = _tuned_decoder(a, pipe)
     scales = a.scale or [1.0] * len(names)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapt import classifier, config, cpu_attention, data, decoder, lora, masking, metrics, model, perceptual, report as rep, sample, synthbench
+from adapt import classifier, config, data, decoder, lora, masking, metrics, model, perceptual, report as rep, sample, synthbench
 from adapt.facts import AdapterFacts
 
 
@@ -101,8 +101,6 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     device = model.pick_device(cfg.device)
     pipe, bf = model.load_base(base, torch_dtype=model.pick_dtype(cfg.dtype, device))
     pipe.to(device)
-    if line := cpu_attention.apply(pipe.unet, device, pipe.unet.dtype):
-        log(line)
     name = lora.load_into(pipe, cfg.adapter, 1.0, adapter_name="adapter", base_resolved=bf.resolved, log=log)
     try:  # the adapter's rows decode with the VAE decoder tuned on its domain, when it ships one; the base's rows not
         tuned = decoder.load(cfg.adapter, pipe.vae) if cfg.adapter_decoder else None

@@ -1,7 +1,6 @@
 """The `adapt` command: sample (txt2img, img2img with stored strength), inspect, data build, clean errors."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,19 +54,6 @@ def test_data_build_then_sample_img2img_with_stored_strength(tiny_base, adapter_
     a = np.asarray(Image.open(tmp_path / "s0" / "img2img_000.png"))
     b = np.asarray(Image.open(tmp_path / "sb" / "img2img_000.png"))
     assert np.array_equal(a, b)
-
-
-def test_sample_in_bf16_on_cpu_computes_short_attention_in_fp32(tiny_base, adapter_dir, tmp_path):
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "x.png")
-    outs = {}
-    for dt in ("float32", "bfloat16"):
-        r = adapt_cli("sample", "--base", tiny_base, "--adapter", adapter_dir, "--image", tmp_path / "x.png",
-                      "--dtype", dt, "--out", tmp_path / dt)
-        assert r.returncode == 0, r.stderr
-        assert ("attention: 8 modules compute attention in fp32" in r.stdout) == (dt == "bfloat16")
-        outs[dt] = np.asarray(Image.open(tmp_path / dt / "img2img_000.png"), float)
-    if not os.environ.get("ADAPT_TEST_FLOORS"):  # diffusers 0.35 draws bf16 noise differently: another image (39/255)
-        assert np.abs(outs["bfloat16"] - outs["float32"]).mean() < 2  # the same image in bf16 (0.63 of 255 measured)
 
 
 def test_txt2img_and_missing_strength(tiny_base, tmp_path):
