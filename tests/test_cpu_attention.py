@@ -70,8 +70,12 @@ def _bf16_unet(tiny_base):
     return unet, z, emb
 
 
-def test_a_bf16_unet_on_cpu_trains_with_its_attention_in_fp32(tiny_base):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_bf16_unet_on_cpu_trains_with_its_attention_in_fp32(tiny_base, checkpointing):
     unet, z, emb = _bf16_unet(tiny_base)
+    if checkpointing:  # the backward recomputes each block's forward: its attention must take the fp32 path again
+        unet.enable_gradient_checkpointing()
+        unet.train()
     t = torch.tensor([10, 500])
     with torch.autocast("cpu", torch.bfloat16):
         before = unet(z.bfloat16(), t, emb.bfloat16()).sample.float()
@@ -81,7 +85,7 @@ def test_a_bf16_unet_on_cpu_trains_with_its_attention_in_fp32(tiny_base):
     with _Kernels() as rec, torch.autocast("cpu", torch.bfloat16):
         out = unet(z.bfloat16(), t, emb.bfloat16()).sample.float()
         out.pow(2).mean().backward()
-    assert rec.seen and {d for d, _ in rec.seen} == {torch.float32}
+    assert len(rec.seen) == n_attn * (2 if checkpointing else 1) and {d for d, _ in rec.seen} == {torch.float32}
     assert (out - before).abs().max() <= 0.05 * before.abs().max()  # the same model, attention in more precision
     grads = [p.grad for n, p in unet.named_parameters() if "lora_" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
