@@ -135,7 +135,7 @@ class TrainSection:
     grad_accum: int = opt(1, "gradient accumulation steps")
     seed: int = opt(0, "seed for init, data order, noise and timesteps")
     mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision; LoRA weights stay fp32. On CPU, "
-        "bf16 pays where the CPU has native bf16 dot products (AMD Zen 4: SD 1.5 1.8x per step, the embedded base 1.25x, "
+        "bf16 pays where the CPU has native bf16 dot products (AMD Zen 4: SD 1.5 1.8x per step, the embedded base 1.1-1.3x, "
         "short attention kept in fp32); the log gives this CPU's bf16/fp32 matmul ratio")
     gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward: less memory, ~30% slower")
     compile: Literal["auto", "off", "regional"] = opt(

@@ -443,12 +443,13 @@ def _precision_note(mixed_precision: str, bf16_speed: float) -> str:
 
     On a CPU with native bf16 dot products (AMD EPYC Zen 4: bf16 torch.mm 2.2-2.5x fp32) bf16 trained the SD 1.5
     architecture's step 1.8x faster (adapt bench, 256 px, batch 4, 1 thread) and the embedded base's 1.2-1.3x
-    (64 px, batch 8; short attention in fp32, adapt/cpu_attention.py: without it 0.9x), with the loss within 0.2%
-    of fp32's (the demo, 400 steps, same batches). On a Xeon whose bf16 mm ran 0.64x fp32, bf16 was slower."""
+    (64 px, batch 8; the demo at 2 threads 1.11x; short attention in fp32, adapt/cpu_attention.py: without it
+    0.9x), with the loss within 0.2% of fp32's (the demo, 400 steps, same batches). On a Xeon whose bf16 mm ran
+    0.64x fp32, bf16 was slower."""
     line = f"precision: {'fp32' if mixed_precision == 'no' else mixed_precision}; this CPU's bf16 matmul runs {bf16_speed:.1f}x fp32"
     if mixed_precision == "no" and bf16_speed >= 1.5:
         return line + ("; model.dtype=bfloat16 train.mixed_precision=bf16 is likely faster (on such a CPU: SD 1.5 1.8x "
-                       "per step, the embedded base 1.25x; loss within 0.2%)")
+                       "per step, the embedded base 1.1-1.3x; loss within 0.2%)")
     if mixed_precision == "bf16" and bf16_speed < 1.0:
         return line + "; fp32 (model.dtype=float32 train.mixed_precision=no) is likely faster here"
     return line
