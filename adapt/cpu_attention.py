@@ -52,7 +52,7 @@ class _ShortAttentionInFp32(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention or not faster_in_fp32(args[0], args[1]):
+        if func is not F.scaled_dot_product_attention or len(args) < 3 or not faster_in_fp32(args[0], args[1]):
             return func(*args, **kwargs)
         up = lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
         out_dtype = _runs_in(args[0])

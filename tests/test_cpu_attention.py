@@ -54,6 +54,9 @@ def test_the_mode_runs_short_attention_in_fp32_and_returns_the_dtype_the_caller_
     with _Kernels() as rec, cpu_attention._ShortAttentionInFp32():
         F.scaled_dot_product_attention(*long)
     assert rec.seen == [(torch.bfloat16, 1024)]  # long bf16 attention is left to bf16
+    with _Kernels() as rec, cpu_attention._ShortAttentionInFp32():
+        F.scaled_dot_product_attention(query=q, key=k, value=v)  # tensors by keyword: passed through as called
+    assert rec.seen == [(dtype, 77)]
 
 
 def _bf16_unet(tiny_base):
