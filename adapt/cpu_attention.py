@@ -1,7 +1,7 @@
 """Short attention in fp32 when a UNet runs in bf16 or fp16 on a CPU.
 
 PyTorch's CPU flash-attention kernel is slow in half precision at the key lengths a UNet's attention has, above all
-its backward (forward alone: 1.0-1.6x fp32's time, so sampling gains nothing here and the recipe alone uses this):
+its backward (forward alone: 1.0-1.6x fp32's time, so sampling gains nothing here; the recipe and `adapt bench` use this):
 cross-attention attends to the prompt's tokens (77 on SD, 32 on the embedded base) and self-attention at low
 resolutions to a few hundred pixels. Forward + backward, one thread, ms (AMD EPYC Zen 4 with avx512_bf16;
 torch 2.13; the same pattern on 2.14.1 and 2.4):
