@@ -352,6 +352,7 @@ def run(cases: list[str], threads: int, out: str | None, reference: tuple | None
     torch.set_num_threads(threads)
     report = {"machine": machine(), "results": results}
     _speedups(report)
+    report["defaults"] = _at_defaults(report)
     if out:
         from adapt import atomic
         atomic.write_text(out, json.dumps(report, indent=1))
@@ -389,6 +390,21 @@ def _speedups(report: dict) -> None:
             r["speedup_vs_default"] = r["samples_per_s"] / by[base_case]["samples_per_s"]
 
 
+def _at_defaults(report: dict) -> dict:
+    """P1 with each trainer at its default precision: adapt's train.mixed_precision=auto as it resolves on this CPU
+    (bf16 where it has native bf16: the p1-*-bf16 case), the reference's --mixed_precision default (no: fp32)."""
+    from adapt import precision
+    chosen = precision.choose("auto", "auto", "cpu", cpu_flag=precision.cpu_bf16_flag())
+    by = {r["name"]: r for r in report["results"]}
+    out = {}
+    for arch in ("tiny", "sd15"):
+        mine, ref = f"p1-{arch}" + ("-bf16" if chosen.mixed_precision == "bf16" else ""), f"ref-{arch}"
+        if "samples_per_s" in by.get(mine, {}) and "samples_per_s" in by.get(ref, {}):
+            out[arch] = {"adapt_case": mine, "adapt_precision": chosen.mixed_precision, "why": chosen.why,
+                         "reference_case": ref, "P1": by[mine]["samples_per_s"] / by[ref]["samples_per_s"]}
+    return out
+
+
 def table(report: dict) -> str:
     m = report["machine"]
     lines = [f"{m['cpu']} | {m['threads']} thread(s) | torch {m['torch']}", "",
@@ -406,6 +422,9 @@ def table(report: dict) -> str:
         gf = f"{r['flops_per_step'] / 1e9:11.2f}" if "flops_per_step" in r else " " * 11
         fr = f"{r['matmul_fraction']:8.3f}" if "matmul_fraction" in r else " " * 8
         lines.append(f"{r['name']:32s} {r['samples_per_s']:10.2f} {r['step_s']:9.4f} {r['peak_rss_mb']:8.0f} {gf} {fr}  {' '.join(notes)}")
+    for arch, d in report.get("defaults", {}).items():
+        lines.append(f"P1 at each trainer's default, {arch}: {d['P1']:.3f} ({d['adapt_case']}: train.mixed_precision=auto "
+                     f"-> {d['adapt_precision']}, {d['why']}; {d['reference_case']}: the reference's fp32)")
     return "\n".join(lines)
 
 

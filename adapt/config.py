@@ -22,7 +22,9 @@ class ModelConfig:
     revision: Optional[str] = opt(None, "hub revision (branch, tag or commit)")
     variant: Optional[str] = opt(None, "weights variant, e.g. fp16")
     vae: Optional[str] = opt(None, "replace the base's VAE (folder or hub id), e.g. an fp16-fixed VAE")
-    dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", "dtype of the frozen weights (LoRA stays fp32)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = opt(
+        "auto", "dtype of the frozen weights (LoRA stays fp32); auto = as train.mixed_precision (bf16 -> bfloat16, "
+        "fp16 -> float16, no -> float32)")
     architecture: Optional[Literal["sd", "sdxl"]] = opt(None, "single-file checkpoints only: SD 1.x/2.x or SDXL; default: read from the file's key names")
     config: Optional[str] = opt(None, "single-file checkpoints only: diffusers folder or hub id with the component configs (needed offline)")
 
@@ -134,9 +136,11 @@ class TrainSection:
     batch_size: int = opt(8, "per-process batch size")
     grad_accum: int = opt(1, "gradient accumulation steps")
     seed: int = opt(0, "seed for init, data order, noise and timesteps")
-    mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision; LoRA weights stay fp32. On CPU, "
-        "bf16 pays where the CPU has native bf16 dot products (AMD Zen 4: SD 1.5 1.8x per step, the embedded base 1.1-1.3x, "
-        "short attention kept in fp32); the log gives this CPU's bf16/fp32 matmul ratio")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt(
+        "auto", "autocast precision; LoRA weights stay fp32. auto (adapt/precision.py) = bf16 on a GPU with bf16 and on "
+        "a CPU with native bf16 dot products (avx512_bf16 / amx_bf16: AMD Zen 4 trained SD 1.5 1.8x and the embedded "
+        "base 1.2-1.3x faster than fp32, loss within 0.2%), else no (fp32); a resume keeps its checkpoint's. The log "
+        "says what auto chose and this CPU's bf16/fp32 matmul ratio")
     gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward: less memory, ~30% slower")
     compile: Literal["auto", "off", "regional"] = opt(
         "auto", "torch.compile of the UNet's repeated transformer blocks (diffusers' compile_repeated_blocks: one block "
@@ -217,7 +221,7 @@ class RunConfig:
         # on CPU GroupNorm refuses fp16 weights under bf16 autocast): the two must agree, as in diffusers' examples.
         half = {"float16": "fp16", "bfloat16": "bf16"}
         mp, dt = self.train.mixed_precision, self.model.dtype
-        _check(not (dt in half and mp != "no" and half[dt] != mp), "model.dtype/train.mixed_precision",
+        _check(not (dt in half and mp not in ("no", "auto") and half[dt] != mp), "model.dtype/train.mixed_precision",
                f"model.dtype={dt} with train.mixed_precision={mp}: use float16 with fp16 or bfloat16 with bf16")
 
 

@@ -16,6 +16,7 @@ Meng et al. 2022), and the adapter records that strength so sampling matches it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -33,7 +34,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import adapt
-from adapt import atomic, buckets, cache, checkpoint, config, cpu_attention, data, decoder, lora, model, objective, runguard, sample, trainstep
+from adapt import (atomic, buckets, cache, checkpoint, config, cpu_attention, data, decoder, lora, model, objective, precision,
+                   runguard, sample, trainstep)
 from adapt import facts as facts_mod
 from adapt import resume as resume_mod
 from adapt import validation
@@ -54,6 +56,7 @@ def main(argv=None) -> int:
 
     out = Path(cfg.out_dir)
     atomic.writable_dir(out, "out_dir")
+    cfg, chosen = _precision(cfg, out)
     trackers = "tensorboard" if _has("tensorboard") else None
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers, project_dir=str(out))
     say = _printer(acc, out)
@@ -61,13 +64,13 @@ def main(argv=None) -> int:
     _together(acc, lambda: lock.acquire(say) if acc.is_main_process else None)
     stopper = runguard.Stopper(say)
     try:
-        return train(cfg, acc, out, say, stopper, trackers)
+        return train(cfg, acc, out, say, stopper, trackers, chosen)
     finally:
         stopper.close()
         lock.release()
 
 
-def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
+def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precision) -> int:
     resume, saved = _together(acc, lambda: _preflight(cfg, out, say, acc.is_main_process))
     set_seed(cfg.train.seed)
     t_start = time.time()
@@ -199,7 +202,9 @@ def train(cfg, acc, out: Path, say, stopper, trackers) -> int:
         say(line)
     if acc.device.type == "cpu" and acc.is_main_process:  # measured once, where it is logged
         from adapt.bench import bf16_speed
-        say(_precision_note(cfg.train.mixed_precision, bf16_speed()))
+        say(precision.cpu_note(chosen, bf16_speed()))
+    else:
+        say(f"precision: {precision.label(chosen.mixed_precision, chosen.dtype)}" + (f" ({chosen.why})" if chosen.why else ""))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
@@ -438,21 +443,27 @@ def _compile_decision(mode: str, device: torch.device, steps_left: int, unet_par
                    "on SD 1.5 and 1.01x on the embedded base on CPU; train.compile=regional forces it")
 
 
-def _precision_note(mixed_precision: str, bf16_speed: float) -> str:
-    """The CPU precision in force and, when the other one is measurably faster here, the settings for it.
-
-    On a CPU with native bf16 dot products (AMD EPYC Zen 4: bf16 torch.mm 2.2-2.5x fp32) bf16 trained the SD 1.5
-    architecture's step 1.8x faster (adapt bench, 256 px, batch 4, 1 thread) and the embedded base's 1.2-1.3x
-    (64 px, batch 8; the demo at 2 threads 1.11x; short attention in fp32, adapt/cpu_attention.py: without it
-    0.9x), with the loss within 0.2% of fp32's (the demo, 400 steps, same batches). On a Xeon whose bf16 mm ran
-    0.64x fp32, bf16 was slower."""
-    line = f"precision: {'fp32' if mixed_precision == 'no' else mixed_precision}; this CPU's bf16 matmul runs {bf16_speed:.1f}x fp32"
-    if mixed_precision == "no" and bf16_speed >= 1.5:
-        return line + ("; model.dtype=bfloat16 train.mixed_precision=bf16 is likely faster (on such a CPU: SD 1.5 1.8x "
-                       "per step, the embedded base 1.1-1.3x; loss within 0.2%)")
-    if mixed_precision == "bf16" and bf16_speed < 1.0:
-        return line + "; fp32 (model.dtype=float32 train.mixed_precision=no) is likely faster here"
-    return line
+def _precision(cfg, out: Path) -> tuple:
+    """(cfg with model.dtype and train.mixed_precision concrete, the Precision chosen): auto resolved for the device
+    accelerate will use (adapt/precision.py), before the Accelerator fixes its autocast. A resume whose precision is
+    auto keeps what its checkpoint trained in."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    trained_in = None
+    if "auto" in (cfg.train.mixed_precision, cfg.model.dtype) and cfg.train.resume_from_checkpoint:
+        try:
+            found = checkpoint.resolve(out, cfg.train.resume_from_checkpoint, log=lambda *_: None)
+            run = json.loads((found / "state.json").read_text())["run"]["config"]
+            trained_in = (run["train.mixed_precision"], run["model.dtype"])
+        except (checkpoint.CheckpointError, OSError, KeyError, TypeError, ValueError):
+            pass  # the preflight names what is wrong with the checkpoint
+    # The state the Accelerator will share, made as AcceleratorState makes it (without cpu=, `ACCELERATE_USE_CPU=1
+    # accelerate launch --multi_gpu` would start one process group per rank)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    chosen = precision.for_device(cfg.train.mixed_precision, cfg.model.dtype, state.device, trained_in)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=chosen.dtype),
+                              train=dataclasses.replace(cfg.train, mixed_precision=chosen.mixed_precision))
+    return cfg, chosen
 
 
 def _decoder_phase(cfg, pipe, sized, vae_fp: str, data_fp: str, out: Path, stopper, say) -> dict:

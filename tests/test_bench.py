@@ -35,6 +35,23 @@ def test_ratios_against_the_reference_and_the_square_case():
     assert "P1_vs_reference=2.000" in bench.table({"machine": {"cpu": "x", "threads": 1, "torch": "t"}, **report})
 
 
+@pytest.mark.parametrize("flag, case, p1", [("avx512_bf16", "p1-sd15-bf16", 3.6), (None, "p1-sd15", 2.0)])
+def test_p1_at_each_trainers_default(monkeypatch, flag, case, p1):
+    """adapt's default is train.mixed_precision=auto as it resolves on this CPU; the reference's is fp32."""
+    from adapt import precision
+    monkeypatch.setattr(precision, "cpu_bf16_flag", lambda *a: flag)
+    report = {"machine": {"cpu": "x", "threads": 1, "torch": "t"}, "results": [
+        {"name": "p1-sd15", "samples_per_s": 0.5, "step_s": 8.0, "peak_rss_mb": 6000.0},
+        {"name": "ref-sd15", "samples_per_s": 0.25, "step_s": 16.0, "peak_rss_mb": 8000.0},
+        {"name": "p1-sd15-bf16", "samples_per_s": 0.9, "step_s": 4.4, "peak_rss_mb": 5000.0},
+        {"name": "p1-tiny", "samples_per_s": 50.0, "step_s": 0.16, "peak_rss_mb": 500.0}]}  # no ref-tiny: no tiny row
+    report["defaults"] = bench._at_defaults(report)
+    assert list(report["defaults"]) == ["sd15"]
+    d = report["defaults"]["sd15"]
+    assert (d["adapt_case"], d["reference_case"]) == (case, "ref-sd15") and d["P1"] == pytest.approx(p1)
+    assert f"P1 at each trainer's default, sd15: {p1:.3f} ({case}: train.mixed_precision=auto" in bench.table(report)
+
+
 def test_reference_cases_need_the_reference_trainer():
     exe = Path(sys.executable).parent / "adapt"
     r = subprocess.run([str(exe), "--threads", "1", "bench", "--config", "p1"], cwd=ROOT, capture_output=True, text=True)

@@ -42,11 +42,12 @@ def test_frozen_dtype_must_match_autocast():
         _load("model.dtype=float16", "train.mixed_precision=bf16")
     assert _load("model.dtype=bfloat16", "train.mixed_precision=bf16").model.dtype == "bfloat16"
     assert _load("model.dtype=float16", "train.mixed_precision=no").model.dtype == "float16"
+    assert _load("model.dtype=float16", "train.mixed_precision=auto").model.dtype == "float16"  # auto follows it
 
 
 def test_yaml_booleans_for_no_and_yes():
     assert _load("train.mixed_precision=no").train.mixed_precision == "no"  # YAML 1.1 reads `no` as False
-    assert config.load(RunConfig, None, ["data.source=x"]).train.mixed_precision == "no"
+    assert config.load(RunConfig, None, ["data.source=x"]).train.mixed_precision == "auto"  # the default
     assert _load("train.compile=off").train.compile == "off"  # and `off` / `false` as False
     assert _load("train.compile=false").train.compile == "off"
     with pytest.raises(ConfigError, match=r"train.compile: True is not one of \['auto', 'off', 'regional'\]"):
