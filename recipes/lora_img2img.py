@@ -200,11 +200,11 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, model.DTYPES[cfg.model.dtype])
     if not compiled and (line := cpu_attention.apply(unet, acc.device, half)):  # inductor makes its own attention
         say(line)
-    if acc.device.type == "cpu" and acc.is_main_process:  # measured once, where it is logged
+    if acc.device.type != "cpu":
+        say(f"precision: {precision.label(chosen.mixed_precision, chosen.dtype)}" + (f" ({chosen.why})" if chosen.why else ""))
+    elif acc.is_main_process:  # with this CPU's bf16/fp32 matmul ratio, measured once, where it is logged
         from adapt.bench import bf16_speed
         say(precision.cpu_note(chosen, bf16_speed()))
-    else:
-        say(f"precision: {precision.label(chosen.mixed_precision, chosen.dtype)}" + (f" ({chosen.why})" if chosen.why else ""))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)

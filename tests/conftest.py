@@ -51,6 +51,14 @@ def sg_folder(tmp_path_factory):
     return synth.build_imagefolder("sunglasses", tmp_path_factory.mktemp("sg") / "train", n=8, split="train")
 
 
+def sigint_as_in_a_terminal():
+    """preexec_fn for a child a test will Ctrl-C: SIGINT at its default, as a terminal's foreground job has it. A
+    test run started in the background (`make test-integration &`, nohup) hands its children SIGINT ignored, and
+    Python then never raises KeyboardInterrupt: the child would run on, whatever adapt does."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def recipe_args(base, data, out, *extra):
     """The recipe's argv for tiny_test.yaml on a given base, data folder and out_dir."""
     return ["--config", TINY_CFG, f"model.base={base}", f"data.source={data}", f"out_dir={out}", *extra]

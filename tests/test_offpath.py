@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from adapt import checkpoint, lora, runguard, synth
-from conftest import ROOT, read_log, recipe_args, run_recipe
+from conftest import ROOT, read_log, recipe_args, run_recipe, sigint_as_in_a_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -197,7 +197,8 @@ def _launch(base, data, out, *extra, env_extra=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [str(bindir / "accelerate"), "launch", "-q", "--config_file", str(ROOT / "accelerate_config.yaml"),
            str(ROOT / "recipes" / "lora_img2img.py"), *recipe_args(base, data, out, *extra)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal)
 
 
 def _wait_for_steps(out, n, proc, timeout=120):
