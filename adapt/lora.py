@@ -151,6 +151,15 @@ def refuse_pickle_reason() -> str:
             "safetensors.torch.save_file(sd, 'pytorch_lora_weights.safetensors')")
 
 
+def _keys(path: Path) -> list[str]:
+    """The tensor names in a .safetensors file, from its header (no tensor is read)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise AdapterError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
+
+
 def read(adapter: str | Path) -> tuple[dict, dict]:
     """(tensors, header) of an adapter; header['adapt'] is an AdapterFacts (or None), header['lora_adapter_metadata']
     a dict. A truncated or foreign file is an AdapterError naming it (safetensors raises its own error type)."""
@@ -213,8 +222,8 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
     load fine, but the adapter learned a correction to different weights.
     """
     path = weights_path(adapter)
-    tensors, header = read(path)
-    if any(k.startswith("lora_unet_") for k in tensors) and not any(k.startswith("unet.") for k in tensors):
+    keys = _keys(path)  # the header alone: a kohya file's tensors are read once, by the import
+    if any(k.startswith("lora_unet_") for k in keys) and not any(k.startswith("unet.") for k in keys):
         # A kohya / WebUI file (what civitai serves): imported against this pipeline's own UNet config, exactly as
         # `adapt export --format diffusers --base` would write it, then loaded like any adapter.
         import tempfile
@@ -222,6 +231,7 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
         with tempfile.TemporaryDirectory() as tmp:
             kohya.from_kohya(path, tmp, base_cfg=dict(pipe.unet.config), log=log)
             return load_into(pipe, tmp, scale, adapter_name, check, base_resolved, log)
+    tensors, header = read(path)
     name = adapter_name or f"adapter_{len(pipe.get_list_adapters().get('unet', [])) if hasattr(pipe, 'get_list_adapters') else 0}"
     f = header[FACTS_KEY]
     arch = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"

@@ -40,7 +40,7 @@ def test_kohya_keys_and_alpha(trained, tmp_path):
     assert float(alpha) == 2.0
 
 
-def test_roundtrip_through_diffusers_kohya_loader_is_exact(trained, tiny_base, tmp_path):
+def test_roundtrip_through_diffusers_kohya_loader_is_exact(trained, tiny_base, tmp_path, monkeypatch):
     ad, want = trained
     f = export.to_kohya(ad, tmp_path / "k.safetensors")
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
@@ -54,8 +54,12 @@ def test_roundtrip_through_diffusers_kohya_loader_is_exact(trained, tiny_base, t
     lora.load_into(ours, back.parent)
     assert (_out(ours.unet) - want).abs().max() <= 1e-5
     direct, _ = model.load_base(str(tiny_base))  # the kohya file itself, as `adapt sample --adapter k.safetensors` takes it
+    read_from = []
+    real_read = lora.read
+    monkeypatch.setattr(lora, "read", lambda p: read_from.append(lora.weights_path(p)) or real_read(p))
     lora.load_into(direct, f)
     assert (_out(direct.unet) - want).abs().max() <= 1e-5
+    assert read_from and f.resolve() not in [p.resolve() for p in read_from]  # its tensors are read once, by the import
 
 
 def test_sdxl_names_map_both_ways():
