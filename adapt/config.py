@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from adapt.precision import HALF
 from adapt.configio import (ConfigError, check as _check, describe, dump, hints as _hints, keys_help, load,  # noqa: F401
                             opt, template_fields as _fields, to_dict)  # re-exported for callers
 
@@ -219,9 +220,8 @@ class RunConfig:
         _check(bool(self.data.source), "data.source", "is required (an imagefolder, hub dataset id or datasets/<name>)")
         # Frozen weights in one half type under autocast to the other would re-cast every weight each step (and
         # on CPU GroupNorm refuses fp16 weights under bf16 autocast): the two must agree, as in diffusers' examples.
-        half = {"float16": "fp16", "bfloat16": "bf16"}
         mp, dt = self.train.mixed_precision, self.model.dtype
-        _check(not (dt in half and mp not in ("no", "auto") and half[dt] != mp), "model.dtype/train.mixed_precision",
+        _check(not (dt in HALF and mp not in ("no", "auto") and HALF[dt] != mp), "model.dtype/train.mixed_precision",
                f"model.dtype={dt} with train.mixed_precision={mp}: use float16 with fp16 or bfloat16 with bf16")
 
 
