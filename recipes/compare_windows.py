@@ -39,8 +39,8 @@ def set_lora(pipe, name: str, tensors: dict) -> None:
         getattr(modules[mod], "lora_" + kind.split(".")[0])[name].weight.data.copy_(v)
 
 
-def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2, vae=None) -> dict:
-    """vae: the run's tuned decoder (adapt.decoder), or None for the base's."""
+def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2, vae=None, mask=None) -> dict:
+    """vae: the run's tuned decoder (adapt.decoder), or None for the base's; mask: MaskSettings (default: sample's)."""
     imgs, faces, prompts = [], [], []
     for i in range(n):
         im, cap, f = synth.make("faces", "eval", i)
@@ -49,7 +49,7 @@ def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2, vae=None) -> dic
         prompts.append(cap + " wearing sunglasses")
     masks = synthbench.Masks.of(faces, 64)
     x = np.stack([sample.to_array(i) for i in imgs])
-    edit = masking.auto_mask(pipe, imgs, prompts, [name], masking.MaskSettings()) if mode == "masked" else None
+    edit = masking.auto_mask(pipe, imgs, prompts, [name], mask or masking.MaskSettings()) if mode == "masked" else None
     res = {"detected": [], "shape": [], "ssim_out": []}
     for seed in range(seeds):
         with lora.applied(pipe, [name], [scale]), decoder.swapped(pipe, vae):
@@ -134,6 +134,8 @@ def main(argv=None):
     ap.add_argument("--mode", default="masked", choices=["masked", "plain"])
     ap.add_argument("--strength", type=float, default=None, help="img2img strength measured (default: the adapter's)")
     ap.add_argument("--scale", type=float, default=1.0, help="adapter scale measured")
+    ap.add_argument("--mask-timestep", type=int, default=None, help="masked mode: the timestep the mask is read at "
+                    "(default: MaskSettings', 441)")
     ap.add_argument("--windows", default="img2img_exact,full", help="windows trained (one per process runs them in parallel; "
                     "the comparison is printed when both are in --out)")
     ap.add_argument("--measure-only", action="store_true", help="measure the runs already trained in --out (e.g. at "
@@ -173,7 +175,8 @@ def main(argv=None):
         for ck in checkpoint.list_checkpoints(run_dir):
             step = int(ck.name.split("-")[1])
             set_lora(pipe, name, load_file(str(ck / checkpoint.WEIGHTS) + ".safetensors"))
-            curve[step] = judge(pipe, name, a.strength or facts.strength, a.mode, a.scale, vae=vae)
+            curve[step] = judge(pipe, name, a.strength or facts.strength, a.mode, a.scale, vae=vae,
+                                mask=masking.MaskSettings(timestep=a.mask_timestep) if a.mask_timestep else None)
             print(f"{window} step {step}: {curve[step]}", flush=True)
         first, held = crossings(curve)
         shape_first, shape_held = crossings(curve, 0.8, "shape")
