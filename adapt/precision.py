@@ -89,11 +89,15 @@ def label(mixed_precision: str, dtype: str) -> str:
     return mixed_precision if weights == mixed_precision else f"{mixed_precision} autocast, {weights} weights"
 
 
+def describe(p: Precision) -> str:
+    """The log's precision line: what is in force and, when auto decided, why."""
+    return f"precision: {label(p.mixed_precision, p.dtype)}" + (f" ({p.why})" if p.why else "")
+
+
 def cpu_note(p: Precision, bf16_speed: float) -> str:
-    """The log's precision line on a CPU: what is in force, why, this CPU's measured bf16/fp32 matmul ratio, and the
-    settings for the other precision when it is likely faster here."""
-    line = f"precision: {label(p.mixed_precision, p.dtype)}" + (f" ({p.why})" if p.why else "")
-    line += f"; this CPU's bf16 matmul runs {bf16_speed:.1f}x fp32"
+    """describe() on a CPU, with this CPU's measured bf16/fp32 matmul ratio and the settings for the other precision
+    when it is likely faster here."""
+    line = describe(p) + f"; this CPU's bf16 matmul runs {bf16_speed:.1f}x fp32"
     if p.mixed_precision == "no" and bf16_speed >= 1.5:
         return line + ("; model.dtype=bfloat16 train.mixed_precision=bf16 is likely faster (on such a CPU: SD 1.5 1.8x "
                        "per step, the embedded base 1.1-1.3x; loss within 0.2%)")

@@ -201,7 +201,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
     if not compiled and (line := cpu_attention.apply(unet, acc.device, half)):  # inductor makes its own attention
         say(line)
     if acc.device.type != "cpu":
-        say(f"precision: {precision.label(chosen.mixed_precision, chosen.dtype)}" + (f" ({chosen.why})" if chosen.why else ""))
+        say(precision.describe(chosen))
     elif acc.is_main_process:  # with this CPU's bf16/fp32 matmul ratio, measured once, where it is logged
         from adapt.bench import bf16_speed
         say(precision.cpu_note(chosen, bf16_speed()))
