@@ -73,10 +73,21 @@ def choose(mixed_precision: str, dtype: str, device_type: str, cuda_bf16: bool =
     return Precision("no", "float32", f"auto: fp32 on {device_type}")
 
 
+def cuda_native_bf16(device) -> bool:
+    """Whether this CUDA device computes bf16 in hardware: compute capability 8.0 or newer (Ampere), or any ROCm GPU.
+
+    Not torch.cuda.is_bf16_supported(): by default it also answers True where bf16 tensors merely can be made
+    (a T4 or V100 emulates bf16 matmuls, several times slower than fp32), so auto would pick the slow path there.
+    """
+    import torch
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
+
+
 def for_device(mixed_precision: str, dtype: str, device, checkpoint: tuple[str, str] | None = None) -> Precision:
     """choose() for a torch.device, reading this machine's GPU or CPU."""
-    import torch
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    cuda_bf16 = device.type == "cuda" and cuda_native_bf16(device)
     flag = cpu_bf16_flag() if device.type == "cpu" else None
     return choose(mixed_precision, dtype, device.type, cuda_bf16, flag, checkpoint)
 
@@ -92,6 +103,15 @@ def label(mixed_precision: str, dtype: str) -> str:
 def describe(p: Precision) -> str:
     """The log's precision line: what is in force and, when auto decided, why."""
     return f"precision: {label(p.mixed_precision, p.dtype)}" + (f" ({p.why})" if p.why else "")
+
+
+def gpu_note(p: Precision, native_bf16: bool) -> str:
+    """describe() on a CUDA GPU; where bf16 was chosen on a GPU that only emulates it (T4, V100), says so and what is
+    fast there."""
+    if native_bf16 or "bf16" not in (p.mixed_precision, HALF.get(p.dtype)):
+        return describe(p)
+    return describe(p) + ("; this GPU has no bf16 in hardware (before Ampere), so bf16 runs emulated, slower than fp32: "
+                          "train.mixed_precision=fp16 model.dtype=float16 is its fast path, auto trains in fp32")
 
 
 def cpu_note(p: Precision, bf16_speed: float) -> str:

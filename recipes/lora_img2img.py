@@ -200,7 +200,9 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, model.DTYPES[cfg.model.dtype])
     if not compiled and (line := cpu_attention.apply(unet, acc.device, half)):  # inductor makes its own attention
         say(line)
-    if acc.device.type != "cpu":
+    if acc.device.type == "cuda":
+        say(precision.gpu_note(chosen, precision.cuda_native_bf16(acc.device)))
+    elif acc.device.type != "cpu":
         say(precision.describe(chosen))
     elif acc.is_main_process:  # with this CPU's bf16/fp32 matmul ratio, measured once, where it is logged
         from adapt.bench import bf16_speed

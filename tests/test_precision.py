@@ -46,6 +46,28 @@ def test_choose(mp, dt, device, cuda_bf16, flag, want):
     assert (p.why == "") == ("auto" not in (mp, dt))
 
 
+@pytest.mark.parametrize("major, hip, want", [(7, None, ("no", "float32")),    # T4 (7.5), V100 (7.0): bf16 emulated
+                                               (8, None, ("bf16", "bfloat16")),  # A100, RTX 30xx and newer
+                                               (9, None, ("bf16", "bfloat16")),  # H100
+                                               (0, "6.2", ("bf16", "bfloat16"))])  # ROCm
+def test_cuda_auto_needs_bf16_in_hardware(monkeypatch, major, hip, want):
+    """torch.cuda.is_bf16_supported() answers True on a T4 (it can make bf16 tensors, emulated): auto must read the
+    compute capability instead, or a T4 trains in emulated bf16, several times slower than fp32."""
+    import types
+
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 answers by default
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(major=major, minor=5))
+    monkeypatch.setattr(torch.version, "hip", hip)
+    p = precision.for_device("auto", "auto", torch.device("cuda", 0))
+    assert (p.mixed_precision, p.dtype) == want
+    # bf16 chosen explicitly (the SD configs) on a GPU that emulates it: the log says so and names the fast settings
+    bf16 = precision.choose("bf16", "bfloat16", "cuda")
+    note = precision.gpu_note(bf16, precision.cuda_native_bf16(torch.device("cuda", 0)))
+    assert ("emulated" in note and "train.mixed_precision=fp16 model.dtype=float16" in note) == (want[0] == "no")
+    assert note.startswith("precision: bf16")
+
+
 def test_resume_keeps_the_checkpoints_precision():
     p = precision.choose("auto", "auto", "cpu", False, "avx512_bf16", checkpoint=("no", "float32"))
     assert (p.mixed_precision, p.dtype, p.why) == ("no", "float32", "auto: as the resumed checkpoint trained")
