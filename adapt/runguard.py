@@ -4,7 +4,8 @@
   into the same folder is refused naming the running pid; a lock whose process is gone (killed, machine
   rebooted) is stale and taken over with a note.
 - `Stopper`: SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) ask the loop to stop after the current step; the
-  recipe then writes a checkpoint and exits 130 / 143. A second signal aborts at once. If the launcher that
+  recipe then writes a checkpoint and exits 130 / 143. A second signal aborts at once. A signal the process
+  was started with ignored (a script's background job: SIGINT) stays ignored. If the launcher that
   started this process dies (e.g. `accelerate launch` killed), the trainer stops the same way instead of
   running on orphaned. Under DDP every rank takes the decision together (`requested` all-reduces it), so
   no rank waits forever in a collective.
@@ -90,7 +91,11 @@ class Stopper:
         self._parent = os.getppid()
         self._prev = {}
         for s in (signal.SIGINT, signal.SIGTERM):
-            self._prev[s] = signal.signal(s, self._handle)
+            # A signal this process was started with ignored stays ignored, as in every Unix program: a
+            # non-interactive shell starts `cmd &` with SIGINT ignored so that Ctrl-C meant for the script's
+            # foreground command does not stop its background jobs.
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                self._prev[s] = signal.signal(s, self._handle)
         self._stop = threading.Event()
         threading.Thread(target=self._watch_parent, args=(poll_s,), daemon=True).start()
 

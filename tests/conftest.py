@@ -53,8 +53,8 @@ def sg_folder(tmp_path_factory):
 
 def sigint_as_in_a_terminal():
     """preexec_fn for a child a test will Ctrl-C: SIGINT at its default, as a terminal's foreground job has it. A
-    test run started in the background (`make test-integration &`, nohup) hands its children SIGINT ignored, and
-    Python then never raises KeyboardInterrupt: the child would run on, whatever adapt does."""
+    test run started in the background (`make test-integration &` in a script) hands its children SIGINT ignored, and
+    a program started so keeps ignoring it (Python raises no KeyboardInterrupt; adapt's trainer does not stop)."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -81,7 +81,9 @@ def run_recipe(args, cwd=ROOT, launcher="accelerate", nproc=1, timeout=600, env_
     else:
         cmd = [sys.executable]
     cmd += [str(ROOT / "recipes" / "lora_img2img.py")] + list(args)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # as a terminal's foreground job (the fault hooks' SIGINT is a Ctrl-C, even when the suite runs in the background)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=sigint_as_in_a_terminal)
 
 
 def read_log(out_dir):

@@ -2,13 +2,14 @@
 
 import os
 import pickle
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from adapt import cache, checkpoint, lora, model
+from adapt import cache, checkpoint, lora, model, runguard
 from conftest import recipe_args, run_recipe
 
 
@@ -107,3 +108,29 @@ def test_ddp_exception_on_rank1_stops_both(tiny_base, sg_folder, tmp_path):
     assert "injected fault raise_on_rank1_at_step:2" in r.stderr
     assert time.time() - t0 < 180
     assert not (tmp_path / "o" / lora.WEIGHTS_NAME).exists()
+
+
+def test_a_signal_started_ignored_stays_ignored_and_the_others_still_stop():
+    """A script's `accelerate launch ... &` starts with SIGINT ignored (non-interactive shells do that so a Ctrl-C
+    for the script's foreground command spares its background jobs); the trainer keeps it ignored. Real signals."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = runguard.Stopper(say=lambda m: None, poll_s=60)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.signum is None
+        os.kill(os.getpid(), signal.SIGTERM)  # not ignored: still a graceful stop
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGTERM
+        stop.close()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    stop = runguard.Stopper(say=lambda m: None, poll_s=60)  # started as a terminal's foreground job: Ctrl-C stops
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGINT
+    finally:
+        stop.close()
