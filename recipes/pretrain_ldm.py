@@ -15,7 +15,8 @@ Follows the latent diffusion recipe (Rombach et al. 2022) at toy scale:
   5. Export: StableDiffusionPipeline folder, fp16 safetensors (text encoder fp32), plus stats.json.
 
 Every stage checkpoints atomically every `checkpoint_every` steps and resumes from its last
-checkpoint when run again, so the job can be stopped at any time.
+checkpoint when run again, so the job can be stopped at any time: SIGINT (Ctrl-C) or SIGTERM
+finishes the current step, writes a checkpoint there and exits 130 / 143 (a second signal aborts).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,12 +37,20 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from adapt import config as cfglib
-from adapt import atomic, checkpoint, model, objective, synth
+from adapt import atomic, checkpoint, model, objective, runguard, synth
 from adapt.tiny import build_tokenizer
 
 
 def log(msg: str):
     print(f"[pretrain {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Stopped(Exception):
+    """A signal stopped a stage after `step`; its checkpoint is written."""
+
+    def __init__(self, stage: str, step: int, signum: int, folder: Path):
+        super().__init__(stage, step, signum, folder)
+        self.stage, self.step, self.signum, self.folder = stage, step, signum, folder
 
 
 def render(split: str, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -130,7 +140,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
 
 
-def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> AutoencoderKL:
+def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path, stop: runguard.Stopper) -> AutoencoderKL:
     final = work / "vae_final.safetensors"
     vae = build_vae(cfg.vae_latent_channels)
     if cfg.vae_from:  # reuse a trained VAE as it is (e.g. v1's for a new UNet): latents, caches and tuned decoders stay valid
@@ -180,6 +190,10 @@ def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path) -> Autoenco
             log(f"VAE held-out PSNR {val:.2f} dB; round trip of real sunglasses renders passes the shape check "
                 f"{probe(vae):.0%} (the ceiling for any adapter drawing lenses through this VAE)")
             save_ckpt(work / "vae_checkpoints", {"vae": vae.state_dict()}, opt, step + 1)
+        elif stop.signum is not None:
+            save_ckpt(work / "vae_checkpoints", {"vae": vae.state_dict()}, opt, step + 1)
+        if stop.signum is not None:
+            raise Stopped("VAE", step + 1, stop.signum, work / "vae_checkpoints")
     atomic.write_safetensors(vae.state_dict(), final)
     return vae
 
@@ -206,7 +220,7 @@ def fold_latent_shift(vae: AutoencoderKL, x: torch.Tensor, fold: bool = True) ->
             "scaled_std": scaled.std(dim=(0, 2, 3)).tolist(), "scaled_overall_std": float(scaled.std())}
 
 
-def train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work: Path):
+def train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work: Path, stop: runguard.Stopper):
     unet = build_unet(cfg.unet_cross_attn_levels, vae.config.latent_channels, cfg.unet_heads)
     ema = build_unet(cfg.unet_cross_attn_levels, vae.config.latent_channels, cfg.unet_heads)
     final = work / "unet_ema_final.safetensors"
@@ -261,8 +275,10 @@ def train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work: Path):
         losses.append(loss.item())
         if (step + 1) % 50 == 0:
             log(f"UNet step {step + 1}/{cfg.unet_steps} loss {np.mean(losses[-50:]):.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
-        if (step + 1) % cfg.checkpoint_every == 0:
+        if (step + 1) % cfg.checkpoint_every == 0 or stop.signum is not None:
             save_ckpt(work / "unet_checkpoints", {"unet": unet.state_dict(), "ema": ema.state_dict()}, opt, step + 1)
+        if stop.signum is not None:
+            raise Stopped("UNet", step + 1, stop.signum, work / "unet_checkpoints")
     atomic.write_safetensors(ema.state_dict(), final)
     return ema
 
@@ -278,13 +294,26 @@ def main(argv=None):
     work = Path(cfg.out_dir)
     work.mkdir(parents=True, exist_ok=True)
     cfglib.dump(cfg, work / "config.yaml")
-    t_start = time.time()
+    stop = runguard.Stopper(log)
+    try:
+        run(cfg, work, stop)
+    except Stopped as e:
+        log(f"{signal.Signals(e.signum).name}: stopped after {e.stage} step {e.step} with a checkpoint in {e.folder}; "
+            "run the same command again to resume from it")
+        return 128 + e.signum
+    finally:
+        stop.close()
+    return 0
 
+
+def run(cfg, work: Path, stop: runguard.Stopper):
+    """The stages, each resuming from its checkpoints in `work`."""
+    t_start = time.time()
     log(f"rendering {cfg.num_images} source faces (split 'pretrain') and 256 held-out (split 'val')")
     x, caps = render("pretrain", cfg.num_images)
     x_val, _ = render("val", 256)
 
-    vae = train_vae(cfg, x, x_val, work).eval().requires_grad_(False)
+    vae = train_vae(cfg, x, x_val, work, stop).eval().requires_grad_(False)
     with torch.no_grad():
         vae_psnr = psnr(torch.cat([vae.decode(vae.encode(x_val[i:i + 64]).latent_dist.mode()).sample for i in range(0, 256, 64)]), x_val)
     log(f"VAE held-out PSNR (256 faces, posterior mode) {vae_psnr:.2f} dB; sunglasses round trip passes the shape check "
@@ -300,7 +329,7 @@ def main(argv=None):
         max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, projection_dim=64)).eval().requires_grad_(False)
 
-    unet = train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work)
+    unet = train_unet(cfg, vae, text_encoder, tokenizer, x, caps, work, stop)
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
@@ -328,3 +357,7 @@ if __name__ == "__main__":
     except cfglib.ConfigError as e:  # a bad key or value: one line naming it, as lora_img2img.py does
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second signal while stopping: abort without writing
+        print("aborted by a second signal; no checkpoint was written for the current step (the last periodic one "
+              "remains)", file=sys.stderr)
+        sys.exit(130)

@@ -79,3 +79,36 @@ def test_pretrain_with_8_latent_channels_exports_a_pipeline_plain_diffusers_runs
             f"print('size', img.size)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "size (64, 64)" in r.stdout, r.stderr[-3000:]
+
+
+def test_ctrl_c_during_pretraining_checkpoints_the_step_it_stopped_at(tmp_path):
+    """A real SIGINT in the UNet stage: the step finishes, a checkpoint is written there (not only at the last
+    checkpoint_every), exit 130 with no traceback, and the same command resumes from it."""
+    import signal
+    import time
+
+    from conftest import sigint_as_in_a_terminal
+    work, export = tmp_path / "work", tmp_path / "export"
+    base = [sys.executable, "-u", str(ROOT / "recipes" / "pretrain_ldm.py"), "--config",
+            str(ROOT / "recipes/configs/pretrain_tiny_faces.yaml"), f"out_dir={work}", f"export_dir={export}",
+            "num_images=16", "vae_steps=2", "vae_batch=2", "unet_batch=2", "checkpoint_every=100000", "num_threads=1"]
+    p = subprocess.Popen(base + ["unet_steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=sigint_as_in_a_terminal)
+    seen = []
+    for line in p.stdout:  # the UNet logs every 50 steps
+        seen.append(line)
+        if "UNet step 50/" in line:
+            break
+    assert p.poll() is None, "".join(seen) + p.stderr.read()
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=120)
+    out = "".join(seen) + rest
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    (ck,) = sorted((work / "unet_checkpoints").glob("checkpoint-*"))
+    step = int(ck.name.split("-")[1])
+    assert step >= 50 and f"SIGINT: stopped after UNet step {step} with a checkpoint in" in out, out[-2000:]
+    assert not export.exists()
+    r = subprocess.run(base + [f"unet_steps={step + 1}"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"UNet: resumed at step {step}" in r.stdout and (export / "model_index.json").is_file()
