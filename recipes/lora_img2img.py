@@ -103,7 +103,9 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
         fingerprint = cache.cache_key(images=fingerprint, masks=hashlib.sha256(b"".join(m.numpy().tobytes() for m in masks)).hexdigest())[:16]
         loss_masks = trainstep.latent_loss_masks(masks, facts.vae_factor, cfg.objective.mask_outside_weight)
         say(f"masked loss: {len(masks)} masks ({d.masks}), mean area {float(torch.cat([m.flatten() for m in masks]).mean()):.1%}; "
-            f"weight outside {cfg.objective.mask_outside_weight}")
+            f"weight outside {cfg.objective.mask_outside_weight}" + ("" if cfg.objective.mask_outside_weight else
+            " (nothing holds the image in place outside the masks: sample with masks of your own rather than "
+            "--mask auto, which reads where the adapter changes the image, or give the outside a weight)"))
     vae_fingerprint = cache.module_fingerprint(pipe.vae)
     run = {"config": facts_mod.flat(config.to_dict(cfg)), "data_fingerprint": fingerprint,  # what a resume must match
            "base_fingerprint": cache.module_fingerprint(pipe.unet) + vae_fingerprint}

@@ -220,7 +220,7 @@ def test_recipe_trains_with_masked_loss(tiny_base, tmp_path):
     r = run_recipe(recipe_args(tiny_base, folder, out, "data.masks=masks", "validation.steps=0"))
     assert r.returncode == 0, r.stderr[-3000:]
     log = (out / "train.log").read_text() if (out / "train.log").exists() else r.stdout + r.stderr
-    assert "masked loss: 4 masks (masks)" in log
+    assert "masked loss: 4 masks (masks)" in log and "rather than --mask auto" in log  # weight 0 outside: the advice
     plain = tmp_path / "plain"
     assert run_recipe(recipe_args(tiny_base, folder, plain, "validation.steps=0")).returncode == 0
     assert [row["loss"] for row in read_log(out)] != [row["loss"] for row in read_log(plain)]
