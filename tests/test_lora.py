@@ -154,8 +154,8 @@ def test_save_then_plain_diffusers_load_is_exact(tiny_base, tmp_path):
         bare.load_lora_weights(str(tmp_path))  # the folder alone, as diffusers' docs write it
         assert torch.equal(_out(bare.unet), trained)
 
-    plain.fuse_lora(components=["unet"])
-    assert (_out(plain.unet) - trained).abs().max() <= 1e-6
+    plain.fuse_lora(components=["unet"])  # W + s·BA folded: other arithmetic, equal to float32 rounding
+    assert (_out(plain.unet) - trained).abs().max() <= 1e-5  # (1.2e-6 on an Intel Xeon, <= 1e-6 on an AMD Zen 4)
 
     ours, _ = model.load_base(str(tiny_base))
     name = lora.load_into(ours, tmp_path, scale=1.0)

@@ -65,7 +65,14 @@ def test_each_output_records_how_it_was_made_and_its_command_makes_it_again(tiny
     r = adapt_cli(*cmd[1:], "--out", tmp_path / "again")
     assert r.returncode == 0, r.stderr
     again = np.asarray(Image.open(tmp_path / "again" / "img2img_000.png"))
-    assert np.array_equal(again, np.asarray(Image.open(out)))  # the third image alone, from its record: bit for bit
+    # the third image alone, from its record. Its mask and noise come from its own seed, so only float rounding
+    # differs: CPU kernels may block a batch of 3 and of 1 differently (an Intel Xeon moved 1 of 12,288 values by one
+    # level; an AMD Zen 4 gave the same bytes)
+    d = np.abs(again.astype(int) - np.asarray(Image.open(out)).astype(int))
+    assert d.max() <= 1 and (d > 0).mean() < 1e-3, (d.max(), (d > 0).mean())
+    r = adapt_cli(*cmd[1:], "--out", tmp_path / "again2")  # the same command in the same batch: bit for bit
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(again, np.asarray(Image.open(tmp_path / "again2" / "img2img_000.png")))
     assert provenance.read(tmp_path / "again" / "img2img_000.png").seed == 7
 
 

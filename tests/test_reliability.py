@@ -127,10 +127,14 @@ def test_a_signal_started_ignored_stays_ignored_and_the_others_still_stop():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
-    stop = runguard.Stopper(say=lambda m: None, poll_s=60)  # started as a terminal's foreground job: Ctrl-C stops
+    # started as a terminal's foreground job (Python's own handler; set here, since a test run started in the
+    # background has SIGINT ignored): Ctrl-C stops
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        stop = runguard.Stopper(say=lambda m: None, poll_s=60)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert stop.signum == signal.SIGINT
-    finally:
         stop.close()
+    finally:
+        signal.signal(signal.SIGINT, before)
