@@ -184,13 +184,13 @@ def train_vae(cfg, x: torch.Tensor, x_val: torch.Tensor, work: Path, stop: rungu
         opt.step()
         if (step + 1) % 100 == 0:
             log(f"VAE step {step + 1}/{cfg.vae_steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step)")
-        if (step + 1) % (cfg.checkpoint_every * 2) == 0:
+        periodic = (step + 1) % (cfg.checkpoint_every * 2) == 0
+        if periodic:
             with torch.no_grad():
                 val = psnr(vae.decode(vae.encode(x_val[:64]).latent_dist.mode()).sample, x_val[:64])
             log(f"VAE held-out PSNR {val:.2f} dB; round trip of real sunglasses renders passes the shape check "
                 f"{probe(vae):.0%} (the ceiling for any adapter drawing lenses through this VAE)")
-            save_ckpt(work / "vae_checkpoints", {"vae": vae.state_dict()}, opt, step + 1)
-        elif stop.signum is not None:
+        if periodic or stop.signum is not None:
             save_ckpt(work / "vae_checkpoints", {"vae": vae.state_dict()}, opt, step + 1)
         if stop.signum is not None:
             raise Stopped("VAE", step + 1, stop.signum, work / "vae_checkpoints")
