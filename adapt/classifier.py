@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from adapt.model import vae_precision
+
 KINDS = ("auto", "scratch", "base_features")
 SMALL = 100  # images in the smaller class below which the accuracy is cross-validated
 FEW = 32  # ... and below which `auto` uses base_features
@@ -94,7 +96,7 @@ class BaseFeatures:
         try:
             with self.base_only():
                 for i in range(0, len(x), self.batch):
-                    with _vae_precision(vae):
+                    with vae_precision(vae):
                         xb = x[i:i + self.batch].to(vae.device, vae.dtype)
                         z = (vae.encode(xb).latent_dist.mode() * vae.config.scaling_factor).to(pipe.unet.dtype)
                     # one noise for every image: its features are a function of the image alone, not of its batch
@@ -184,25 +186,11 @@ class TrainedClassifier:
         return self.judge(x)[1]
 
 
-@contextlib.contextmanager
-def _vae_precision(vae):
-    """SDXL's VAE (force_upcast in its config) overflows in fp16; diffusers' pipelines run it in fp32 then, so do we."""
-    dtype = vae.dtype
-    upcast = dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        yield
-    finally:
-        if upcast:
-            vae.to(dtype)
-
-
 @torch.no_grad()
 def vae_roundtrip(vae, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """Encode (posterior mode) and decode: what the VAE alone does to images (N, 3, H, W) in [-1, 1]."""
     out = []
-    with _vae_precision(vae):
+    with vae_precision(vae):
         for i in range(0, len(x), batch):
             xb = x[i:i + batch].to(vae.device, vae.dtype)
             out.append(vae.decode(vae.encode(xb).latent_dist.mode()).sample.clamp(-1, 1).float().cpu())

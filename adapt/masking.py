@@ -23,13 +23,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from adapt.config import MaskSettings  # the settings, torch-free, shared with the CLI and EvalConfig
+from adapt.model import vae_precision
 
 
 def _encode(pipe, images: list[Image.Image]) -> torch.Tensor:
     """Scaled source latents (N, 4, h, w), posterior mean, in the UNet's dtype."""
     vae = pipe.vae
-    x = pipe.image_processor.preprocess(images).to(vae.device, vae.dtype)
-    return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    with vae_precision(vae):  # an fp16 SDXL VAE encodes in fp32, as diffusers' img2img does
+        x = pipe.image_processor.preprocess(images).to(vae.device, vae.dtype)
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    return z.to(pipe.unet.dtype)
 
 
 def unet_cond(pipe, prompts: list[str], size: tuple[int, int]) -> dict:

@@ -7,6 +7,7 @@ goes through diffusers' own loaders, so the embedded base takes the same path as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -323,6 +324,21 @@ def pick_device(name: str | None = None) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ModelError(f"device {name!r}: MPS is not available on this machine")
     return dev
+
+
+@contextlib.contextmanager
+def vae_precision(vae):
+    """SDXL's VAE (force_upcast in its config) overflows in fp16, in encoding as in decoding; diffusers' pipelines
+    run it in fp32 then, and so does every VAE call of adapt's own (masks, latent blending, features)."""
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(dtype)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -259,3 +259,20 @@ def test_closing_joins_two_lenses_and_keeps_the_rest():
     edge[0, 0, :, :2] = 1  # touching the border: erosion must not eat it
     assert masking.morph(edge, 2, 0).equal(edge)
     assert masking.morph(m, 0, 1).sum() == 2 * 4 * 5  # dilation alone: each 2x3 lens grows to 4x5
+
+
+def test_an_fp16_vae_that_asks_for_upcasting_encodes_the_mask_source_in_fp32(tiny_base):
+    """SDXL's VAE overflows in fp16 (force_upcast in its config; `adapt sample --dtype auto` is fp16 on a GPU): the
+    latents for the mask and for latent blending are encoded in fp32, as diffusers' img2img does, and come back in the
+    UNet's dtype with the VAE left as it was."""
+    pipe, _ = model.load_base(str(tiny_base), torch_dtype=torch.float16)
+    pipe.vae.register_to_config(force_upcast=True)
+    seen, encode = [], pipe.vae.encode
+    pipe.vae.encode = lambda x, *a, **k: (seen.append((x.dtype, pipe.vae.dtype)), encode(x, *a, **k))[1]
+    z = masking._encode(pipe, _faces(1))
+    assert seen == [(torch.float32, torch.float32)] and z.dtype == torch.float16 and torch.isfinite(z).all()
+    assert pipe.vae.dtype == torch.float16
+    pipe.vae.register_to_config(force_upcast=False)  # a VAE that is fine in fp16 stays in fp16
+    seen.clear()
+    masking._encode(pipe, _faces(1))
+    assert seen == [(torch.float16, torch.float16)]
