@@ -3,12 +3,12 @@
 - `OutDirLock`: a pid file `out_dir/.adapt.lock` (pid, host, start time) created with O_EXCL. A second run
   into the same folder is refused naming the running pid; a lock whose process is gone (killed, machine
   rebooted) is stale and taken over with a note.
-- `Stopper`: SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) ask the loop to stop after the current step; the
-  recipe then writes a checkpoint and exits 130 / 143. A second signal aborts at once. A signal the process
-  was started with ignored (a script's background job: SIGINT) stays ignored. If the launcher that
-  started this process dies (e.g. `accelerate launch` killed), the trainer stops the same way instead of
-  running on orphaned. Under DDP every rank takes the decision together (`requested` all-reduces it), so
-  no rank waits forever in a collective.
+- `Stopper`: SIGINT (Ctrl-C), SIGTERM (a scheduler's stop) and SIGHUP (the terminal went away: an ssh session
+  dropped) ask the loop to stop after the current step; the recipe then writes a checkpoint and exits 130 / 143 /
+  129. A second SIGINT or SIGTERM aborts at once. A signal the process was started with ignored (a script's
+  background job: SIGINT; nohup: SIGHUP) stays ignored. If the launcher that started this process dies (e.g.
+  `accelerate launch` killed), the trainer stops the same way instead of running on orphaned. Under DDP every
+  rank takes the decision together (`requested` all-reduces it), so no rank waits forever in a collective.
 """
 
 from __future__ import annotations
@@ -82,15 +82,20 @@ class OutDirLock:
             self.held = False
 
 
+# SIGHUP: the terminal went away (an ssh session dropped); not on Windows
+SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
 class Stopper:
-    """Turns SIGINT / SIGTERM / launcher death into a request to stop after the current step."""
+    """Turns SIGINT / SIGTERM / SIGHUP / launcher death into a request to stop after the current step."""
 
     def __init__(self, say=print, poll_s: float = 1.0):
         self.signum: int | None = None
         self.say = say
         self._parent = os.getppid()
         self._prev = {}
-        for s in (signal.SIGINT, signal.SIGTERM):
+        self._terminal = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: a hung-up terminal no longer says so
+        for s in SIGNALS:
             # A signal this process was started with ignored stays ignored, as in every Unix program: a
             # non-interactive shell starts `cmd &` with SIGINT ignored so that Ctrl-C meant for the script's
             # foreground command does not stop its background jobs.
@@ -100,11 +105,25 @@ class Stopper:
         threading.Thread(target=self._watch_parent, args=(poll_s,), daemon=True).start()
 
     def _handle(self, signum, frame):
+        hangup = signum == getattr(signal, "SIGHUP", None)
+        if hangup:
+            self._silence_terminal()
         if self.signum is not None:
+            if hangup:
+                return  # hang-ups come more than once (the shell, the launcher's exit): not a request to abort
             raise KeyboardInterrupt  # a second signal: abort now, without a checkpoint
         self.signum = signum
         self.say(f"{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint "
                  "(send it again to abort without one)")
+
+    def _silence_terminal(self):
+        """After a hang-up, writing to the terminal fails (EIO) and would end the run before its checkpoint: what
+        was meant for it goes to /dev/null from here on. The recipe's train.log keeps every line."""
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in self._terminal:
+            os.dup2(null, fd)
+        os.close(null)
+        self._terminal = []
 
     def _watch_parent(self, poll_s: float):
         while not self._stop.wait(poll_s):

@@ -237,6 +237,53 @@ def test_ctrl_c_under_accelerate_launch_checkpoints_and_says_how_to_resume(tiny_
     assert f"at step {step}" in r.stdout
 
 
+def test_a_dropped_terminal_checkpoints_like_ctrl_c(tiny_base, sg_folder, tmp_path):
+    """An ssh session drops: `accelerate launch` runs on a real pseudo-terminal as its controlling terminal, and the
+    terminal's master side closes. The kernel hangs the terminal up: SIGHUP to the launcher, then to the trainer's
+    group as the launcher dies, and every later write to the terminal fails. The trainer finishes its step, writes a
+    checkpoint and says so in train.log."""
+    import fcntl
+    import select
+    import termios
+    out = tmp_path / "o"
+    master, slave = os.openpty()
+
+    def controlling_terminal():  # runs in the child after setsid (start_new_session): the pty becomes its terminal
+        sigint_as_in_a_terminal()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [str(bindir / "accelerate"), "launch", "-q", "--config_file", str(ROOT / "accelerate_config.yaml"),
+           str(ROOT / "recipes" / "lora_img2img.py"), *recipe_args(tiny_base, sg_folder, out, "train.max_steps=100000",
+                                                                     "train.checkpointing_steps=0", "validation.source=null")]
+    p = subprocess.Popen(cmd, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                         preexec_fn=controlling_terminal)
+    os.close(slave)
+    t0, seen = time.time(), b""
+    log = out / "logs" / "train_log.jsonl"
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):  # read the terminal, as sshd does
+        assert p.poll() is None and time.time() - t0 < 120, seen[-2000:]
+        if select.select([master], [], [], 0.1)[0]:
+            seen += os.read(master, 65536)
+    trainer = _trainer_pid(p.pid)
+    os.close(master)  # the connection is gone
+    p.wait(timeout=120)
+    t0 = time.time()
+    while runguard.alive(trainer) and time.time() - t0 < 120:
+        time.sleep(0.1)
+    assert not runguard.alive(trainer)
+    text = (out / "train.log").read_text()
+    assert "SIGHUP received" in text and "interrupted at step" in text, text[-2000:]
+    (ck,) = checkpoint.list_checkpoints(out)
+    step = int(ck.name.split("-")[1])
+    assert f"interrupted at step {step}" in text and [x["step"] for x in read_log(out)] == list(range(1, step + 1))
+    assert not (out / ".adapt.lock").exists()
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, f"train.max_steps={step + 1}", "train.resume_from_checkpoint=latest"),
+                   launcher="python")
+    _ok(r)
+
+
 def test_sigterm_exit_code_and_killed_launcher_stops_the_trainer(tiny_base, sg_folder, tmp_path):
     for sig, code in (("sigint", 130), ("sigterm", 143)):
         out = tmp_path / sig

@@ -110,7 +110,7 @@ def test_ddp_exception_on_rank1_stops_both(tiny_base, sg_folder, tmp_path):
     assert not (tmp_path / "o" / lora.WEIGHTS_NAME).exists()
 
 
-def test_a_signal_started_ignored_stays_ignored_and_the_others_still_stop():
+def test_a_signal_started_ignored_stays_ignored_and_the_others_still_stop(monkeypatch):
     """A script's `accelerate launch ... &` starts with SIGINT ignored (non-interactive shells do that so a Ctrl-C
     for the script's foreground command spares its background jobs); the trainer keeps it ignored. Real signals."""
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -138,3 +138,23 @@ def test_a_signal_started_ignored_stays_ignored_and_the_others_still_stop():
         stop.close()
     finally:
         signal.signal(signal.SIGINT, before)
+    # hang-ups come more than once (the shell, then the launcher's exit): a repeated SIGHUP never aborts the checkpoint.
+    # No terminal to silence here (a developer's pytest in a terminal must keep its output)
+    monkeypatch.setattr(runguard.os, "isatty", lambda fd: False)
+    stop = runguard.Stopper(say=lambda m: None, poll_s=60)
+    try:
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+        assert stop.signum == signal.SIGHUP
+    finally:
+        stop.close()
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup: the hang-up stays ignored
+    try:
+        stop = runguard.Stopper(say=lambda m: None, poll_s=60)
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.05)
+        assert stop.signum is None
+        stop.close()
+    finally:
+        signal.signal(signal.SIGHUP, before)
