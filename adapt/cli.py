@@ -195,7 +195,8 @@ def main(argv=None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    from adapt import atomic, config, data, decoder, lora, model
+    from adapt import atomic, config, data, decoder, lora, model, runguard
+    runguard.hangup_as_interrupt()  # a dropped terminal keeps partial work as Ctrl-C does
     try:
         return args.func(args)
     except KeyboardInterrupt:  # commands that can keep partial work say so themselves (adapt sample, adapt eval)

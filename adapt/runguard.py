@@ -86,6 +86,31 @@ class OutDirLock:
 SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
+def silence_terminal(fds: list[int]) -> None:
+    """After a hang-up, writing to the terminal fails (EIO) and would end a run before it saves its work: what was
+    meant for the terminal file descriptors `fds` goes to /dev/null from here on."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def hangup_as_interrupt() -> None:
+    """For commands that keep their finished work on Ctrl-C (adapt sample, adapt eval): a hang-up (SIGHUP, an ssh
+    session gone) raises KeyboardInterrupt too, once, with the terminal silenced first. Kept ignored under nohup."""
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is None or signal.getsignal(hup) is signal.SIG_IGN:
+        return
+    terminal = [fd for fd in (1, 2) if os.isatty(fd)]
+
+    def handle(signum, frame):
+        signal.signal(hup, signal.SIG_IGN)  # the next hang-up must not break the saving of partial work
+        silence_terminal(terminal)
+        raise KeyboardInterrupt
+
+    signal.signal(hup, handle)
+
+
 class Stopper:
     """Turns SIGINT / SIGTERM / SIGHUP / launcher death into a request to stop after the current step."""
 
@@ -117,12 +142,7 @@ class Stopper:
                  "(send it again to abort without one)")
 
     def _silence_terminal(self):
-        """After a hang-up, writing to the terminal fails (EIO) and would end the run before its checkpoint: what
-        was meant for it goes to /dev/null from here on. The recipe's train.log keeps every line."""
-        null = os.open(os.devnull, os.O_WRONLY)
-        for fd in self._terminal:
-            os.dup2(null, fd)
-        os.close(null)
+        silence_terminal(self._terminal)  # the recipe's train.log keeps every line
         self._terminal = []
 
     def _watch_parent(self, poll_s: float):

@@ -158,3 +158,22 @@ def test_a_signal_started_ignored_stays_ignored_and_the_others_still_stop(monkey
         stop.close()
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_hang_up_is_a_ctrl_c_for_the_cli_once():
+    """adapt sample / eval keep their finished work on KeyboardInterrupt; a real SIGHUP raises it too, and a second
+    hang-up while that work is saved is ignored."""
+    import subprocess
+    import sys
+    code = ("import os, signal, time\n"
+            "from adapt import runguard\n"
+            "runguard.hangup_as_interrupt()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGHUP); time.sleep(5); print('not interrupted')\n"
+            "except KeyboardInterrupt:\n"
+            "    os.kill(os.getpid(), signal.SIGHUP); time.sleep(0.1); print('interrupted once')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "interrupted once", (r.stdout, r.stderr[-2000:])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # under nohup
+    assert r.stdout.strip() == "not interrupted", (r.stdout, r.stderr[-2000:])
