@@ -51,12 +51,14 @@ def sg_folder(tmp_path_factory):
     return synth.build_imagefolder("sunglasses", tmp_path_factory.mktemp("sg") / "train", n=8, split="train")
 
 
-def sigint_as_in_a_terminal():
-    """preexec_fn for a child a test will Ctrl-C: SIGINT at its default, as a terminal's foreground job has it. A
-    test run started in the background (`make test-integration &` in a script) hands its children SIGINT ignored, and
-    a program started so keeps ignoring it (Python raises no KeyboardInterrupt; adapt's trainer does not stop)."""
+def signals_as_in_a_terminal():
+    """preexec_fn for a child a test will signal: SIGINT and SIGHUP at their defaults, as a terminal's foreground job
+    has them. A test run started in the background (`make test-integration &` in a script: SIGINT; nohup: SIGHUP)
+    hands its children these ignored, and a program started so keeps ignoring them (Python raises no
+    KeyboardInterrupt; adapt's trainer does not stop)."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def recipe_args(base, data, out, *extra):
@@ -83,7 +85,7 @@ def run_recipe(args, cwd=ROOT, launcher="accelerate", nproc=1, timeout=600, env_
     cmd += [str(ROOT / "recipes" / "lora_img2img.py")] + list(args)
     # as a terminal's foreground job (the fault hooks' SIGINT is a Ctrl-C, even when the suite runs in the background)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=sigint_as_in_a_terminal)
+                          preexec_fn=signals_as_in_a_terminal)
 
 
 def read_log(out_dir):

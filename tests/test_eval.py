@@ -8,7 +8,7 @@ import torch
 
 from adapt.facts import AdapterFacts
 from adapt import classifier, config, evaluate, lora, metrics, model, report as rep, synth, synthbench
-from conftest import sigint_as_in_a_terminal
+from conftest import signals_as_in_a_terminal
 
 
 def test_preservation_metrics_known_cases():
@@ -436,7 +436,7 @@ def test_adapt_eval_ctrl_c_writes_the_partial_report_and_one_line(adapter, tmp_p
                           "--scales", "0,1", "--modes", "plain", "--seeds", "3", "--num-images", "4", "--out", str(out),
                           "num_target=8", "classifier_images=16", "min_classifier_accuracy=0", "steps=50"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                         preexec_fn=sigint_as_in_a_terminal)
+                         preexec_fn=signals_as_in_a_terminal)
     started = threading.Event()
     lines = []
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from adapt import checkpoint, lora, runguard, synth
-from conftest import ROOT, read_log, recipe_args, run_recipe, sigint_as_in_a_terminal
+from conftest import ROOT, read_log, recipe_args, run_recipe, signals_as_in_a_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -198,7 +198,7 @@ def _launch(base, data, out, *extra, env_extra=None):
     cmd = [str(bindir / "accelerate"), "launch", "-q", "--config_file", str(ROOT / "accelerate_config.yaml"),
            str(ROOT / "recipes" / "lora_img2img.py"), *recipe_args(base, data, out, *extra)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=sigint_as_in_a_terminal)
+                            preexec_fn=signals_as_in_a_terminal)
 
 
 def _wait_for_steps(out, n, proc, timeout=120):
@@ -249,7 +249,7 @@ def test_a_dropped_terminal_checkpoints_like_ctrl_c(tiny_base, sg_folder, tmp_pa
     master, slave = os.openpty()
 
     def controlling_terminal():  # runs in the child after setsid (start_new_session): the pty becomes its terminal
-        sigint_as_in_a_terminal()
+        signals_as_in_a_terminal()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
     bindir = Path(sys.executable).parent

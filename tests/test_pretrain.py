@@ -87,13 +87,13 @@ def test_ctrl_c_during_pretraining_checkpoints_the_step_it_stopped_at(tmp_path):
     import signal
     import time
 
-    from conftest import sigint_as_in_a_terminal
+    from conftest import signals_as_in_a_terminal
     work, export = tmp_path / "work", tmp_path / "export"
     base = [sys.executable, "-u", str(ROOT / "recipes" / "pretrain_ldm.py"), "--config",
             str(ROOT / "recipes/configs/pretrain_tiny_faces.yaml"), f"out_dir={work}", f"export_dir={export}",
             "num_images=16", "vae_steps=2", "vae_batch=2", "unet_batch=2", "checkpoint_every=100000", "num_threads=1"]
     p = subprocess.Popen(base + ["unet_steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=sigint_as_in_a_terminal)
+                         preexec_fn=signals_as_in_a_terminal)
     seen = []
     for line in p.stdout:  # the UNet logs every 50 steps
         seen.append(line)

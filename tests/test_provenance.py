@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from adapt import lora, provenance, synth
-from conftest import sigint_as_in_a_terminal
+from conftest import signals_as_in_a_terminal
 from test_cli import adapt_cli, adapter_dir  # noqa: F401  (the module fixture: a random adapter with strength 0.5)
 
 # WebUI's infotext grammar (modules/infotext_utils.py): prompt lines, then one line of "Key: value" pairs, a value
@@ -113,7 +113,7 @@ def test_ctrl_c_keeps_the_images_already_finished(tiny_base, tmp_path):
     exe = Path(sys.executable).parent / "adapt"
     p = subprocess.Popen([str(exe), "--threads", "1", "sample", "--base", str(tiny_base), "--image", *[str(img)] * 40,
                           "--strength", "1", "--steps", "400", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=sigint_as_in_a_terminal)
+                         preexec_fn=signals_as_in_a_terminal)
     deadline = time.time() + 120
     while not (out / "img2img_007.png").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)  # the first batch of 8 is written as soon as it is done

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapt import cache, checkpoint, lora, model, runguard
-from conftest import recipe_args, run_recipe
+from conftest import recipe_args, run_recipe, signals_as_in_a_terminal
 
 
 
@@ -141,14 +141,16 @@ def test_a_signal_started_ignored_stays_ignored_and_the_others_still_stop(monkey
     # hang-ups come more than once (the shell, then the launcher's exit): a repeated SIGHUP never aborts the checkpoint.
     # No terminal to silence here (a developer's pytest in a terminal must keep its output)
     monkeypatch.setattr(runguard.os, "isatty", lambda fd: False)
-    stop = runguard.Stopper(say=lambda m: None, poll_s=60)
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal (under nohup the suite has it ignored)
     try:
+        stop = runguard.Stopper(say=lambda m: None, poll_s=60)
         for _ in range(2):
             os.kill(os.getpid(), signal.SIGHUP)
             time.sleep(0.05)
         assert stop.signum == signal.SIGHUP
-    finally:
         stop.close()
+    finally:
+        signal.signal(signal.SIGHUP, before)
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup: the hang-up stays ignored
     try:
         stop = runguard.Stopper(say=lambda m: None, poll_s=60)
@@ -172,7 +174,8 @@ def test_a_hang_up_is_a_ctrl_c_for_the_cli_once():
             "    os.kill(os.getpid(), signal.SIGHUP); time.sleep(5); print('not interrupted')\n"
             "except KeyboardInterrupt:\n"
             "    os.kill(os.getpid(), signal.SIGHUP); time.sleep(0.1); print('interrupted once')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=signals_as_in_a_terminal)
     assert r.returncode == 0 and r.stdout.strip() == "interrupted once", (r.stdout, r.stderr[-2000:])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # under nohup
