@@ -139,7 +139,7 @@ class Stopper:
             raise KeyboardInterrupt  # a second signal: abort now, without a checkpoint
         self.signum = signum
         self.say(f"{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint "
-                 "(send it again to abort without one)")
+                 + ("(the terminal went away; this log keeps the messages)" if hangup else "(send it again to abort without one)"))
 
     def _silence_terminal(self):
         silence_terminal(self._terminal)  # the recipe's train.log keeps every line
