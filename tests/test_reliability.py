@@ -110,56 +110,34 @@ def test_ddp_exception_on_rank1_stops_both(tiny_base, sg_folder, tmp_path):
     assert not (tmp_path / "o" / lora.WEIGHTS_NAME).exists()
 
 
+def _stops_for(started_with: dict, *sent) -> int | None:
+    """The signal a Stopper stops for (None: none) when this process had the dispositions `started_with` as it
+    was made, and then received the real signals `sent`. The dispositions are restored after."""
+    before = {s: signal.signal(s, d) for s, d in started_with.items()}
+    try:
+        stop = runguard.Stopper(say=lambda m: None, poll_s=60)
+        for s in sent:
+            os.kill(os.getpid(), s)
+            time.sleep(0.05)
+        stop.close()
+        return stop.signum
+    finally:
+        for s, d in before.items():
+            signal.signal(s, d)
+
+
 def test_a_signal_started_ignored_stays_ignored_and_the_others_still_stop(monkeypatch):
     """A script's `accelerate launch ... &` starts with SIGINT ignored (non-interactive shells do that so a Ctrl-C
-    for the script's foreground command spares its background jobs); the trainer keeps it ignored. Real signals."""
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        stop = runguard.Stopper(say=lambda m: None, poll_s=60)
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert stop.signum is None
-        os.kill(os.getpid(), signal.SIGTERM)  # not ignored: still a graceful stop
-        time.sleep(0.05)
-        assert stop.signum == signal.SIGTERM
-        stop.close()
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, before)
-    # started as a terminal's foreground job (Python's own handler; set here, since a test run started in the
-    # background has SIGINT ignored): Ctrl-C stops
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        stop = runguard.Stopper(say=lambda m: None, poll_s=60)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert stop.signum == signal.SIGINT
-        stop.close()
-    finally:
-        signal.signal(signal.SIGINT, before)
-    # hang-ups come more than once (the shell, then the launcher's exit): a repeated SIGHUP never aborts the checkpoint.
-    # No terminal to silence here (a developer's pytest in a terminal must keep its output)
-    monkeypatch.setattr(runguard.os, "isatty", lambda fd: False)
-    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal (under nohup the suite has it ignored)
-    try:
-        stop = runguard.Stopper(say=lambda m: None, poll_s=60)
-        for _ in range(2):
-            os.kill(os.getpid(), signal.SIGHUP)
-            time.sleep(0.05)
-        assert stop.signum == signal.SIGHUP
-        stop.close()
-    finally:
-        signal.signal(signal.SIGHUP, before)
-    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup: the hang-up stays ignored
-    try:
-        stop = runguard.Stopper(say=lambda m: None, poll_s=60)
-        os.kill(os.getpid(), signal.SIGHUP)
-        time.sleep(0.05)
-        assert stop.signum is None
-        stop.close()
-    finally:
-        signal.signal(signal.SIGHUP, before)
+    for the script's foreground command spares its background jobs), nohup with SIGHUP ignored: the trainer keeps
+    them ignored. Real signals."""
+    monkeypatch.setattr(runguard.os, "isatty", lambda fd: False)  # no terminal to silence: pytest keeps its output
+    assert _stops_for({signal.SIGINT: signal.SIG_IGN}, signal.SIGINT) is None
+    assert _stops_for({signal.SIGINT: signal.SIG_IGN}, signal.SIGINT, signal.SIGTERM) == signal.SIGTERM
+    # a terminal's foreground job has Python's own SIGINT handler (set here: a background test run has it ignored)
+    assert _stops_for({signal.SIGINT: signal.default_int_handler}, signal.SIGINT) == signal.SIGINT
+    # hang-ups come more than once (the shell, then the launcher's exit): a repeated SIGHUP never aborts the checkpoint
+    assert _stops_for({signal.SIGHUP: signal.SIG_DFL}, signal.SIGHUP, signal.SIGHUP) == signal.SIGHUP
+    assert _stops_for({signal.SIGHUP: signal.SIG_IGN}, signal.SIGHUP) is None
 
 
 def test_a_hang_up_is_a_ctrl_c_for_the_cli_once():
