@@ -82,8 +82,13 @@ class OutDirLock:
             self.held = False
 
 
-# SIGHUP: the terminal went away (an ssh session dropped); not on Windows
-SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+SIGHUP = getattr(signal, "SIGHUP", None)  # the terminal went away (an ssh session dropped); not on Windows
+SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, SIGHUP) if s is not None)
+
+
+def terminal_fds() -> list[int]:
+    """stdout / stderr where they are a terminal; asked before any hang-up, since a hung-up terminal no longer says so."""
+    return [fd for fd in (1, 2) if os.isatty(fd)]
 
 
 def silence_terminal(fds: list[int]) -> None:
@@ -98,17 +103,16 @@ def silence_terminal(fds: list[int]) -> None:
 def hangup_as_interrupt() -> None:
     """For commands that keep their finished work on Ctrl-C (adapt sample, adapt eval): a hang-up (SIGHUP, an ssh
     session gone) raises KeyboardInterrupt too, once, with the terminal silenced first. Kept ignored under nohup."""
-    hup = getattr(signal, "SIGHUP", None)
-    if hup is None or signal.getsignal(hup) is signal.SIG_IGN:
+    if SIGHUP is None or signal.getsignal(SIGHUP) is signal.SIG_IGN:
         return
-    terminal = [fd for fd in (1, 2) if os.isatty(fd)]
+    terminal = terminal_fds()
 
     def handle(signum, frame):
-        signal.signal(hup, signal.SIG_IGN)  # the next hang-up must not break the saving of partial work
+        signal.signal(SIGHUP, signal.SIG_IGN)  # the next hang-up must not break the saving of partial work
         silence_terminal(terminal)
         raise KeyboardInterrupt
 
-    signal.signal(hup, handle)
+    signal.signal(SIGHUP, handle)
 
 
 class Stopper:
@@ -119,7 +123,7 @@ class Stopper:
         self.say = say
         self._parent = os.getppid()
         self._prev = {}
-        self._terminal = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: a hung-up terminal no longer says so
+        self._terminal = terminal_fds()
         for s in SIGNALS:
             # A signal this process was started with ignored stays ignored, as in every Unix program: a
             # non-interactive shell starts `cmd &` with SIGINT ignored so that Ctrl-C meant for the script's
@@ -130,9 +134,10 @@ class Stopper:
         threading.Thread(target=self._watch_parent, args=(poll_s,), daemon=True).start()
 
     def _handle(self, signum, frame):
-        hangup = signum == getattr(signal, "SIGHUP", None)
+        hangup = signum == SIGHUP
         if hangup:
-            self._silence_terminal()
+            silence_terminal(self._terminal)  # the recipe's train.log keeps every line
+            self._terminal = []
         if self.signum is not None:
             if hangup:
                 return  # hang-ups come more than once (the shell, the launcher's exit): not a request to abort
@@ -140,10 +145,6 @@ class Stopper:
         self.signum = signum
         self.say(f"{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint "
                  + ("(the terminal went away; this log keeps the messages)" if hangup else "(send it again to abort without one)"))
-
-    def _silence_terminal(self):
-        silence_terminal(self._terminal)  # the recipe's train.log keeps every line
-        self._terminal = []
 
     def _watch_parent(self, poll_s: float):
         while not self._stop.wait(poll_s):

@@ -15,8 +15,9 @@ Follows the latent diffusion recipe (Rombach et al. 2022) at toy scale:
   5. Export: StableDiffusionPipeline folder, fp16 safetensors (text encoder fp32), plus stats.json.
 
 Every stage checkpoints atomically every `checkpoint_every` steps and resumes from its last
-checkpoint when run again, so the job can be stopped at any time: SIGINT (Ctrl-C) or SIGTERM
-finishes the current step, writes a checkpoint there and exits 130 / 143 (a second signal aborts).
+checkpoint when run again, so the job can be stopped at any time: SIGINT (Ctrl-C), SIGTERM or a
+dropped terminal (SIGHUP) finishes the current step, writes a checkpoint there and exits 130 / 143 / 129
+(a second Ctrl-C aborts).
 """
 
 from __future__ import annotations

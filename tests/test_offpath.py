@@ -191,14 +191,25 @@ def test_full_disk_during_an_adapter_write_keeps_the_previous_adapter(tiny_base,
 
 # ---------------------------------------------------------------- 3, 5: signals, launcher death, concurrent runs
 
-def _launch(base, data, out, *extra, env_extra=None):
-    """`accelerate launch` in its own session (so a test can signal its process group like a terminal does)."""
+def _launch(base, data, out, *extra, env_extra=None, terminal: int | None = None):
+    """`accelerate launch` in its own session (so a test can signal its process group like a terminal does); with
+    `terminal` (a pty's slave fd) that pty is its stdio and controlling terminal, as a login shell's job has it."""
+    import fcntl
+    import termios
     bindir = Path(sys.executable).parent
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [str(bindir / "accelerate"), "launch", "-q", "--config_file", str(ROOT / "accelerate_config.yaml"),
            str(ROOT / "recipes" / "lora_img2img.py"), *recipe_args(base, data, out, *extra)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=signals_as_in_a_terminal)
+    if terminal is None:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, preexec_fn=signals_as_in_a_terminal)
+
+    def controlling_terminal():  # in the child after setsid (start_new_session): the pty becomes its terminal
+        signals_as_in_a_terminal()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    return subprocess.Popen(cmd, env=env, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+                            preexec_fn=controlling_terminal)
 
 
 def _wait_for_steps(out, n, proc, timeout=120):
@@ -242,23 +253,11 @@ def test_a_dropped_terminal_checkpoints_like_ctrl_c(tiny_base, sg_folder, tmp_pa
     terminal's master side closes. The kernel hangs the terminal up: SIGHUP to the launcher, then to the trainer's
     group as the launcher dies, and every later write to the terminal fails. The trainer finishes its step, writes a
     checkpoint and says so in train.log."""
-    import fcntl
     import select
-    import termios
     out = tmp_path / "o"
     master, slave = os.openpty()
-
-    def controlling_terminal():  # runs in the child after setsid (start_new_session): the pty becomes its terminal
-        signals_as_in_a_terminal()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    bindir = Path(sys.executable).parent
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [str(bindir / "accelerate"), "launch", "-q", "--config_file", str(ROOT / "accelerate_config.yaml"),
-           str(ROOT / "recipes" / "lora_img2img.py"), *recipe_args(tiny_base, sg_folder, out, "train.max_steps=100000",
-                                                                     "train.checkpointing_steps=0", "validation.source=null")]
-    p = subprocess.Popen(cmd, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                         preexec_fn=controlling_terminal)
+    p = _launch(tiny_base, sg_folder, out, "train.max_steps=100000", "train.checkpointing_steps=0",
+                "validation.source=null", terminal=slave)
     os.close(slave)
     t0, seen = time.time(), b""
     log = out / "logs" / "train_log.jsonl"
