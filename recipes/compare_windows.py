@@ -5,17 +5,21 @@ setting the evaluation recommends), masked or plain.
 
     python recipes/compare_windows.py [--out runs/compare_windows] [--every 250] [--mode masked]
                                       [--strength S] [--scale C] [--measure-only] [--alignment STEP] [key=value ...]
+    python recipes/compare_windows.py --out DIR --measure-only --checkpoints 125 --adapter-timesteps 0:161 ...
 
 Reported per window: lens-detector reach, shape check and SSIM outside the eye band at every
 checkpoint (32 held-out faces x 2 seeds), and the first step at which detector reach >= 0.9 and the shape
 check >= 0.8. A run that ships a tuned decoder (decoder.steps) is measured with it.
 With masked sampling (the input pasted back outside the adapter's own mask) preservation is matched
 by construction; with plain sampling the table shows it beside reach.
+--adapter-timesteps LO:HI measures the trained checkpoints with the adapter on only at those sampling steps
+(which steps of img2img the edit comes from); it prints and leaves summary.json alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -39,8 +43,35 @@ def set_lora(pipe, name: str, tensors: dict) -> None:
         getattr(modules[mod], "lora_" + kind.split(".")[0])[name].weight.data.copy_(v)
 
 
-def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2, vae=None, mask=None) -> dict:
-    """vae: the run's tuned decoder (adapt.decoder), or None for the base's; mask: MaskSettings (default: sample's)."""
+@contextlib.contextmanager
+def active_only(pipe, name: str, scale: float, timesteps: tuple[int, int] | None):
+    """The adapter at `scale` only while the UNet runs at a timestep in [lo, hi], weighted 0 elsewhere (None: always).
+
+    Asks which img2img steps the edit comes from. Needs the adapter unfused (lora.applied(fuse=False)): a forward
+    pre-hook reads each call's timestep and sets every LoRA layer's scale (peft's LoraLayer.set_scale) before it runs.
+    """
+    if timesteps is None:
+        yield
+        return
+    lo, hi = timesteps
+    layers = [m for m in pipe.unet.modules() if hasattr(m, "set_scale") and name in getattr(m, "scaling", {})]
+
+    def gate(module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = float(torch.as_tensor(t).flatten()[0])
+        for m in layers:
+            m.set_scale(name, scale if lo <= t <= hi else 0.0)
+
+    handle = pipe.unet.register_forward_pre_hook(gate, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2, vae=None, mask=None, only_t=None) -> dict:
+    """vae: the run's tuned decoder (adapt.decoder), or None for the base's; mask: MaskSettings (default: sample's);
+    only_t: (lo, hi), the adapter active only at those sampling timesteps (the mask is still read with it on)."""
     imgs, faces, prompts = [], [], []
     for i in range(n):
         im, cap, f = synth.make("faces", "eval", i)
@@ -52,7 +83,8 @@ def judge(pipe, name, strength, mode, scale=1.0, n=32, seeds=2, vae=None, mask=N
     edit = masking.auto_mask(pipe, imgs, prompts, [name], mask or masking.MaskSettings()) if mode == "masked" else None
     res = {"detected": [], "shape": [], "ssim_out": []}
     for seed in range(seeds):
-        with lora.applied(pipe, [name], [scale]), decoder.swapped(pipe, vae):
+        with lora.applied(pipe, [name], [scale], fuse=only_t is None), active_only(pipe, name, scale, only_t), \
+                decoder.swapped(pipe, vae):
             outs = sample.img2img(pipe, imgs, prompts, strength, 25, 1.0, 1000 * seed, "ddim", batch_size=32,
                                   mask=edit, paste_blur=1.0 if edit is not None else None)
         for i, o in enumerate(outs):
@@ -136,6 +168,9 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=1.0, help="adapter scale measured")
     ap.add_argument("--mask-timestep", type=int, default=None, help="masked mode: the timestep the mask is read at "
                     "(default: MaskSettings', 441)")
+    ap.add_argument("--adapter-timesteps", default=None, metavar="LO:HI", help="with --measure-only: the adapter active only "
+                    "at sampling timesteps LO..HI (which img2img steps the edit comes from)")
+    ap.add_argument("--checkpoints", default=None, metavar="S1,S2", help="with --measure-only: measure only these steps")
     ap.add_argument("--windows", default="img2img_exact,full", help="windows trained (one per process runs them in parallel; "
                     "the comparison is printed when both are in --out)")
     ap.add_argument("--measure-only", action="store_true", help="measure the runs already trained in --out (e.g. at "
@@ -155,6 +190,17 @@ def main(argv=None):
               f"(of 32-batch means: {r['cos_mean_window']:.3f} / {r['cos_mean_full']:.3f} / {r['cos_mean_above']:.3f}); "
               f"predicted steps ratio window/full {r['predicted_steps_ratio']:.2f}")
         return
+    partial = a.adapter_timesteps is not None or a.checkpoints is not None  # a side measurement: printed, not the curves
+    if partial and not a.measure_only:
+        sys.exit("error: --adapter-timesteps and --checkpoints measure trained runs; add --measure-only")
+    only_t = None
+    if a.adapter_timesteps is not None:
+        try:
+            only_t = tuple(int(v) for v in a.adapter_timesteps.split(":"))
+            assert len(only_t) == 2 and only_t[0] <= only_t[1]
+        except (ValueError, AssertionError):
+            sys.exit(f"error: --adapter-timesteps {a.adapter_timesteps!r}: expected LO:HI, two integers with LO <= HI")
+    wanted = None if a.checkpoints is None else {int(v) for v in a.checkpoints.split(",")}
     summary = out / "summary.json"
     results = _read(summary)  # a window measured by another process stays in the file
     for window in a.windows.split(","):
@@ -174,15 +220,23 @@ def main(argv=None):
         curve = {}
         for ck in checkpoint.list_checkpoints(run_dir):
             step = int(ck.name.split("-")[1])
+            if wanted is not None and step not in wanted:
+                continue
             set_lora(pipe, name, load_file(str(ck / checkpoint.WEIGHTS) + ".safetensors"))
             curve[step] = judge(pipe, name, a.strength or facts.strength, a.mode, a.scale, vae=vae,
-                                mask=masking.MaskSettings(timestep=a.mask_timestep) if a.mask_timestep else None)
-            print(f"{window} step {step}: {curve[step]}", flush=True)
+                                mask=masking.MaskSettings(timestep=a.mask_timestep) if a.mask_timestep else None,
+                                only_t=only_t)
+            gated = f" (adapter only at t in {only_t[0]}..{only_t[1]})" if only_t else ""
+            print(f"{window} step {step}{gated}: {curve[step]}", flush=True)
+        if partial:
+            continue
         first, held = crossings(curve)
         shape_first, shape_held = crossings(curve, 0.8, "shape")
         results[window] = {"strength": a.strength or facts.strength, "scale": a.scale, "mode": a.mode, "curve": curve, "first_step_reach_0.9": first,
                            "held_from_step_reach_0.9": held, "first_step_shape_0.8": shape_first,
                            "held_from_step_shape_0.8": shape_held, "decoder": vae is not None}
+    if partial:
+        return
     out.mkdir(parents=True, exist_ok=True)
     results = {**_read(summary), **{w: results[w] for w in a.windows.split(",")}}  # the other may have finished meanwhile
     atomic.write_text(summary, json.dumps(results, indent=1))

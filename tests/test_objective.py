@@ -163,3 +163,35 @@ def test_compare_windows_alignment_measures_the_run_it_is_given(tiny_base, sg_fo
     assert set(a) == {f"cos_{k}_{w}" for k in ("batch", "mean") for w in ("window", "full", "above")} | {"predicted_steps_ratio"}
     assert all(-1.0 <= a[k] <= 1.0 for k in a if k.startswith("cos_"))
     assert a["cos_batch_window"] > 0.1 and a["predicted_steps_ratio"] == pytest.approx(a["cos_batch_full"] / a["cos_batch_window"])
+
+
+def test_compare_windows_gates_the_adapter_by_timestep(tiny_base, tmp_path):
+    """--adapter-timesteps: inside [lo, hi] the UNet runs the adapter at the asked scale, outside it runs the base,
+    and on leaving the block the hook is gone (the adapter acts at every timestep again)."""
+    import sys
+    from conftest import ROOT
+    from adapt import lora, model
+    from adapt.facts import AdapterFacts
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from compare_windows import active_only
+    pipe, _ = model.load_base(str(tiny_base))
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 8, pipe.unet.config.cross_attention_dim, generator=g)
+    run = lambda t: pipe.unet(x, torch.tensor([t]), e).sample
+    with torch.no_grad():
+        base = {t: run(t) for t in (50, 500)}
+        lora.attach(pipe.unet, "cross_attn", rank=4, alpha=4)
+        for n, p in pipe.unet.named_parameters():
+            if "lora_B" in n:
+                p.data = torch.randn(p.shape, generator=g) * 0.2
+        lora.save(tmp_path, pipe.unet, AdapterFacts(architecture="sd"))
+        pipe, _ = model.load_base(str(tiny_base))
+        name = lora.load_into(pipe, tmp_path)
+        with lora.applied(pipe, [name], [0.7], fuse=False):
+            full = {t: run(t) for t in (50, 500)}
+            with active_only(pipe, name, 0.7, (0, 100)):
+                gated = {t: run(t) for t in (500, 50)}  # outside first: the gate must switch back on for 50
+            after = run(500)
+    assert (full[500] - base[500]).abs().max() > 1e-3  # the adapter does something at both timesteps
+    assert torch.equal(gated[50], full[50]) and torch.equal(gated[500], base[500])
+    assert torch.equal(after, full[500])
