@@ -4,11 +4,13 @@ Every writer goes to a temporary file in the same folder, is fsynced, then renam
 (rename is atomic within one filesystem). Any failure, including safetensors' `SafetensorError` on a full
 disk (it is not an OSError), becomes one `WriteError` that names the path and says the previous file is
 intact; the temporary file is removed.
+Logs are the exception: `append_line` appends in place, and a failure costs log lines, never the run.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 FILE_MODE = 0o644  # adapters and reports are meant to be shared (safetensors alone creates files 0600)
@@ -98,3 +100,18 @@ def write_figure(fig, path: str | Path, **kw) -> Path:
     """A matplotlib figure, format from the suffix."""
     fmt = Path(path).suffix.lstrip(".") or "png"
     return _write(Path(path), lambda tmp: fig.savefig(tmp, format=fmt, **kw))
+
+
+_append_failed: set = set()
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one log line. A full disk costs log lines (said once per file on stderr), never the run: the
+    checkpoints, written atomically, are what report a full disk."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        if str(path) not in _append_failed:
+            _append_failed.add(str(path))
+            print(f"warning: cannot append to {path} ({e.strerror}); later lines there are lost", file=sys.stderr, flush=True)

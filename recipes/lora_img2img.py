@@ -281,7 +281,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
             if acc.is_main_process:  # which images each rank trained on (the last micro-batch): ranks' draws are disjoint
                 row = {"step": r["step"], "loss": loss, "lr": r["lr"], "timesteps": r["t"], "bucket": r["bucket"],
                        "images": imgs, "time": r["time"]}
-                _append(log_path, json.dumps(row))
+                atomic.append_line(log_path, json.dumps(row))
                 if trackers:
                     acc.log({"loss": loss, "lr": r["lr"]}, step=r["step"])
         progress(pending[-1]["step"], losses[-1])
@@ -547,22 +547,8 @@ def _printer(acc, out: Path):
         if acc.is_main_process:
             line = f"[adapt {time.strftime('%H:%M:%S')}] {msg}"
             print(line, flush=True)
-            _append(out / "train.log", line)
+            atomic.append_line(out / "train.log", line)
     return say
-
-
-_append_failed: set = set()
-
-
-def _append(path: Path, line: str) -> None:
-    """Append a log line; a full disk costs log lines (said once), never the run: checkpoints report it."""
-    try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-    except OSError as e:
-        if path not in _append_failed:
-            _append_failed.add(path)
-            print(f"warning: cannot append to {path} ({e.strerror}); later lines there are lost", file=sys.stderr, flush=True)
 
 
 def _progress(acc, start: int, total: int):

@@ -17,7 +17,7 @@ Follows the latent diffusion recipe (Rombach et al. 2022) at toy scale:
 Every stage checkpoints atomically every `checkpoint_every` steps and resumes from its last
 checkpoint when run again, so the job can be stopped at any time: SIGINT (Ctrl-C), SIGTERM or a
 dropped terminal (SIGHUP) finishes the current step, writes a checkpoint there and exits 130 / 143 / 129
-(a second Ctrl-C aborts).
+(a second Ctrl-C aborts). Every log line also goes to <out_dir>/pretrain.log, which a closed terminal keeps.
 """
 
 from __future__ import annotations
@@ -42,8 +42,14 @@ from adapt import atomic, checkpoint, model, objective, runguard, synth
 from adapt.tiny import build_tokenizer
 
 
+LOG_FILE: Path | None = None  # <out_dir>/pretrain.log, set by main: the record survives a closed terminal (SIGHUP)
+
+
 def log(msg: str):
-    print(f"[pretrain {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    line = f"[pretrain {time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if LOG_FILE is not None:
+        atomic.append_line(LOG_FILE, line)
 
 
 class Stopped(Exception):
@@ -295,6 +301,8 @@ def main(argv=None):
     work = Path(cfg.out_dir)
     work.mkdir(parents=True, exist_ok=True)
     cfglib.dump(cfg, work / "config.yaml")
+    global LOG_FILE
+    LOG_FILE = work / "pretrain.log"
     stop = runguard.Stopper(log)
     try:
         run(cfg, work, stop)

@@ -189,6 +189,23 @@ def test_full_disk_during_an_adapter_write_keeps_the_previous_adapter(tiny_base,
     assert not [p for p in small_fs.iterdir() if p.name.startswith(".")]
 
 
+
+def test_a_full_disk_costs_log_lines_said_once_never_the_run(small_fs, capsys):
+    from adapt import atomic
+    log = small_fs / "train.log"
+    atomic.append_line(log, "first")
+    with open(small_fs / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    for i in range(3):
+        atomic.append_line(log, "x" * 8192 + str(i))  # more than a page: tmpfs has no room for it
+    err = capsys.readouterr().err
+    assert err.count(f"warning: cannot append to {log} (No space left on device)") == 1, err
+    assert log.read_text().startswith("first\n")
+
 # ---------------------------------------------------------------- 3, 5: signals, launcher death, concurrent runs
 
 def _launch(base, data, out, *extra, env_extra=None, terminal: int | None = None):

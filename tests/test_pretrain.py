@@ -1,6 +1,7 @@
 """recipes/pretrain_ldm.py checkpoints in adapt's safetensors + JSON format (no pickle) and resumes from it."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -81,10 +82,11 @@ def test_pretrain_with_8_latent_channels_exports_a_pipeline_plain_diffusers_runs
     assert r.returncode == 0 and "size (64, 64)" in r.stdout, r.stderr[-3000:]
 
 
-def test_ctrl_c_during_pretraining_checkpoints_the_step_it_stopped_at(tmp_path):
-    """A real SIGINT in the UNet stage: the step finishes, a checkpoint is written there (not only at the last
-    checkpoint_every), exit 130 with no traceback, and the same command resumes from it."""
-    import signal
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["ctrl_c", "hang_up"])
+def test_a_stop_during_pretraining_checkpoints_the_step_it_stopped_at(sig, tmp_path):
+    """A real SIGINT (Ctrl-C) or SIGHUP (a closed terminal) in the UNet stage: the step finishes, a checkpoint is
+    written there (not only at the last checkpoint_every), exit 128 + signal with no traceback, the stop is in
+    pretrain.log as well as on stdout, and the same command resumes from it."""
     import time
 
     from conftest import signals_as_in_a_terminal
@@ -101,13 +103,15 @@ def test_ctrl_c_during_pretraining_checkpoints_the_step_it_stopped_at(tmp_path):
             break
     assert p.poll() is None, "".join(seen) + p.stderr.read()
     time.sleep(0.5)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     rest, err = p.communicate(timeout=120)
     out = "".join(seen) + rest
-    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert p.returncode == 128 + sig and "Traceback" not in err, err[-3000:]
     (ck,) = sorted((work / "unet_checkpoints").glob("checkpoint-*"))
     step = int(ck.name.split("-")[1])
-    assert step >= 50 and f"SIGINT: stopped after UNet step {step} with a checkpoint in" in out, out[-2000:]
+    said = f"{sig.name}: stopped after UNet step {step} with a checkpoint in"
+    assert step >= 50 and said in out, out[-2000:]
+    assert said in (work / "pretrain.log").read_text()  # the record a closed terminal does not take with it
     assert not export.exists()
     r = subprocess.run(base + [f"unet_steps={step + 1}"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
