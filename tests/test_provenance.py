@@ -100,26 +100,51 @@ def test_records_are_checked_and_images_without_one_are_named(tmp_path):
     assert r.returncode == 2 and "no adapt record" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.integration  # a real SIGINT to a subprocess: `make test-integration`
-def test_ctrl_c_keeps_the_images_already_finished(tiny_base, tmp_path):
+@pytest.mark.integration  # a real signal to a subprocess: `make test-integration`
+@pytest.mark.parametrize("stop", ["ctrl_c", "dropped_terminal"])
+def test_a_stop_keeps_the_images_already_finished(stop, tiny_base, tmp_path):
+    """Ctrl-C (a real SIGINT), or an ssh session that drops: `adapt sample` runs on a real pseudo-terminal as its
+    controlling terminal and the master side closes, so the kernel hangs it up (SIGHUP) and every later write to
+    the terminal fails. Either way the finished images stay, whole and each with its record, and the exit is 130."""
+    import fcntl
+    import os
+    import select
     import signal
     import subprocess
     import sys
+    import termios
     import time
     from pathlib import Path
     img = tmp_path / "face.png"
     synth.make("faces", "eval", 0)[0].save(img)
     out = tmp_path / "s"
-    exe = Path(sys.executable).parent / "adapt"
-    p = subprocess.Popen([str(exe), "--threads", "1", "sample", "--base", str(tiny_base), "--image", *[str(img)] * 40,
-                          "--strength", "1", "--steps", "400", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=signals_as_in_a_terminal)
+    cmd = [str(Path(sys.executable).parent / "adapt"), "--threads", "1", "sample", "--base", str(tiny_base),
+           "--image", *[str(img)] * 40, "--strength", "1", "--steps", "400", "--out", str(out)]
+    if stop == "ctrl_c":
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=signals_as_in_a_terminal)
+    else:
+        master, slave = os.openpty()
+
+        def controlling_terminal():  # in the child after setsid (start_new_session): the pty becomes its terminal
+            signals_as_in_a_terminal()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        p = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True, preexec_fn=controlling_terminal)
+        os.close(slave)
     deadline = time.time() + 120
     while not (out / "img2img_007.png").exists() and p.poll() is None and time.time() < deadline:
+        if stop == "dropped_terminal" and select.select([master], [], [], 0.05)[0]:
+            os.read(master, 65536)  # read the terminal, as sshd does
         time.sleep(0.05)  # the first batch of 8 is written as soon as it is done
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    if stop == "ctrl_c":
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    else:
+        os.close(master)  # the connection is gone; what adapt says after this goes nowhere
+        assert p.wait(timeout=120) == 130
     kept = sorted(out.glob("img2img_*.png"))
-    assert 8 <= len(kept) < 40 and f"interrupted: {len(kept)} of 40 image(s) were finished" in err
+    assert 8 <= len(kept) < 40
+    if stop == "ctrl_c":
+        assert f"interrupted: {len(kept)} of 40 image(s) were finished" in err
     assert [provenance.read(k).seed for k in kept] == list(range(len(kept)))  # whole files, each with its record
+    assert not list(out.glob(".*"))  # no temporary file left half written
