@@ -131,7 +131,8 @@ class Stopper:
             if signal.getsignal(s) is not signal.SIG_IGN:
                 self._prev[s] = signal.signal(s, self._handle)
         self._stop = threading.Event()
-        threading.Thread(target=self._watch_parent, args=(poll_s,), daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch_parent, args=(poll_s,), daemon=True)
+        self._watcher.start()
 
     def _handle(self, signum, frame):
         hangup = signum == SIGHUP
@@ -162,6 +163,12 @@ class Stopper:
         return self.signum
 
     def close(self):
+        # Joined, not left to finish on its own: a thread that ends while the interpreter exits may drop the last
+        # reference to this Stopper, and with it `say`'s closure (the Accelerator, the model's tensors). Freeing a
+        # tensor there takes the GIL inside a C++ destructor, which a finalizing CPython answers with pthread_exit:
+        # "terminate called without an active exception", SIGABRT instead of the recipe's exit code (1 run in 20).
         self._stop.set()
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=10)
         for s, h in self._prev.items():
             signal.signal(s, h)

@@ -158,3 +158,27 @@ def test_a_hang_up_is_a_ctrl_c_for_the_cli_once():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # under nohup
     assert r.stdout.strip() == "not interrupted", (r.stdout, r.stderr[-2000:])
+
+
+def test_a_closed_stopper_frees_what_it_holds_in_the_caller_thread():
+    """The watcher thread must be done when close() returns. Otherwise it may drop the last reference to the Stopper
+    and its `say` (the recipe's closure holds the Accelerator and the model) while the interpreter exits, and a tensor
+    freed there aborts the process (SIGABRT, 'terminate called without an active exception') instead of exit 2."""
+    import gc
+    import threading
+
+    freed_in = []
+
+    class Held:  # stands for the Accelerator and the model's tensors that the recipe's `say` closes over
+        def __del__(self):
+            freed_in.append(threading.current_thread().name)
+
+    held = Held()
+    s = runguard.Stopper(lambda msg, h=held: h, poll_s=0.05)
+    del held
+    time.sleep(0.1)  # the watcher is waiting on its event, as it is during training
+    s.close()
+    del s
+    gc.collect()
+    time.sleep(0.2)  # an unjoined watcher wakes and drops its reference here
+    assert freed_in == [threading.main_thread().name]
