@@ -45,7 +45,8 @@ def test_latent_shift_fold_kept_scaled_latents_centered():
 def test_demo_config_short_run(tmp_path):
     out = tmp_path / "demo"
     r = run_recipe(["--config", str(ROOT / "recipes/configs/tiny_sunglasses.yaml"), f"out_dir={out}", "train.max_steps=3",
-                    "train.checkpointing_steps=0", "validation.steps=0", "validation.num_images=2"], launcher="python")
+                    "train.checkpointing_steps=0", "validation.steps=0", "validation.num_images=2", "decoder.steps=2"],
+                   launcher="python")  # the demo config with its decoder phase cut to 2 of its 200 steps
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(read_log(out)) == 3 and (out / "validation" / "step_000003.png").is_file()
     assert "optim.warmup_steps (20) >= train.max_steps (3): the learning rate never reaches optim.lr (0.003)" in r.stdout
