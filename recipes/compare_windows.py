@@ -193,14 +193,16 @@ def main(argv=None):
     partial = a.adapter_timesteps is not None or a.checkpoints is not None  # a side measurement: printed, not the curves
     if partial and not a.measure_only:
         sys.exit("error: --adapter-timesteps and --checkpoints measure trained runs; add --measure-only")
-    only_t = None
-    if a.adapter_timesteps is not None:
-        try:
+    only_t = wanted = None
+    try:
+        if a.adapter_timesteps is not None:
             only_t = tuple(int(v) for v in a.adapter_timesteps.split(":"))
-            assert len(only_t) == 2 and only_t[0] <= only_t[1]
-        except (ValueError, AssertionError):
-            sys.exit(f"error: --adapter-timesteps {a.adapter_timesteps!r}: expected LO:HI, two integers with LO <= HI")
-    wanted = None if a.checkpoints is None else {int(v) for v in a.checkpoints.split(",")}
+        if a.checkpoints is not None:
+            wanted = {int(v) for v in a.checkpoints.split(",")}
+    except ValueError as e:
+        sys.exit(f"error: --adapter-timesteps / --checkpoints: {e}; expected LO:HI and S1,S2,... (integers)")
+    if only_t is not None and (len(only_t) != 2 or only_t[0] > only_t[1]):
+        sys.exit(f"error: --adapter-timesteps {a.adapter_timesteps!r}: expected LO:HI, two integers with LO <= HI")
     summary = out / "summary.json"
     results = _read(summary)  # a window measured by another process stays in the file
     for window in a.windows.split(","):
@@ -228,6 +230,9 @@ def main(argv=None):
                                 only_t=only_t)
             gated = f" (adapter only at t in {only_t[0]}..{only_t[1]})" if only_t else ""
             print(f"{window} step {step}{gated}: {curve[step]}", flush=True)
+        if wanted is not None and not wanted <= curve.keys():
+            have = [int(c.name.split("-")[1]) for c in checkpoint.list_checkpoints(run_dir)]
+            sys.exit(f"error: --checkpoints: {run_dir} has no checkpoint at step(s) {sorted(wanted - curve.keys())}; it has {have}")
         if partial:
             continue
         first, held = crossings(curve)
