@@ -61,6 +61,15 @@ def signals_as_in_a_terminal():
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
+def on_its_terminal():
+    """preexec_fn for a child started with start_new_session=True and a pty's slave side as its stdin: that pty
+    becomes its controlling terminal, as a login shell's job has it (closing the master side then hangs it up)."""
+    import fcntl
+    import termios
+    signals_as_in_a_terminal()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 def recipe_args(base, data, out, *extra):
     """The recipe's argv for tiny_test.yaml on a given base, data folder and out_dir."""
     return ["--config", TINY_CFG, f"model.base={base}", f"data.source={data}", f"out_dir={out}", *extra]

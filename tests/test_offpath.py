@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from adapt import checkpoint, lora, runguard, synth
-from conftest import ROOT, read_log, recipe_args, run_recipe, signals_as_in_a_terminal
+from conftest import ROOT, on_its_terminal, read_log, recipe_args, run_recipe, signals_as_in_a_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -189,7 +189,6 @@ def test_full_disk_during_an_adapter_write_keeps_the_previous_adapter(tiny_base,
     assert not [p for p in small_fs.iterdir() if p.name.startswith(".")]
 
 
-
 def test_a_full_disk_costs_log_lines_said_once_never_the_run(small_fs, capsys):
     from adapt import atomic
     log = small_fs / "train.log"
@@ -206,13 +205,12 @@ def test_a_full_disk_costs_log_lines_said_once_never_the_run(small_fs, capsys):
     assert err.count(f"warning: cannot append to {log} (No space left on device)") == 1, err
     assert log.read_text().startswith("first\n")
 
+
 # ---------------------------------------------------------------- 3, 5: signals, launcher death, concurrent runs
 
 def _launch(base, data, out, *extra, env_extra=None, terminal: int | None = None):
     """`accelerate launch` in its own session (so a test can signal its process group like a terminal does); with
     `terminal` (a pty's slave fd) that pty is its stdio and controlling terminal, as a login shell's job has it."""
-    import fcntl
-    import termios
     bindir = Path(sys.executable).parent
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [str(bindir / "accelerate"), "launch", "-q", "--config_file", str(ROOT / "accelerate_config.yaml"),
@@ -220,13 +218,8 @@ def _launch(base, data, out, *extra, env_extra=None, terminal: int | None = None
     if terminal is None:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, preexec_fn=signals_as_in_a_terminal)
-
-    def controlling_terminal():  # in the child after setsid (start_new_session): the pty becomes its terminal
-        signals_as_in_a_terminal()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
     return subprocess.Popen(cmd, env=env, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
-                            preexec_fn=controlling_terminal)
+                            preexec_fn=on_its_terminal)
 
 
 def _wait_for_steps(out, n, proc, timeout=120):

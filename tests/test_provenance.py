@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from adapt import lora, provenance, synth
-from conftest import signals_as_in_a_terminal
+from conftest import on_its_terminal, signals_as_in_a_terminal
 from test_cli import adapt_cli, adapter_dir  # noqa: F401  (the module fixture: a random adapter with strength 0.5)
 
 # WebUI's infotext grammar (modules/infotext_utils.py): prompt lines, then one line of "Key: value" pairs, a value
@@ -106,13 +106,11 @@ def test_a_stop_keeps_the_images_already_finished(stop, tiny_base, tmp_path):
     """Ctrl-C (a real SIGINT), or an ssh session that drops: `adapt sample` runs on a real pseudo-terminal as its
     controlling terminal and the master side closes, so the kernel hangs it up (SIGHUP) and every later write to
     the terminal fails. Either way the finished images stay, whole and each with its record, and the exit is 130."""
-    import fcntl
     import os
     import select
     import signal
     import subprocess
     import sys
-    import termios
     import time
     from pathlib import Path
     img = tmp_path / "face.png"
@@ -124,11 +122,7 @@ def test_a_stop_keeps_the_images_already_finished(stop, tiny_base, tmp_path):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=signals_as_in_a_terminal)
     else:
         master, slave = os.openpty()
-
-        def controlling_terminal():  # in the child after setsid (start_new_session): the pty becomes its terminal
-            signals_as_in_a_terminal()
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        p = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True, preexec_fn=controlling_terminal)
+        p = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True, preexec_fn=on_its_terminal)
         os.close(slave)
     deadline = time.time() + 120
     while not (out / "img2img_007.png").exists() and p.poll() is None and time.time() < deadline:
