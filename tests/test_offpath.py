@@ -133,6 +133,16 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+def _fill(fs):
+    """Write fs/filler until the filesystem is full (ENOSPC)."""
+    with open(fs / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
 def test_read_only_out_dir_and_cache_are_named(tiny_base, sg_folder, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -173,12 +183,7 @@ def test_full_disk_during_an_adapter_write_keeps_the_previous_adapter(tiny_base,
     lora.attach(pipe.unet, "cross_attn", rank=4)
     path = lora.save(small_fs, pipe.unet, AdapterFacts(architecture="sd", strength=0.5))
     before = path.read_bytes()
-    with open(small_fs / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
+    _fill(small_fs)
     for p in pipe.unet.parameters():
         p.data.add_(1.0) if p.requires_grad else None
     with pytest.raises(atomic.WriteError, match="no space left on the device; the previous version is intact"):
@@ -193,12 +198,7 @@ def test_a_full_disk_costs_log_lines_said_once_never_the_run(small_fs, capsys):
     from adapt import atomic
     log = small_fs / "train.log"
     atomic.append_line(log, "first")
-    with open(small_fs / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
+    _fill(small_fs)
     for i in range(3):
         atomic.append_line(log, "x" * 8192 + str(i))  # more than a page: tmpfs has no room for it
     err = capsys.readouterr().err
