@@ -168,7 +168,6 @@ class Stopper:
         # tensor there takes the GIL inside a C++ destructor, which a finalizing CPython answers with pthread_exit:
         # "terminate called without an active exception", SIGABRT instead of the recipe's exit code (1 run in 20).
         self._stop.set()
-        if self._watcher is not threading.current_thread():
-            self._watcher.join(timeout=10)
+        self._watcher.join(timeout=10)  # close() runs in the thread that made the Stopper, never in the watcher
         for s, h in self._prev.items():
             signal.signal(s, h)
