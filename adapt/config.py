@@ -32,8 +32,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("", "imagefolder with metadata.jsonl, a hub dataset id, or datasets/<name> of this repo")
-    split: str = opt("train", "split to read (hub datasets, and datasets/<name> builders)")
+    source: str = opt("", "imagefolder (metadata.jsonl/.csv/.parquet or <image>.txt captions), a hub dataset id, or datasets/<name> of this repo")
+    split: str = opt("train", "split to read: hub datasets, datasets/<name> builders, and folders split as Hugging Face datasets reads them (train/, test/, validation/; eval is test, val is validation)")
     num_images: Optional[int] = opt(None, "use only the first N images (few-shot); None = all")
     image_column: str = opt("image", "image column (hub datasets)")
     caption_column: str = opt("text", "caption column")
@@ -173,7 +173,7 @@ class TrainSection:
 class ValidationConfig:
     steps: int = opt(0, "run validation every N steps (and at the end); 0 = only at the end")
     source: Optional[str] = opt(None, "folder or dataset of validation source images; None = no validation")
-    split: str = opt("val", "split of the validation source (datasets/<name> builders)")
+    split: str = opt("val", "split of the validation source (as data.split; a folder without splits is read whole)")
     num_images: int = opt(4, "validation images in the grid")
     prompt: Optional[str] = opt(None, "prompt for validation img2img; None = each image's caption")
     seed: int = opt(1234, "seed for validation noise")
@@ -299,12 +299,12 @@ class EvalConfig:
     adapter: str = opt("", "trained adapter folder or .safetensors")
     base: Optional[str] = opt(None, "base model; None = the base stored in the adapter")
     source: str = opt("datasets/synth_faces", "held-out source images (same forms as data.source)")
-    source_split: str = opt("eval", "split of the source set")
+    source_split: str = opt("eval", "split of the source set (as data.split; eval is a folder's test/)")
     num_images: int = opt(32, "source images evaluated")
     target: str = opt("datasets/synth_sunglasses", "real target-domain images (KID reference)")
     target_split: str = opt("eval", "split of the target set")
     num_target: int = opt(64, "real target images for KID")
-    classifier_split: str = opt("classifier", "split of source and target used to train the domain classifier")
+    classifier_split: str = opt("classifier", "split of source and target used to train the domain classifier (a split folder without it: train)")
     classifier_images: int = opt(256, "images per domain for the classifier (at most)")
     classifier: Literal["auto", "scratch", "base_features"] = opt(
         "auto", "domain classifier: a CNN trained from scratch on the pixels, or logistic regression on the frozen base "

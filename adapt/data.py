@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
-import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,15 +21,23 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
-from adapt import buckets
+from adapt import buckets, imagefolder
+from adapt.imagefolder import IMAGE_EXTS
 
 log = logging.getLogger("adapt.data")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 64 * 1024 * 1024  # declared sizes above this are refused before decoding (bomb guard)
 
 
 class DataError(ValueError):
     """The dataset is unusable as a whole (missing, empty, nothing decodable); the message says why."""
+
+
+class MissingSplit(DataError):
+    """The folder is split (train/, test/, ...) but has no split of the name asked for; `found` lists its splits."""
+
+    def __init__(self, message: str, found: list[str]):
+        super().__init__(message)
+        self.found = found
 
 
 @dataclass
@@ -50,6 +56,7 @@ class DataReport:
     skipped: dict = field(default_factory=lambda: defaultdict(list))  # reason -> [names]
     notes: dict = field(default_factory=lambda: defaultdict(list))  # conversions, default captions, ...
     kept: int = 0
+    split: str = ""  # which split of a split folder was read, for the log
 
     def skip(self, reason: str, name: str):
         self.skipped[reason].append(name)
@@ -62,7 +69,7 @@ class DataReport:
         return sum(len(v) for v in self.skipped.values())
 
     def summary(self) -> str:
-        lines = [f"{self.kept} images usable, {self.num_skipped} skipped"]
+        lines = [f"{self.kept} images usable, {self.num_skipped} skipped" + (f"; {self.split}" if self.split else "")]
         for reason, names in sorted(self.skipped.items()):
             lines.append(f"  skipped {len(names)} ({reason}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
         for what, names in sorted(self.notes.items()):
@@ -118,83 +125,55 @@ def _decode_caption(raw, name: str, report: DataReport) -> str | None:
     return raw.strip()
 
 
-def _read_metadata(root: Path, report: DataReport) -> dict[str, dict]:
-    """file_name -> row, from metadata.jsonl (or .csv-less); bad lines are skipped and named."""
-    meta = root / "metadata.jsonl"
-    rows: dict[str, dict] = {}
-    if not meta.exists():
-        return rows
-    content = meta.read_bytes()
-    if content.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Notepad) would hide the first row
-        content = content[3:]
-        report.note("UTF-8 byte-order mark at the start of metadata.jsonl ignored", "metadata.jsonl")
-    for lineno, raw in enumerate(content.splitlines(), 1):
-        if not raw.strip():
-            continue
-        where = f"metadata.jsonl:{lineno}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("utf-8", errors="replace")
-            report.note("non-UTF-8 bytes in metadata replaced with U+FFFD", where)
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            report.skip(f"metadata line is not JSON: {e.msg}", where)
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            report.skip("metadata row without a 'file_name' string", where)
-            continue
-        fn = row["file_name"]
-        target = (root / fn).resolve()
-        if Path(fn).is_absolute() or not target.is_relative_to(root.resolve()):
-            report.skip("file_name points outside the dataset folder", f"{where} ({fn})")
-            continue
-        key = target.relative_to(root.resolve()).as_posix()
-        if key in rows:
-            report.skip("duplicate file_name (first row kept)", f"{where} ({fn})")
-            continue
-        rows[key] = row
-    return rows
-
-
-KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # sd-scripts' DreamBooth layout: <repeats>_<caption words>/
-
-
 def read_folder(root: str | Path, caption_column: str = "text", default_caption: str = "",
                 report: DataReport | None = None, masks: str | None = None,
-                kohya_folders: bool = False) -> tuple[list[Record], DataReport]:
-    """Records of a local imagefolder: metadata.jsonl captions, else `<image>.txt` sidecars, else (with
-    `kohya_folders`, for images in a top-level `N_name` subfolder) the folder's name, else the default.
+                kohya_folders: bool = False, split: str | None = None) -> tuple[list[Record], DataReport]:
+    """Records of a local imagefolder: captions from its metadata files (adapt.imagefolder), else `<image>.txt`
+    sidecars, else (with `kohya_folders`, for images in an `N_name` folder) the folder's name, else the default.
     With `kohya_folders` such an image is drawn N times as often (Record.repeats), as sd-scripts repeats it.
-    A mask folder inside `root` (data.masks) is not read as training images."""
+    A folder split the way Hugging Face datasets reads it (train/, test/, ...) gives only `split`'s images
+    (None: every image). A mask folder inside `root` (data.masks) is not read as training images."""
     root = Path(root)
     report = report or DataReport()
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    rows = _read_metadata(root, report)
-    # Mask images are not training images: the data.masks folder and a top-level masks/ (what
-    # `adapt data build` writes) are left out, and the log says how many files that was.
-    skips = [(root / "masks").resolve()] + ([mask_root(root, masks).resolve()] if masks and masks != "alpha" else [])
+    every = sorted(p for p in root.rglob("*") if p.is_file())
+    for p in [p for p in every if imagefolder.hidden(p.relative_to(root))]:  # macOS's ._x.jpg twins, __MACOSX/
+        every.remove(p)
+        if p.suffix.lower() in IMAGE_EXTS:
+            report.note("hidden, or in a hidden or __ folder (as __MACOSX/): left out, as Hugging Face datasets "
+                        "leaves it out", p.relative_to(root).as_posix())
+    chosen = imagefolder.choose_split(root, split, every) if split else None
+    if chosen:
+        report.split = chosen.line
+        every = [p for p in every if p.resolve() not in chosen.elsewhere]  # metadata outside every split stays
+    rows = imagefolder.read_metadata(root, every, report)
+    # Mask images are not training images: the data.masks folder and any folder named masks/ (what
+    # `adapt data build` writes beside its images, split folders included) are left out, and the log says how many.
+    skips = [mask_root(root, masks).resolve()] if masks and masks != "alpha" else []
     files, masked_out = [], []
-    for p in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS):
-        (masked_out if any(p.resolve().is_relative_to(d) for d in skips) else files).append(p)
+    for p in (p for p in every if p.suffix.lower() in IMAGE_EXTS):
+        out = imagefolder.in_masks(p.relative_to(root)) or any(p.resolve().is_relative_to(d) for d in skips)
+        (masked_out if out else files).append(p)
     for p in masked_out:
         report.note("mask files (masks/, data.masks) not read as images of the set", p.relative_to(root).as_posix())
+    if chosen:  # `datasets` leaves out what no split names; so do we, counted
+        for p in [p for p in files if p.resolve() not in chosen.files]:
+            report.skip("in no split (the folder is split; Hugging Face datasets leaves such files out too)",
+                        p.relative_to(root).as_posix())
+            files.remove(p)
     inside = root.resolve()
     for p in [p for p in files if not p.resolve().is_relative_to(inside)]:  # a symlink to elsewhere: never trained on
         report.skip("symlink points outside the dataset folder", p.relative_to(root).as_posix())
         files.remove(p)
     listed = {p.relative_to(root).as_posix(): p for p in files}
-    outside = set(report.skipped.get("symlink points outside the dataset folder", []))
     for key in rows:
-        if key not in listed and key not in outside:
+        if not (root / key).exists():
             report.skip("metadata names a file that does not exist", key)
     records = []
     for key, path in listed.items():
         row = rows.get(key, {})
-        parts = key.split("/")
-        kohya = KOHYA_FOLDER.match(parts[0]) if len(parts) > 1 else None
+        kohya = imagefolder.kohya_folder(key)
         if kohya and not kohya_folders:
             report.note("in a folder named like kohya's N_name, read as a plain subfolder (data.kohya_folders=true "
                         "repeats and captions it as kohya does)", key)
@@ -296,7 +275,8 @@ def read_records(source: str, split: str = "train", image_column: str = "image",
     if p.is_dir() and (p / "dataset.yaml").is_file():
         records, report = read_definition(p, split, num_images, cache, masks=masks)
     elif p.is_dir():
-        records, report = read_folder(p, caption_column, default_caption, masks=masks, kohya_folders=kohya_folders)
+        records, report = read_folder(p, caption_column, default_caption, masks=masks, kohya_folders=kohya_folders,
+                                      split=split)
     elif masks:
         raise DataError(f"data.masks={masks!r}: masks need a local image folder, not the hub dataset {source!r}")
     elif source.count("/") == 1 and not source.startswith((".", "/", "~")):

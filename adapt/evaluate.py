@@ -74,6 +74,19 @@ class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C during the sweep, after the finished settings were written; the message says where."""
 
 
+def _classifier_images(source: str, res: int, split: str, n: int, log) -> torch.Tensor:
+    """The images the domain classifier learns from. A folder split as Hugging Face datasets reads it (train/,
+    test/) rarely has a split named for the classifier: it then learns from the training split, never from the
+    evaluated one, and the log says so."""
+    try:
+        return data.load(source, res, split, num_images=n, logger=lambda m: None)[0]
+    except data.MissingSplit as e:
+        if "train" not in e.found:
+            raise
+        log(f"domain classifier: {source} has no {split!r} split (splits: {', '.join(e.found)}); it learns from 'train'")
+        return data.load(source, res, "train", num_images=n, logger=lambda m: None)[0]
+
+
 def curves(cfg: config.EvalConfig) -> list[tuple[float, str]]:
     """(scale, mode) series swept at every strength: the base (scale 0) only plain, adapters in every mode."""
     return [(c, m) for c in cfg.scales for m in cfg.modes if c > 0 or m == "plain"]
@@ -128,8 +141,8 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
         log("WARNING: " + w)
 
     # Domain classifier on a separate split of real source vs real target images.
-    cs, _, _ = data.load(cfg.source, res, cfg.classifier_split, num_images=cfg.classifier_images, logger=lambda m: None)
-    ct, _, _ = data.load(cfg.target, res, cfg.classifier_split, num_images=cfg.classifier_images, logger=lambda m: None)
+    cs = _classifier_images(cfg.source, res, cfg.classifier_split, cfg.classifier_images, log)
+    ct = _classifier_images(cfg.target, res, cfg.classifier_split, cfg.classifier_images, log)
     # A folder has no splits: the classifier learns the very sources it then judges (as "source"), which biases reach
     # low. A cross-validated classifier judges each of their outputs with the fold model that did not learn its
     # source (cross-fitting) and keeps every image to learn from; otherwise they are left out when enough others

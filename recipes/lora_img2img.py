@@ -34,8 +34,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import adapt
-from adapt import (atomic, buckets, cache, checkpoint, config, cpu_attention, data, decoder, lora, model, objective, precision,
-                   runguard, sample, trainstep)
+from adapt import (atomic, buckets, cache, checkpoint, config, cpu_attention, data, decoder, imagefolder, lora, model, objective,
+                   precision, runguard, sample, trainstep)
 from adapt import facts as facts_mod
 from adapt import resume as resume_mod
 from adapt import validation
@@ -93,10 +93,9 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
     repeats = [r.repeats for r in records]
     if max(repeats) > 1:  # kohya's N_name folders: part of what a resume must match
         fingerprint = cache.cache_key(images=fingerprint, repeats=repeats)[:16]
-        tops = [r.name.split("/")[0] for r in records if "/" in r.name]
-        kohya = {k: tops.count(k) for k in sorted(set(tops)) if data.KOHYA_FOLDER.match(k)}  # images at the top level stay out
-        say("kohya folders (repeats x images): " + ", ".join(f"{k}: {data.KOHYA_FOLDER.match(k).group(1)} x {n}"
-                                                             for k, n in kohya.items()))
+        folders = [m.group(0) for r in records if (m := imagefolder.kohya_folder(r.name))]
+        say("kohya folders (repeats x images): " + ", ".join(f"{k}: {k.split('_')[0]} x {folders.count(k)}"
+                                                             for k in sorted(set(folders))))
     loss_masks = None
     if d.masks:  # masked loss: the masks are part of the data a resume must match
         masks = data.load_masks(records, d.masks, sized.placements, sized.crops)

@@ -457,3 +457,18 @@ def test_adapt_eval_ctrl_c_writes_the_partial_report_and_one_line(adapter, tmp_p
     assert saved["status"] == "interrupted" and 1 <= n < 20, (n, err[-500:])
     assert f"interrupted: {n} of 20 settings were measured and are in {out / 'report.json'}" in err
     assert all(r["n_outputs"] == 12 for r in saved["rows"])  # whole settings: 3 seeds x 4 images
+
+
+def test_a_folder_split_for_hugging_face_is_evaluated_on_test_and_judged_by_a_classifier_from_train(adapter, tmp_path):
+    """faces/train/ and faces/test/, each with its metadata.jsonl, as `datasets` users lay them out: the sweep
+    runs on test/ (source_split=eval) and the domain classifier learns from train/, never from what it judges."""
+    from adapt import synth
+    synth.build_imagefolder("faces", tmp_path / "faces" / "train", n=8, split="classifier")
+    synth.build_imagefolder("faces", tmp_path / "faces" / "test", n=3, split="eval")
+    msgs = []
+    report = evaluate.run(_cfg(adapter, tmp_path / "r", source=str(tmp_path / "faces"), strengths=[0.5], scales=[0.0],
+                               seeds=1), progress=False, log=msgs.append)
+    assert report["settings"]["n_source"] == 3 and report["classifier"]["n_source"] == 8  # masks/ of each: not images
+    assert any("split 'test' ('eval' is a synonym of 'test') of test (3 images), train (8 images)" in m for m in msgs), msgs
+    assert f"domain classifier: {tmp_path / 'faces'} has no 'classifier' split (splits: test, train); it learns from 'train'" in msgs
+    assert not any("evaluated source" in w for w in report["warnings"])

@@ -192,15 +192,19 @@ def test_overrides_may_come_before_and_between_flags(tmp_path):
     assert r.returncode == 2 and "unknown config key 'bogus'" in r.stderr and "unrecognized arguments" not in r.stderr
 
 
-def test_kohya_folders_reach_the_sampler(tiny_base, sg_folder, tmp_path):
+def test_kohya_folders_in_a_split_folder_reach_the_sampler(tiny_base, sg_folder, tmp_path):
+    """kohya's N_name folders inside train/ of a folder split for Hugging Face datasets (train/, test/): the run
+    trains on train/ alone, with kohya's repeats and captions."""
     import shutil
     src = tmp_path / "ky"
-    for sub, files in (("10_sks face", sorted(sg_folder.glob("*.png"))[:2]), ("1_face", sorted(sg_folder.glob("*.png"))[2:4])):
+    pngs = sorted(sg_folder.glob("*.png"))
+    for sub, files in (("train/10_sks face", pngs[:2]), ("train/1_face", pngs[2:4]), ("test", pngs[4:5])):
         (src / sub).mkdir(parents=True)
         for f in files:
             shutil.copy(f, src / sub / f.name)
     r = run_recipe(recipe_args(tiny_base, src, tmp_path / "o", "train.max_steps=2", "data.kohya_folders=true"), launcher="python")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "4 images usable, 0 skipped; split 'train' of test (1 image), train (4 images)" in r.stdout
     assert "kohya folders (repeats x images): 10_sks face: 10 x 2, 1_face: 1 x 2" in r.stdout
     assert "4 images (22 with repeats)" in r.stdout
 

@@ -1,0 +1,151 @@
+"""Folders prepared for Hugging Face datasets read the same in adapt: the same images in each split, the same
+captions, from every metadata format `load_dataset("imagefolder")` takes. datasets itself is the oracle."""
+
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+from adapt import data, evaluate, imagefolder
+
+
+def _png(path, shade):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), (shade, 80, 160)).save(path)
+
+
+def _write_metadata(folder, rows, kind):
+    """rows: [(file_name, text)] as metadata.<kind>, the way users make each: a script (jsonl), Excel (csv with a
+    byte-order mark), pandas/pyarrow (parquet)."""
+    if kind == "jsonl":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": t, "source": "cam"}) + "\n"
+                                                       for n, t in rows))
+    elif kind == "csv":
+        with open(folder / "metadata.csv", "w", newline="", encoding="utf-8-sig") as f:
+            w = csv.writer(f)
+            w.writerow(["file_name", "text", "source"])
+            w.writerows([n, t, "cam"] for n, t in rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"file_name": [n for n, _ in rows], "text": [t for _, t in rows],
+                                 "source": ["cam"] * len(rows)}), folder / "metadata.parquet")
+
+
+@pytest.fixture(params=["jsonl", "csv", "parquet"])
+def split_folder(tmp_path, request):
+    """train/, test/ (images one folder down, captions with a comma, quotes and a line break) and val/, each with
+    its own metadata file, and one image at the top that no split names."""
+    root = tmp_path / "faces"
+    for i in range(3):
+        _png(root / "train" / f"{i}.png", 10 * i)
+    _write_metadata(root / "train", [(f"{i}.png", f"train face {i}") for i in range(3)], request.param)
+    for i in range(2):
+        _png(root / "test" / "people" / f"{i}.jpg", 100 + i)
+    _write_metadata(root / "test", [("people/0.jpg", 'a face, "smiling"'), ("people/1.jpg", "a face\nover two lines")],
+                    request.param)
+    for i in range(2):
+        _png(root / "val" / f"v{i}.png", 200 + i)
+    _write_metadata(root / "val", [(f"v{i}.png", f"val face {i}") for i in range(2)], request.param)
+    _png(root / "stray.png", 5)
+    (root / "__MACOSX" / "train").mkdir(parents=True)  # what unzipping a Mac's zip leaves: no images
+    (root / "__MACOSX" / "train" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "train" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    return root
+
+
+def _hf(root, tmp_path) -> dict[str, set]:
+    import datasets
+    ds = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=str(tmp_path / "hf-cache"))
+    out = {}
+    for split, d in ds.items():
+        d = d.cast_column("image", datasets.Image(decode=False))
+        out[str(split)] = {(str(__import__("pathlib").Path(r["image"]["path"]).resolve()), r["text"]) for r in d}
+    return out
+
+
+def _adapt(root, split) -> set:
+    records, _ = data.read_records(str(root), split=split)
+    return {(str(r.path.resolve()), r.caption) for r in records}
+
+
+def test_a_split_folder_reads_as_datasets_reads_it(split_folder, tmp_path):
+    hf = _hf(split_folder, tmp_path)
+    assert sorted(hf) == ["test", "train", "validation"] and all(len(v) >= 2 for v in hf.values())
+    for split, ours in (("train", "train"), ("test", "test"), ("test", "eval"), ("validation", "val"),
+                        ("validation", "validation")):
+        assert _adapt(split_folder, ours) == hf[split], (split, ours)
+    records, report = data.read_records(str(split_folder), split="eval")
+    assert "split 'test' ('eval' is a synonym of 'test') of test (2 images), train (3 images), validation (2 images)" \
+        in report.summary()
+    assert report.skipped["in no split (the folder is split; Hugging Face datasets leaves such files out too)"] == ["stray.png"]
+    assert {r.extra["source"] for r in records} == {"cam"}  # other columns travel with the record, as before
+    records, report = data.read_records(str(split_folder), split="train")
+    assert report.notes["hidden, or in a hidden or __ folder (as __MACOSX/): left out, as Hugging Face datasets "
+                        "leaves it out"] == ["__MACOSX/train/._0.png", "train/._0.png"] and report.num_skipped == 1
+
+
+def test_a_flat_folder_with_metadata_csv_or_parquet_keeps_its_captions(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    for kind in ("csv", "parquet"):
+        root = tmp_path / kind
+        for i in range(3):
+            _png(root / f"{i}.png", 30 * i)
+        names, texts = [f"{i}.png" for i in range(3)], [f"{kind} caption {i}" for i in range(3)]
+        if kind == "csv":
+            (root / "metadata.csv").write_text("file_name,text\n" + "".join(f"{n},{t}\n" for n, t in zip(names, texts)))
+        else:
+            pq.write_table(pa.table({"file_name": names, "text": texts}), root / "metadata.parquet")
+        assert _adapt(root, "train") == _hf(root, tmp_path / f"{kind}-cache")["train"]
+        assert {c for _, c in _adapt(root, "train")} == set(texts)
+
+
+def test_a_folder_naming_one_split_is_one_set(tmp_path):
+    """`adapt data build` names files train_000000.png: evaluating such a folder (split 'eval') reads all of it."""
+    for i in range(2):
+        _png(tmp_path / "d" / f"train_{i:06d}.png", i)
+    _png(tmp_path / "d" / "train" / "x.png", 9)
+    assert len(data.read_records(str(tmp_path / "d"), split="eval")[0]) == 3
+
+
+def test_a_missing_split_names_the_folder_and_the_splits_it_has(split_folder):
+    with pytest.raises(data.MissingSplit, match=r"faces is split .*has no split 'classifier'; choose one of "
+                                                r"\['test', 'train', 'validation'\]") as e:
+        data.read_records(str(split_folder), split="classifier")
+    assert e.value.found == ["test", "train", "validation"]
+
+
+def test_the_domain_classifier_learns_from_train_when_the_folder_has_no_classifier_split(split_folder):
+    said = []
+    px = evaluate._classifier_images(str(split_folder), 32, "classifier", 10, said.append)
+    assert len(px) == 3 and said == [f"domain classifier: {split_folder} has no 'classifier' split "
+                                     "(splits: test, train, validation); it learns from 'train'"]
+
+
+def test_metadata_files_that_cannot_be_read_are_errors_naming_them(tmp_path):
+    root = tmp_path / "d"
+    _png(root / "0.png", 1)
+    (root / "metadata.csv").write_text("name,text\n0.png,a face\n")
+    with pytest.raises(data.DataError, match=r"metadata.csv: no 'file_name' column in the header line \(columns: \['name', 'text'\]\)"):
+        data.read_records(str(root))
+    (root / "metadata.csv").unlink()
+    (root / "metadata.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(data.DataError, match=r"metadata.parquet: not a readable parquet file"):
+        data.read_records(str(root))
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a face"}) + "\n")
+    with pytest.raises(data.DataError, match=r"has two metadata files, metadata.jsonl and metadata.parquet: keep one"):
+        data.read_records(str(root))
+
+
+def test_split_keywords_are_the_ones_datasets_uses():
+    from datasets.data_files import SPLIT_KEYWORDS
+    assert {str(k): v for k, v in SPLIT_KEYWORDS.items()} == imagefolder.SPLIT_KEYWORDS
+
+
+def test_kohya_folders_are_found_below_a_project_folder(tmp_path):
+    """kohya_ss keeps its folders in <project>/img/N_name/; pointing adapt at the project finds them."""
+    _png(tmp_path / "img" / "20_sks face" / "a.png", 1)
+    (records, report) = data.read_folder(tmp_path, kohya_folders=True)
+    assert [(r.name, r.caption, r.repeats) for r in records] == [("img/20_sks face/a.png", "sks face", 20)]
