@@ -32,7 +32,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("", "imagefolder (metadata.jsonl/.csv/.parquet or <image>.txt captions), a hub dataset id, or datasets/<name> of this repo")
+    source: str = opt("", "imagefolder (metadata.jsonl/.csv/.parquet or <image>.txt/.caption captions), a hub dataset id, or datasets/<name> of this repo")
     split: str = opt("train", "split to read: hub datasets, datasets/<name> builders, and folders split as Hugging Face datasets reads them (train/, test/, validation/; eval is test, val is validation)")
     num_images: Optional[int] = opt(None, "use only the first N images (few-shot); None = all")
     image_column: str = opt("image", "image column (hub datasets)")

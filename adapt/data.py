@@ -140,7 +140,7 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
     every = sorted(p for p in root.rglob("*") if p.is_file())
     for p in [p for p in every if imagefolder.hidden(p.relative_to(root))]:  # macOS's ._x.jpg twins, __MACOSX/
         every.remove(p)
-        if p.suffix.lower() in IMAGE_EXTS:
+        if imagefolder.is_image(p):
             report.note("hidden, or in a hidden or __ folder (as __MACOSX/): left out, as Hugging Face datasets "
                         "leaves it out", p.relative_to(root).as_posix())
     chosen = imagefolder.choose_split(root, split, every) if split else None
@@ -152,7 +152,10 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
     # `adapt data build` writes beside its images, split folders included) are left out, and the log says how many.
     skips = [mask_root(root, masks).resolve()] if masks and masks != "alpha" else []
     files, masked_out = [], []
-    for p in (p for p in every if p.suffix.lower() in IMAGE_EXTS):
+    for p in (p for p in every if p.suffix.lower() in imagefolder.PHOTO_EXTS):
+        report.skip(f"a {p.suffix.lower()[1:].upper()} photo, which Pillow cannot decode: convert it to JPEG or PNG",
+                    p.relative_to(root).as_posix())
+    for p in (p for p in every if imagefolder.is_image(p)):
         out = imagefolder.in_masks(p.relative_to(root)) or any(p.resolve().is_relative_to(d) for d in skips)
         (masked_out if out else files).append(p)
     for p in masked_out:
@@ -182,8 +185,9 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
             report.skip("in a kohya folder with 0 repeats", key)
             continue
         caption = _decode_caption(row.get(caption_column), key, report)
-        if caption is None and path.with_suffix(".txt").is_file():
-            caption = path.with_suffix(".txt").read_text(errors="replace").strip()
+        sidecar = next((c for e in imagefolder.CAPTION_EXTS if (c := path.with_suffix(e)).is_file()), None)
+        if caption is None and sidecar:
+            caption = sidecar.read_text(errors="replace").strip()
         if caption is None and kohya:
             report.note("no caption: its kohya folder's name used", key)
             caption = kohya.group(2)

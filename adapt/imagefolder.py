@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING, Iterator
 if TYPE_CHECKING:
     from adapt.data import DataReport
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The extensions datasets' imagefolder reads (ImageFolder.EXTENSIONS; a test keeps ours a superset), and AVIF,
+# which Pillow decodes since 11.3. Files with one are images of the set: one that will not decode is skipped and named.
+IMAGE_EXTS = {".apng", ".avif", ".blp", ".bmp", ".bufr", ".bw", ".cur", ".dcx", ".dds", ".dib", ".emf", ".eps", ".fit",
+              ".fits", ".flc", ".fli", ".ftc", ".ftu", ".gbr", ".gif", ".grib", ".icb", ".icns", ".ico", ".iim", ".im",
+              ".j2c", ".j2k", ".jfif", ".jp2", ".jpc", ".jpe", ".jpeg", ".jpf", ".jpg", ".jpx", ".mpeg", ".mpg", ".msp",
+              ".pbm", ".pcd", ".pcx", ".pgm", ".png", ".pnm", ".ppm", ".ps", ".psd", ".pxr", ".ras", ".rgb", ".rgba",
+              ".sgi", ".tga", ".tif", ".tiff", ".vda", ".vst", ".webp", ".wmf", ".xbm", ".xpm"}
+# Photos in formats Pillow does not decode (phones' HEIC, JPEG XL, camera raw): not images of the set, but each is
+# counted and named in the log, never passed over in silence.
+PHOTO_EXTS = {".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
+CAPTION_EXTS = (".txt", ".caption")  # sidecar captions: kohya GUIs write .txt, sd-scripts' default is .caption
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # what datasets' imagefolder reads
 # datasets.data_files.SPLIT_KEYWORDS (a test keeps them equal). Importing datasets costs about 1 s, and its
 # resolver about 1 ms a file, which a folder that names at most one split never needs to pay.
@@ -40,6 +50,10 @@ def hidden(rel: Path) -> bool:
     """What `datasets` never reads unless asked by name: hidden files and folders (.x), and folders named __x
     (a zip made on a Mac holds __MACOSX/ with a ._name twin of every image, which is no image)."""
     return rel.name.startswith(".") or any(p.startswith((".", "__")) for p in rel.parts[:-1])
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTS
 
 
 def in_masks(rel: Path) -> bool:
@@ -75,7 +89,7 @@ def choose_split(root: Path, split: str, files: list[Path]) -> SplitChoice | Non
     except EmptyDatasetError:
         return None
     by_split = {str(k): v for k, v in DataFilesDict.from_patterns(patterns, base_path=str(root)).items()}
-    images = {f.resolve() for f in files if f.suffix.lower() in IMAGE_EXTS and not in_masks(f.relative_to(root))}
+    images = {f.resolve() for f in files if is_image(f) and not in_masks(f.relative_to(root))}
     sizes = {k: n for k, v in by_split.items() if (n := sum(Path(f).resolve() in images for f in v))}
     if len(sizes) < 2:  # one split with images (every file is train_*.png, or all sit in train/): one set, all of it
         return None

@@ -149,3 +149,30 @@ def test_kohya_folders_are_found_below_a_project_folder(tmp_path):
     _png(tmp_path / "img" / "20_sks face" / "a.png", 1)
     (records, report) = data.read_folder(tmp_path, kohya_folders=True)
     assert [(r.name, r.caption, r.repeats) for r in records] == [("img/20_sks face/a.png", "sks face", 20)]
+
+
+def test_every_photo_is_read_or_counted_and_captions_come_from_txt_or_caption_sidecars(tmp_path):
+    """A phone's export: a Windows-saved .jfif, an .avif, iPhone HEICs (which Pillow cannot decode) and sd-scripts'
+    default .caption sidecars. Before, the .jfif and .avif were not read and the HEICs were passed over in silence."""
+    root = tmp_path / "phone"
+    root.mkdir()
+    img = Image.new("RGB", (40, 32), (120, 60, 30))
+    img.save(root / "a.jfif", "JPEG")
+    img.save(root / "b.avif", "AVIF")
+    img.save(root / "c.png")
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic"):
+        (root / name).write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (root / "a.caption").write_text("a face, sd-scripts' sidecar\n")
+    (root / "c.txt").write_text("a face, kohya GUI's sidecar")
+    (root / "c.caption").write_text("not read: .txt comes first")
+    px, records, report = data.load(str(root), 32)
+    assert [(r.name, r.caption) for r in records] == [("a.jfif", "a face, sd-scripts' sidecar"), ("b.avif", ""),
+                                                      ("c.png", "a face, kohya GUI's sidecar")]
+    assert report.skipped == {"a HEIC photo, which Pillow cannot decode: convert it to JPEG or PNG": ["IMG_0001.HEIC",
+                                                                                                      "IMG_0002.heic"]}
+    assert "3 images usable, 2 skipped" in report.summary()
+
+
+def test_image_extensions_cover_the_ones_datasets_reads():
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+    assert set(ImageFolder.EXTENSIONS) <= imagefolder.IMAGE_EXTS
