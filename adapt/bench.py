@@ -82,10 +82,10 @@ def matmul_rate(n: int = 1024, reps: int = 20, dtype: torch.dtype = torch.float3
     return 2 * n ** 3 / best
 
 
-def bf16_speed(n: int = 512, reps: int = 5) -> float:
-    """This CPU's bf16 torch.mm rate over its fp32 rate at the current thread count: ~2.3 with native bf16 dot
-    products (AMD EPYC Zen 4, avx512_bf16), 0.64 on a Xeon whose torch build took no bf16 fast path."""
-    return matmul_rate(n, reps, torch.bfloat16) / matmul_rate(n, reps)
+def bf16_speed(n: int = 512, reps: int = 5, dtype: torch.dtype = torch.bfloat16) -> float:
+    """This CPU's bf16 (or `dtype`) torch.mm rate over its fp32 rate at the current thread count: ~2.3 with native
+    bf16 dot products (AMD EPYC Zen 4, avx512_bf16), 0.64 on a Xeon whose torch build took no bf16 fast path."""
+    return matmul_rate(n, reps, dtype) / matmul_rate(n, reps)
 
 
 def peak_rss_mb() -> float:

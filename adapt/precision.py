@@ -12,7 +12,9 @@ pay without costing quality, and in fp32 elsewhere:
   the same way.
 - MPS and anything else: fp32.
 One auto follows the other where only one is given (model.dtype=bfloat16 -> bf16 autocast; train.mixed_precision=bf16
--> bf16 weights), and a resumed run keeps the precision its checkpoint trained in.
+-> bf16 weights), a resumed run keeps the precision its checkpoint trained in, and `accelerate launch
+--mixed_precision fp16|bf16` (or an accelerate config that says so) is followed where both are auto and the device
+computes that type in hardware; the log says when it is not used, and why.
 """
 
 from __future__ import annotations
@@ -46,12 +48,29 @@ def cpu_bf16_flag(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
 
 
 def choose(mixed_precision: str, dtype: str, device_type: str, cuda_bf16: bool = False, cpu_flag: str | None = None,
-           checkpoint: tuple[str, str] | None = None) -> Precision:
+           checkpoint: tuple[str, str] | None = None, launcher: str | None = None) -> Precision:
     """Concrete (mixed_precision, dtype) for the run's config values, which may be 'auto'.
 
     device_type: 'cuda', 'cpu', 'mps', ...; cuda_bf16: torch.cuda.is_bf16_supported(); cpu_flag: cpu_bf16_flag();
-    checkpoint: the (train.mixed_precision, model.dtype) a resumed checkpoint trained in.
+    checkpoint: the (train.mixed_precision, model.dtype) a resumed checkpoint trained in; launcher: what
+    `accelerate launch --mixed_precision` (or the accelerate config) asked for (ACCELERATE_MIXED_PRECISION).
     """
+    # diffusers' examples teach `accelerate launch --mixed_precision fp16 <script>`. Its default is "no", so only a
+    # half type says that someone asked: auto follows it, and a config value that differs is kept and says so.
+    asked = launcher if launcher in ("fp16", "bf16") else None
+    p = _choose(mixed_precision, dtype, device_type, cuda_bf16, cpu_flag, checkpoint, asked)
+    if asked and p.mixed_precision != asked:
+        decided = (f"train.mixed_precision={mixed_precision} decides" if mixed_precision != "auto" else
+                   f"model.dtype={dtype} decides" if dtype != "auto" else
+                   "the resumed checkpoint's precision decides" if checkpoint is not None else
+                   f"this {device_type.upper() if device_type != 'cpu' else 'CPU'} has no {asked} in hardware "
+                   f"(train.mixed_precision={asked} forces it)")
+        note = f"accelerate launch's --mixed_precision {asked} is not used: {decided}"
+        p = Precision(p.mixed_precision, p.dtype, f"{p.why}; {note}" if p.why else note)
+    return p
+
+
+def _choose(mixed_precision, dtype, device_type, cuda_bf16, cpu_flag, checkpoint, asked) -> Precision:
     if mixed_precision != "auto" and dtype != "auto":
         return Precision(mixed_precision, dtype, "")
     if mixed_precision != "auto":  # the weights follow the autocast type (no re-cast of every weight each step)
@@ -61,6 +80,9 @@ def choose(mixed_precision: str, dtype: str, device_type: str, cuda_bf16: bool =
         return Precision(mp, dtype, f"train.mixed_precision=auto: as model.dtype={dtype}")
     if checkpoint is not None:
         return Precision(*checkpoint, "auto: as the resumed checkpoint trained")
+    native = {"fp16": device_type == "cuda", "bf16": (device_type == "cuda" and cuda_bf16) or (device_type == "cpu" and cpu_flag)}
+    if asked and native[asked]:  # where it is emulated (fp16 on a CPU: 0.013x fp32 matmul on a Xeon) auto decides below
+        return Precision(asked, WEIGHTS[asked], f"auto: as accelerate launch --mixed_precision {asked}")
     if device_type == "cuda" and cuda_bf16:
         return Precision("bf16", "bfloat16", "auto: this GPU computes in bf16")
     if device_type == "cuda":
@@ -86,10 +108,12 @@ def cuda_native_bf16(device) -> bool:
 
 
 def for_device(mixed_precision: str, dtype: str, device, checkpoint: tuple[str, str] | None = None) -> Precision:
-    """choose() for a torch.device, reading this machine's GPU or CPU."""
+    """choose() for a torch.device, reading this machine's GPU or CPU and what accelerate's launcher asked for."""
+    import os
     cuda_bf16 = device.type == "cuda" and cuda_native_bf16(device)
     flag = cpu_bf16_flag() if device.type == "cpu" else None
-    return choose(mixed_precision, dtype, device.type, cuda_bf16, flag, checkpoint)
+    return choose(mixed_precision, dtype, device.type, cuda_bf16, flag, checkpoint,
+                  os.environ.get("ACCELERATE_MIXED_PRECISION"))
 
 
 def label(mixed_precision: str, dtype: str) -> str:
@@ -114,9 +138,12 @@ def gpu_note(p: Precision, native_bf16: bool) -> str:
                           "train.mixed_precision=fp16 model.dtype=float16 is its fast path, auto trains in fp32")
 
 
-def cpu_note(p: Precision, bf16_speed: float) -> str:
-    """describe() on a CPU, with this CPU's measured bf16/fp32 matmul ratio and the settings for the other precision
-    when it is likely faster here."""
+def cpu_note(p: Precision, bf16_speed: float, fp16_speed: float | None = None) -> str:
+    """describe() on a CPU, with this CPU's measured bf16/fp32 matmul ratio (fp16/fp32 when fp16 was chosen) and the
+    settings for the other precision when it is likely faster here."""
+    if p.mixed_precision == "fp16" and fp16_speed is not None:
+        line = describe(p) + f"; this CPU's fp16 matmul runs {fp16_speed:.1f}x fp32"
+        return line + ("; fp32 (model.dtype=float32 train.mixed_precision=no) is likely faster here" if fp16_speed < 1.0 else "")
     line = describe(p) + f"; this CPU's bf16 matmul runs {bf16_speed:.1f}x fp32"
     if p.mixed_precision == "no" and bf16_speed >= 1.5:
         return line + ("; model.dtype=bfloat16 train.mixed_precision=bf16 is likely faster (on such a CPU: SD 1.5 1.8x "

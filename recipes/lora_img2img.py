@@ -207,7 +207,8 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
         say(precision.describe(chosen))
     elif acc.is_main_process:  # with this CPU's bf16/fp32 matmul ratio, measured once, where it is logged
         from adapt.bench import bf16_speed
-        say(precision.cpu_note(chosen, bf16_speed()))
+        fp16 = bf16_speed(dtype=torch.float16) if chosen.mixed_precision == "fp16" else None
+        say(precision.cpu_note(chosen, bf16_speed(), fp16))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)

@@ -75,8 +75,9 @@ def recipe_args(base, data, out, *extra):
     return ["--config", TINY_CFG, f"model.base={base}", f"data.source={data}", f"out_dir={out}", *extra]
 
 
-def run_recipe(args, cwd=ROOT, launcher="accelerate", nproc=1, timeout=600, env_extra=None):
-    """Run recipes/lora_img2img.py the way a user does; returns CompletedProcess."""
+def run_recipe(args, cwd=ROOT, launcher="accelerate", nproc=1, timeout=600, env_extra=None, launch_args=()):
+    """Run recipes/lora_img2img.py the way a user does; returns CompletedProcess. launch_args: more flags for
+    `accelerate launch` (e.g. --mixed_precision bf16)."""
     import subprocess
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.update(env_extra or {})
@@ -84,7 +85,7 @@ def run_recipe(args, cwd=ROOT, launcher="accelerate", nproc=1, timeout=600, env_
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), env.get("PYTHONPATH")]))
     bindir = Path(sys.executable).parent
     if launcher == "accelerate" and nproc == 1:
-        cmd = [str(bindir / "accelerate"), "launch", "-q", "--config_file", str(ROOT / "accelerate_config.yaml")]
+        cmd = [str(bindir / "accelerate"), "launch", "-q", "--config_file", str(ROOT / "accelerate_config.yaml"), *launch_args]
     elif launcher == "accelerate":
         env["ACCELERATE_USE_CPU"] = "1"
         cmd = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",

@@ -68,6 +68,28 @@ def test_cuda_auto_needs_bf16_in_hardware(monkeypatch, major, hip, want):
     assert note.startswith("precision: bf16")
 
 
+def test_auto_follows_what_accelerate_launch_asked_for_and_a_config_value_says_it_wins():
+    """`accelerate launch --mixed_precision fp16 <script>` is how diffusers' examples run; its default is "no"."""
+    p = precision.choose("auto", "auto", "cpu", False, "amx_bf16", launcher="bf16")
+    assert (p.mixed_precision, p.dtype, p.why) == ("bf16", "bfloat16", "auto: as accelerate launch --mixed_precision bf16")
+    p = precision.choose("auto", "auto", "cpu", False, None, launcher="fp16")  # emulated here: 0.013x fp32 on a Xeon
+    assert (p.mixed_precision, p.why) == ("no", "auto: this CPU has no native bf16 (bf16 is emulated, slower than fp32); "
+                                                "accelerate launch's --mixed_precision fp16 is not used: this CPU has no "
+                                                "fp16 in hardware (train.mixed_precision=fp16 forces it)")
+    assert precision.choose("auto", "auto", "cuda", False, None, launcher="bf16").mixed_precision == "no"  # a T4
+    p = precision.choose("auto", "auto", "cuda", True, None, launcher="fp16")
+    assert (p.mixed_precision, p.dtype) == ("fp16", "float16")
+    p = precision.choose("no", "float32", "cuda", True, None, launcher="fp16")
+    assert (p.mixed_precision, p.why) == ("no", "accelerate launch's --mixed_precision fp16 is not used: "
+                                                "train.mixed_precision=no decides")
+    p = precision.choose("auto", "bfloat16", "cuda", True, None, launcher="fp16")
+    assert p.why == ("train.mixed_precision=auto: as model.dtype=bfloat16; accelerate launch's --mixed_precision fp16 "
+                     "is not used: model.dtype=bfloat16 decides")
+    for quiet in ("no", None, "fp8"):  # the launcher's default, no launcher, a type adapt does not train in
+        assert precision.choose("auto", "auto", "cpu", False, None, launcher=quiet).why.startswith("auto: this CPU has no")
+    assert precision.choose("bf16", "bfloat16", "cpu", launcher="bf16").why == ""
+
+
 def test_resume_keeps_the_checkpoints_precision():
     p = precision.choose("auto", "auto", "cpu", False, "avx512_bf16", checkpoint=("no", "float32"))
     assert (p.mixed_precision, p.dtype, p.why) == ("no", "float32", "auto: as the resumed checkpoint trained")
@@ -81,6 +103,10 @@ def test_cpu_note():
     assert "model.dtype=bfloat16 train.mixed_precision=bf16 is likely faster" in precision.cpu_note(fp32, 2.3)
     assert precision.cpu_note(bf16, 2.3) == "precision: bf16 (auto: x); this CPU's bf16 matmul runs 2.3x fp32"
     assert "train.mixed_precision=no) is likely faster" in precision.cpu_note(bf16, 0.6)
+    fp16 = precision.Precision("fp16", "float16", "auto: as accelerate launch --mixed_precision fp16")
+    assert precision.cpu_note(fp16, 0.6, 0.1) == ("precision: fp16 (auto: as accelerate launch --mixed_precision fp16); "
+                                                  "this CPU's fp16 matmul runs 0.1x fp32; fp32 (model.dtype=float32 "
+                                                  "train.mixed_precision=no) is likely faster here")
     # bf16 weights without autocast were labelled "fp32" before
     assert precision.label("no", "bfloat16") == "bf16 weights, no autocast"
     assert precision.label("bf16", "float32") == "bf16 autocast, fp32 weights"
@@ -111,7 +137,23 @@ def test_recipe_auto_then_resume_keeps_the_checkpoints_precision(tiny_base, sg_f
     r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.max_steps=2"), launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.mixed_precision=auto", "train.max_steps=3",  # ... auto resumes it
-                               "train.resume_from_checkpoint=latest"), launcher="python")
+                               "train.resume_from_checkpoint=latest"), launch_args=["--mixed_precision", "bf16"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "precision: fp32 (auto: as the resumed checkpoint trained)" in r.stdout
+    assert ("precision: fp32 (auto: as the resumed checkpoint trained; accelerate launch's --mixed_precision bf16 is "
+            "not used: the resumed checkpoint's precision decides)") in r.stdout
     assert [row["step"] for row in read_log(out)] == [1, 2, 3]
+
+
+def test_recipe_auto_weighs_accelerate_launch_mixed_precision(tiny_base, sg_folder, tmp_path):
+    """diffusers' examples run `accelerate launch --mixed_precision fp16 ...`: on this machine's CPU fp16 is emulated
+    (and bf16 is, unless the CPU has the flag), so auto keeps what the CPU computes fast and says why."""
+    import yaml
+    out = tmp_path / "o"
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, "train.mixed_precision=auto", "model.dtype=auto",
+                               "train.max_steps=1"), launch_args=["--mixed_precision", "fp16"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    flag = _machine_flag()
+    assert ("accelerate launch's --mixed_precision fp16 is not used: this CPU has no fp16 in hardware "
+            "(train.mixed_precision=fp16 forces it)") in r.stdout
+    used = yaml.safe_load((out / "config.yaml").read_text())
+    assert (used["train"]["mixed_precision"], used["model"]["dtype"]) == (("bf16", "bfloat16") if flag else ("no", "float32"))
