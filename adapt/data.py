@@ -276,7 +276,11 @@ def read_records(source: str, split: str = "train", image_column: str = "image",
     """Dispatch on the source form; returns (records, report). Raises DataError when nothing is usable."""
     cache = usable_cache_dir(Path(cache_dir), "data.cache_dir") if cache_dir else default_cache_dir()
     p = Path(source).expanduser()
-    if p.is_dir() and (p / "dataset.yaml").is_file():
+    ours = Path(__file__).resolve().parents[1] / source  # datasets/<name> means this repository's (a checkout)
+    if not p.exists() and source.startswith("datasets/") and (ours / "dataset.yaml").is_file():
+        records, report = read_definition(ours, split, num_images, cache, masks=masks)
+        report.note("read from adapt's repository (not found in the current directory)", str(ours))
+    elif p.is_dir() and (p / "dataset.yaml").is_file():
         records, report = read_definition(p, split, num_images, cache, masks=masks)
     elif p.is_dir():
         records, report = read_folder(p, caption_column, default_caption, masks=masks, kohya_folders=kohya_folders,
@@ -284,7 +288,11 @@ def read_records(source: str, split: str = "train", image_column: str = "image",
     elif masks:
         raise DataError(f"data.masks={masks!r}: masks need a local image folder, not the hub dataset {source!r}")
     elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        records, report = read_hub(source, split, image_column, caption_column, default_caption)
+        try:
+            records, report = read_hub(source, split, image_column, caption_column, default_caption)
+        except DataError as e:  # "datasets/synth_faces" from outside the repo reads as a hub id: say both
+            raise DataError(f"{e}; nor is it a folder: no {p.absolute()} (a relative path is read from the current "
+                            "directory)") from None
     else:
         raise DataError(f"dataset not found: {source!r} is not a folder, a datasets/<name> definition or a hub id")
     if num_images is not None:

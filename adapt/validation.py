@@ -17,8 +17,11 @@ class Validator:
         if not acc.is_main_process:
             return
         v = cfg.validation
-        pixels, recs, _ = data.load(v.source, cfg.data.resolution, v.split, num_images=v.num_images,
-                                    cache_dir=cfg.data.cache_dir, logger=lambda m: None)
+        try:
+            pixels, recs, _ = data.load(v.source, cfg.data.resolution, v.split, num_images=v.num_images,
+                                        cache_dir=cfg.data.cache_dir, logger=lambda m: None)
+        except data.DataError as e:
+            raise data.DataError(f"validation.source: {e}") from None
         self.images = [sample.fit_budget(r.load(), cfg.data.resolution, pipe.vae_scale_factor) for r in recs]
         self.prompts = [(v.prompt or "{caption}").format(caption=r.caption) for r in recs]
 

@@ -7,6 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
+from pathlib import Path
 from PIL import Image
 
 from adapt import cache, data
@@ -161,6 +162,29 @@ def test_hub_dataset_rows_decoded_by_adapt(monkeypatch):
     assert report.num_skipped == 1 and "train[1]" in report.summary()
     with pytest.raises(data.DataError, match="has no column 'img'.*'image', 'text'"):
         data.load("org/sunglasses", 32, image_column="img")
+
+
+def test_the_repos_dataset_definitions_read_from_any_directory(tmp_path, monkeypatch):
+    """The demo config names datasets/synth_faces: a run from another directory reads this checkout's definition
+    (and says so) instead of asking the hub for a dataset called datasets/synth_faces."""
+    monkeypatch.chdir(tmp_path)
+    records, report = data.read_records("datasets/synth_faces", split="val", num_images=2, cache_dir=tmp_path / "c")
+    assert len(records) == 2 and report.notes["read from adapt's repository (not found in the current directory)"] == [
+        str(Path(data.__file__).resolve().parents[1] / "datasets" / "synth_faces")]
+
+
+def test_a_relative_folder_missing_here_is_named_beside_the_hub_failure(tmp_path, monkeypatch):
+    """A relative folder that is not here (org/photos, run from the wrong directory) reads as a hub id: say both."""
+    import datasets as hf
+
+    def offline(name, split):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(hf, "load_dataset", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DataError, match=r"hub dataset 'data/photos' split 'train' could not be loaded "
+                                             r"\(offline or not found\?\): ConnectionError: .*; nor is it a folder: no "
+                                             + str(tmp_path / "data" / "photos")):
+        data.load("data/photos", 32)
 
 
 def test_kohya_folders_repeat_and_caption_only_when_asked(tmp_path):
