@@ -75,8 +75,8 @@ def canonical_split(name: str) -> str:
 
 def choose_split(root: Path, split: str, files: list[Path]) -> SplitChoice | None:
     """The files of `split` when the folder (whose files are `files`) holds two or more splits the way `datasets`
-    recognises them, else None (one set). Raises adapt.data.MissingSplit when the folder has splits and none of them is `split`
-    (or a synonym of it)."""
+    recognises them, else None (one set). Raises adapt.data.MissingSplit when the folder has splits and none of
+    them is `split` (or a synonym of it)."""
     # datasets' split patterns need a split's keyword between separators in some folder or file name, so a
     # folder whose names hold the words of fewer than two splits is one set whatever the resolver would say.
     words = {w for f in files for part in f.relative_to(root).parts for w in re.split(r"[-._ 0-9]+", part.lower())}
