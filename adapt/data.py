@@ -326,6 +326,10 @@ def decode(records: list[Record], report: DataReport, min_size: int | None) -> t
         r.extra["content_hash"] = hashlib.sha256(f"{img.size}".encode() + img.tobytes()).hexdigest()[:16]
         images.append(img)
         kept.append(r)
+    first: dict[str, str] = {}
+    for r in kept:  # a photo exported twice (IMG_1.jpg, IMG_1 (1).jpg) is drawn twice as often: kept, and said
+        if (seen := first.setdefault(r.extra["content_hash"], r.name)) != r.name:
+            report.note("the same pixels as an earlier image (kept: it is drawn that much more often)", f"{r.name} = {seen}")
     report.kept = len(kept)
     if not kept:
         raise DataError(f"no usable images: {report.summary()}")

@@ -176,3 +176,11 @@ def test_every_photo_is_read_or_counted_and_captions_come_from_txt_or_caption_si
 def test_image_extensions_cover_the_ones_datasets_reads():
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
     assert set(ImageFolder.EXTENSIONS) <= imagefolder.IMAGE_EXTS
+
+
+def test_an_image_saved_twice_is_kept_and_named(tmp_path):
+    for name in ("IMG_0001.png", "IMG_0001 (1).png", "IMG_0002.png"):
+        _png(tmp_path / name, 7 if name.startswith("IMG_0001") else 9)
+    _, records, report = data.load(str(tmp_path), 32)
+    assert len(records) == 3 and report.notes["the same pixels as an earlier image (kept: it is drawn that much more "
+                                               "often)"] == ["IMG_0001.png = IMG_0001 (1).png"]
