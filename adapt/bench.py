@@ -3,7 +3,8 @@
 Every case runs in its own subprocess (peak RSS is per process), with an explicit thread count, and
 reports the median of >= 10 timed steps after warm-up. Compute efficiency = FLOPs of one step
 (torch.utils.flop_counter, forward + backward) / step time, divided by a dense fp32 torch.mm rate
-measured in the same process at the same thread count. Compare only ratios within one run.
+measured in the same process at the same thread count. Compare only ratios within one run. The reference trainer's
+cases (diffusers' LoRA example, side by side) are in adapt/bench_reference.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from adapt import bench_reference
 
 CASES = {
     # name: (arch, latent side, batch, cache, extra)
@@ -149,7 +152,7 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
         unet.to(memory_format=torch.channels_last)
     window = objective.window_timesteps(sample.make_scheduler(pipe.scheduler, "ddim"), 50, 0.6, "img2img_exact")
     post = cache.encode_entries(pipe.vae, sized.pixels) if use_cache else None
-    encoders_flops = _encoder_flops(pipe, sized, caps, batch) if name.startswith("p1-") else None
+    encoders_flops = bench_reference.encoder_flops(pipe, sized, caps, batch) if name.startswith("p1-") else None
     td = trainstep.build(pipe, facts, caps, window, post, sized, batch)
     if use_cache:  # as the recipe does when no validation needs them: the training peak runs without them
         pipe.vae = pipe.text_encoder = None
@@ -195,43 +198,13 @@ def train_case(name: str, steps: int = 10, warmup: int = 3) -> dict:
         profile = [{"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in ev]
     rate = matmul_rate(2048 if torch.get_num_threads() > 1 else 1024)
     peak = peak_rss_mb()  # before the reference's count below, which adds a second adapter
-    ref_flops = encoders_flops + _reference_unet_flops(unet, trainstep.draw(td, batch, trainstep.step_generator(0, 0), at=0)) \
+    ref_flops = encoders_flops + bench_reference.unet_flops(unet, trainstep.draw(td, batch, trainstep.step_generator(0, 0), at=0)) \
         if encoders_flops is not None else None
     return {"name": name, "kind": "train", "arch": arch, "latent": side or pipe.unet.config.sample_size, "batch": batch,
             "cache": use_cache, **{k: v for k, v in extra.items()}, **kept, "samples_per_s": batch / step_s, "step_s": step_s,
             "warmup_s": t_compile, "peak_rss_mb": peak, "flops_per_step": flops, "achieved_flops": flops / step_s,
             "matmul_flops": rate, "matmul_fraction": flops / step_s / rate, **({"profile_top": profile} if profile else {}),
             **({"reference_flops_per_step": ref_flops} if ref_flops else {})}
-
-
-# The reference trainer's work per step, counted on the same pipeline (its FLOPs over adapt's own count are the P1
-# that doing less work alone gives, both trainers at one FLOP rate): the VAE and text encoders on the batch, and
-# the UNet forward + backward with LoRA on attn1 + attn2 (its targets).
-def _encoder_flops(pipe, sized, caps: list[str], batch: int) -> float:
-    """batch x one image's count (linear in the batch): no batch-sized activations to raise the case's peak RSS."""
-    from torch.utils.flop_counter import FlopCounterMode
-    ids = pipe.tokenizer(caps[:1], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    with FlopCounterMode(display=False) as fc, torch.no_grad():  # torch 2.4 counts nothing under inference_mode
-        pipe.vae.encode(sized.pixels[0][None].to(pipe.vae.dtype)).latent_dist.sample()
-        pipe.text_encoder(ids)
-    return batch * fc.get_total_flops()
-
-
-def _reference_unet_flops(unet, b: dict) -> float:
-    """With a second adapter on the reference's targets made the active one (adapt's stays attached, inactive)."""
-    from peft import LoraConfig
-    from torch.utils.flop_counter import FlopCounterMode
-    from adapt import lora
-    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=lora.PRESETS["all_attn"]), adapter_name="reference")
-    unet.set_adapter("reference")
-    for n, p in unet.named_parameters():
-        p.requires_grad_(".reference." in n)
-    bf16 = unet.dtype == torch.bfloat16
-    with FlopCounterMode(display=False) as fc, torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        out = unet(b["z0"].to(unet.dtype), b["t"], b["emb"].to(unet.dtype)).sample
-        (out.float() - b["noise"]).pow(2).mean().backward()
-    return fc.get_total_flops()
 
 
 def sample_case(name: str, reps: int = 3) -> list[dict]:
@@ -280,49 +253,6 @@ def sample_case(name: str, reps: int = 3) -> list[dict]:
     return rows
 
 
-def reference_case(name: str, steps: int = 13) -> dict:
-    """The reference trainer (diffusers' examples/text_to_image/train_text_to_image_lora.py: VAE and text encoder
-    every step, LoRA on attn1 + attn2) on the same base, images, batch, rank and threads as the p1-* case.
-    ADAPT_REF_VENV: a venv that runs it (it needs torchvision); ADAPT_REF_SCRIPT: the script, from a diffusers
-    checkout (read and run from a scratch folder; its check_min_version line is dropped to run on the release)."""
-    import re
-    import tempfile
-    arch, side, batch, _, extra = CASES[name]
-    venv, script = os.environ.get("ADAPT_REF_VENV"), os.environ.get("ADAPT_REF_SCRIPT")
-    if not venv or not script:
-        raise SystemExit("reference cases need --reference-venv and --reference-script")
-    pipe, facts = _pipeline(arch)
-    size = (side or pipe.unet.config.sample_size) * facts.vae_factor
-    tmp = Path(tempfile.mkdtemp(prefix="adapt-ref-"))
-    pipe.save_pretrained(tmp / "base")
-    from adapt import synth
-    synth.build_imagefolder("sunglasses", tmp / "data", n=16, split="train", size=size)
-    import shutil
-    shutil.rmtree(tmp / "data" / "masks")  # an imagefolder reader would take the masks for training images
-    text = re.sub(r"^check_min_version\(.*\)$", "pass", Path(script).read_text(), flags=re.M)
-    (tmp / "t2i_lora.py").write_text(text)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"))
-    cmd = [str(Path(venv) / "bin" / "accelerate"), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "bf16" if extra.get("bf16") else "no", "--dynamo_backend", "no", str(tmp / "t2i_lora.py"),
-           "--pretrained_model_name_or_path", str(tmp / "base"), "--train_data_dir", str(tmp / "data"),
-           "--resolution", str(size), "--train_batch_size", str(batch), "--max_train_steps", str(steps),
-           "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--rank", "8", "--output_dir", str(tmp / "out"),
-           "--seed", "0", "--dataloader_num_workers", "0"]
-    t0 = time.time()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"reference trainer failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-    rates = re.findall(rf"{steps}/{steps} \[[0-9:]+<[0-9:]+, +([0-9.]+)(s/it|it/s)", r.stderr.replace("\r", "\n"))
-    if not rates:
-        raise SystemExit("reference trainer: no final tqdm rate in its output")
-    v, unit = float(rates[-1][0]), rates[-1][1]
-    step_s = v if unit == "s/it" else 1 / v  # tqdm's smoothed rate at the end: the steady step, as in BENCHMARKS.md
-    shutil.rmtree(tmp, ignore_errors=True)
-    return {"name": name, "kind": "reference", "arch": arch, "batch": batch, "samples_per_s": batch / step_s,
-            "step_s": step_s, "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
-
-
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -352,7 +282,7 @@ def run(cases: list[str], threads: int, out: str | None, reference: tuple | None
     torch.set_num_threads(threads)
     report = {"machine": machine(), "results": results}
     _speedups(report)
-    report["defaults"] = _at_defaults(report)
+    report["defaults"] = bench_reference.at_defaults(report)
     if out:
         from adapt import atomic
         atomic.write_text(out, json.dumps(report, indent=1))
@@ -388,21 +318,6 @@ def _speedups(report: dict) -> None:
         if name.startswith("lever-") and "step_s" in r and "step_s" in by.get(base_case, {}):
             # batch changes the work per step: compare throughput, not step time
             r["speedup_vs_default"] = r["samples_per_s"] / by[base_case]["samples_per_s"]
-
-
-def _at_defaults(report: dict) -> dict:
-    """P1 with each trainer at its default precision: adapt's train.mixed_precision=auto as it resolves on this CPU
-    (bf16 where it has native bf16: the p1-*-bf16 case), the reference's --mixed_precision default (no: fp32)."""
-    from adapt import precision
-    chosen = precision.choose("auto", "auto", "cpu", cpu_flag=precision.cpu_bf16_flag())
-    by = {r["name"]: r for r in report["results"]}
-    out = {}
-    for arch in ("tiny", "sd15"):
-        mine, ref = f"p1-{arch}" + ("-bf16" if chosen.mixed_precision == "bf16" else ""), f"ref-{arch}"
-        if "samples_per_s" in by.get(mine, {}) and "samples_per_s" in by.get(ref, {}):
-            out[arch] = {"adapt_case": mine, "adapt_precision": chosen.mixed_precision, "why": chosen.why,
-                         "reference_case": ref, "P1": by[mine]["samples_per_s"] / by[ref]["samples_per_s"]}
-    return out
 
 
 def table(report: dict) -> str:
@@ -472,7 +387,7 @@ def main():
     adapt.quiet()
     torch.manual_seed(0)
     kind = CASES[a.case][4]
-    rows = sample_case(a.case) if kind.get("sample") else [reference_case(a.case)] if kind.get("reference") else [train_case(a.case)]
+    rows = sample_case(a.case) if kind.get("sample") else [bench_reference.case(a.case)] if kind.get("reference") else [train_case(a.case)]
     for r in rows:
         print(json.dumps(r))
 

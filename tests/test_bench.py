@@ -45,7 +45,7 @@ def test_p1_at_each_trainers_default(monkeypatch, flag, case, p1):
         {"name": "ref-sd15", "samples_per_s": 0.25, "step_s": 16.0, "peak_rss_mb": 8000.0},
         {"name": "p1-sd15-bf16", "samples_per_s": 0.9, "step_s": 4.4, "peak_rss_mb": 5000.0},
         {"name": "p1-tiny", "samples_per_s": 50.0, "step_s": 0.16, "peak_rss_mb": 500.0}]}  # no ref-tiny: no tiny row
-    report["defaults"] = bench._at_defaults(report)
+    report["defaults"] = bench.bench_reference.at_defaults(report)
     assert list(report["defaults"]) == ["sd15"]
     d = report["defaults"]["sd15"]
     assert (d["adapt_case"], d["reference_case"]) == (case, "ref-sd15") and d["P1"] == pytest.approx(p1)
