@@ -22,7 +22,6 @@ import yaml
 from PIL import Image, ImageOps
 
 from adapt import buckets, imagefolder
-from adapt.imagefolder import IMAGE_EXTS
 
 log = logging.getLogger("adapt.data")
 MAX_PIXELS = 64 * 1024 * 1024  # declared sizes above this are refused before decoding (bomb guard)
@@ -150,7 +149,7 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
     rows = imagefolder.read_metadata(root, every, report)
     # Mask images are not training images: the data.masks folder and any folder named masks/ (what
     # `adapt data build` writes beside its images, split folders included) are left out, and the log says how many.
-    skips = [mask_root(root, masks).resolve()] if masks and masks != "alpha" else []
+    skips = [imagefolder.mask_root(root, masks).resolve()] if masks and masks != "alpha" else []
     files, masked_out = [], []
     for p in (p for p in every if p.suffix.lower() in imagefolder.PHOTO_EXTS):
         report.skip(f"a {p.suffix.lower()[1:].upper()} photo, which Pillow cannot decode: convert it to JPEG or PNG",
@@ -404,43 +403,3 @@ def load(source: str, resolution: int, split: str = "train", image_column: str =
     pixels, kept = load_images(records, resolution, report)
     (logger or log.info)(f"data {source}: {report.summary()}")
     return pixels, kept, report
-
-
-def mask_root(root: Path, masks: str) -> Path:
-    """The folder of mask images: `masks` as given when absolute, else relative to the image folder."""
-    p = Path(masks).expanduser()
-    return p if p.is_absolute() else root / p
-
-
-def load_masks(records: list[Record], masks: str, placements: list, crops: int = 1) -> list[torch.Tensor]:
-    """(1, H, W) loss masks in [0, 1] per training entry (masked loss, as kohya's): 'alpha' = each image's alpha
-    channel, else a mask image of the same relative name (any image extension) in the folder `masks`.
-    Resized and cropped exactly as each entry's image was (`placements`, `crops` entries per record). A missing
-    or unreadable mask is an error naming the files: training on some images without their mask would silently
-    change the objective for them."""
-    out, missing = [], []
-    for i, r in enumerate(records):
-        if r.path is None:
-            raise DataError(f"data.masks: {r.name} is not a local file; masks need a local image folder")
-        root = Path(str(r.path)[:-len(r.name)])
-        try:
-            if masks == "alpha":
-                img = ImageOps.exif_transpose(Image.open(r.path))
-                if "A" not in img.getbands() and img.info.get("transparency") is None:
-                    raise ValueError("no alpha channel")
-                m = img.convert("RGBA").getchannel("A")
-            else:
-                stem = mask_root(root, masks) / r.name
-                found = [stem.with_suffix(e) for e in [stem.suffix] + sorted(IMAGE_EXTS) if stem.with_suffix(e).is_file()]
-                if not found:
-                    raise ValueError(f"no mask file {stem}")
-                m = ImageOps.exif_transpose(Image.open(found[0])).convert("L")
-        except (OSError, ValueError) as e:
-            missing.append(f"{r.name} ({e})")
-            continue
-        for p in placements[i * crops:(i + 1) * crops]:
-            out.append(torch.from_numpy(np.asarray(p.apply(m), dtype=np.float32) / 255.0)[None])
-    if missing:
-        raise DataError(f"data.masks={masks!r}: {len(missing)} of {len(records)} images have no usable mask: "
-                        f"{'; '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    return out

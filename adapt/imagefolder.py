@@ -1,4 +1,4 @@
-"""How a local image folder is laid out: its splits, its metadata files and kohya's N_name folders.
+"""How a local image folder is laid out: its splits, its metadata files, kohya's N_name folders and mask images.
 
 A folder prepared for Hugging Face `datasets` (`load_dataset("imagefolder", data_dir=...)`) must read the same
 here: the same images in each split, the same captions. So the split of each file is what `datasets` itself
@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
 if TYPE_CHECKING:
-    from adapt.data import DataReport
+    from adapt.data import DataReport, Record
 
 # The extensions datasets' imagefolder reads (ImageFolder.EXTENSIONS; a test keeps ours a superset), and AVIF,
 # which Pillow decodes since 11.3. Files with one are images of the set: one that will not decode is skipped and named.
@@ -177,3 +181,44 @@ def _rows(m: Path, name: str, report: DataReport) -> Iterator[tuple[str, object]
             raise DataError(f"{m}: not a readable parquet file ({type(e).__name__}: {e})") from None
         for i, row in enumerate(table.to_pylist()):
             yield f"{name}:row {i}", row
+
+
+def mask_root(root: Path, masks: str) -> Path:
+    """The folder of mask images: `masks` as given when absolute, else relative to the image folder."""
+    p = Path(masks).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def load_masks(records: list[Record], masks: str, placements: list, crops: int = 1) -> list[torch.Tensor]:
+    """(1, H, W) loss masks in [0, 1] per training entry (masked loss, as kohya's): 'alpha' = each image's alpha
+    channel, else a mask image of the same relative name (any image extension) in the folder `masks`.
+    Resized and cropped exactly as each entry's image was (`placements`, `crops` entries per record). A missing
+    or unreadable mask is an error naming the files: training on some images without their mask would silently
+    change the objective for them."""
+    from adapt.data import DataError
+    out, missing = [], []
+    for i, r in enumerate(records):
+        if r.path is None:
+            raise DataError(f"data.masks: {r.name} is not a local file; masks need a local image folder")
+        root = Path(str(r.path)[:-len(r.name)])
+        try:
+            if masks == "alpha":
+                img = ImageOps.exif_transpose(Image.open(r.path))
+                if "A" not in img.getbands() and img.info.get("transparency") is None:
+                    raise ValueError("no alpha channel")
+                m = img.convert("RGBA").getchannel("A")
+            else:
+                stem = mask_root(root, masks) / r.name
+                found = [stem.with_suffix(e) for e in [stem.suffix] + sorted(IMAGE_EXTS) if stem.with_suffix(e).is_file()]
+                if not found:
+                    raise ValueError(f"no mask file {stem}")
+                m = ImageOps.exif_transpose(Image.open(found[0])).convert("L")
+        except (OSError, ValueError) as e:
+            missing.append(f"{r.name} ({e})")
+            continue
+        for p in placements[i * crops:(i + 1) * crops]:
+            out.append(torch.from_numpy(np.asarray(p.apply(m), dtype=np.float32) / 255.0)[None])
+    if missing:
+        raise DataError(f"data.masks={masks!r}: {len(missing)} of {len(records)} images have no usable mask: "
+                        f"{'; '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return out

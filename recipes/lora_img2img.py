@@ -98,7 +98,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
                                                              for k in sorted(set(folders))))
     loss_masks = None
     if d.masks:  # masked loss: the masks are part of the data a resume must match
-        masks = data.load_masks(records, d.masks, sized.placements, sized.crops)
+        masks = imagefolder.load_masks(records, d.masks, sized.placements, sized.crops)
         fingerprint = cache.cache_key(images=fingerprint, masks=hashlib.sha256(b"".join(m.numpy().tobytes() for m in masks)).hexdigest())[:16]
         loss_masks = trainstep.latent_loss_masks(masks, facts.vae_factor, cfg.objective.mask_outside_weight)
         say(f"masked loss: {len(masks)} masks ({d.masks}), mean area {float(torch.cat([m.flatten() for m in masks]).mean()):.1%}; "

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adapt import lora, masking, model, sample, synth, synthbench
+from adapt import imagefolder, lora, masking, model, sample, synth, synthbench
 from adapt.facts import AdapterFacts
 
 
@@ -179,7 +179,7 @@ def test_load_masks_from_a_folder_and_from_alpha_and_missing_ones_are_named(tmp_
     sized, recs, report = data.load_sized(str(folder), sizing, masks="masks")
     assert len(recs) == 3  # masks/ is not read as training images, and the log says so
     assert len(report.notes["mask files (masks/, data.masks) not read as images of the set"]) == 3
-    masks = torch.stack(data.load_masks(recs, "masks", sized.placements))
+    masks = torch.stack(imagefolder.load_masks(recs, "masks", sized.placements))
     faces = synthbench.faces_of(recs)
     assert masks.shape == (3, 1, 64, 64) and torch.equal(masks[:, 0] > 0.5, torch.from_numpy(np.stack([synth.eye_mask(f) for f in faces])))
     lat = torch.stack(trainstep.latent_loss_masks(list(masks), 4, 0.1))
@@ -192,14 +192,14 @@ def test_load_masks_from_a_folder_and_from_alpha_and_missing_ones_are_named(tmp_
         img.putalpha(Image.fromarray((m[0].numpy() * 255).astype(np.uint8)))
         img.save(rgba / r.name)
     sized2, recs2, _ = data.load_sized(str(rgba), sizing)
-    assert torch.equal(torch.stack(data.load_masks(recs2, "alpha", sized2.placements)), masks)
+    assert torch.equal(torch.stack(imagefolder.load_masks(recs2, "alpha", sized2.placements)), masks)
     # random crops of a wider image: each crop's mask is cut where its image was
     wide = tmp_path / "wide"
     wide.mkdir()
     img = Image.open(rgba / recs[0].name)
     Image.fromarray(np.concatenate([np.asarray(img)] * 2, 1)).save(wide / "w.png")  # 128x64, alpha = two eye masks
     sized3, recs3, _ = data.load_sized(str(wide), buckets.Sizing(64, 16, buckets=False, random_crop=True, crops=3))
-    m3 = data.load_masks(recs3, "alpha", sized3.placements, crops=3)
+    m3 = imagefolder.load_masks(recs3, "alpha", sized3.placements, crops=3)
     alpha = np.asarray(Image.open(wide / "w.png").getchannel("A"), dtype=np.float32) / 255
     for p, m in zip(sized3.placements, m3):
         top, left = p.crop_top_left
@@ -207,9 +207,9 @@ def test_load_masks_from_a_folder_and_from_alpha_and_missing_ones_are_named(tmp_
     assert len({p.crop_top_left for p in sized3.placements}) > 1
     (folder / "masks" / recs[1].name).unlink()
     with pytest.raises(data.DataError, match=r"1 of 3 images have no usable mask: train_000001.png \(no mask file"):
-        data.load_masks(recs, "masks", sized.placements)
+        imagefolder.load_masks(recs, "masks", sized.placements)
     with pytest.raises(data.DataError, match="no alpha channel"):
-        data.load_masks(recs, "alpha", sized.placements)
+        imagefolder.load_masks(recs, "alpha", sized.placements)
 
 
 def test_recipe_trains_with_masked_loss(tiny_base, tmp_path):
