@@ -310,6 +310,7 @@ class EvalConfig:
         "auto", "domain classifier: a CNN trained from scratch on the pixels, or logistic regression on the frozen base "
         "UNet's features (better with few images); auto = base_features below 32 images per domain (adapt.classifier)")
     prompt: str = opt("{caption}", "img2img prompt; '{caption}' is each source image's caption")
+    caption_column: str = opt("text", "the captions' column in the source's metadata or hub dataset (as data.caption_column)")
     strengths: list = opt([0.2, 0.4, 0.6, 0.8], "img2img strengths swept")
     scales: list = opt([0.0, 0.5, 1.0], "adapter scales swept; 0 is the base model (the control)")
     seeds: int = opt(3, "noise seeds per image")

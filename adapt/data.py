@@ -147,6 +147,15 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
         report.split = chosen.line
         every = [p for p in every if p.resolve() not in chosen.elsewhere]  # metadata outside every split stays
     rows = imagefolder.read_metadata(root, every, report)
+    has_column = any(caption_column in r for r in rows.values())
+    if rows and not has_column:  # diffusers' scripts stop here too
+        columns = sorted(set().union(*rows.values()) - {"file_name"})
+        if not default_caption:
+            raise DataError(f"{root}: its metadata has no {caption_column!r} column (its columns: {columns}); name the "
+                            "captions' column (data.caption_column, or caption_column for adapt eval), or give "
+                            "data.default_caption to caption every image alike")
+        report.note(f"metadata without a {caption_column!r} column (its columns: {columns}): data.default_caption "
+                    "used for every image", str(root))
     # Mask images are not training images: the data.masks folder and any folder named masks/ (what
     # `adapt data build` writes beside its images, split folders included) are left out, and the log says how many.
     skips = [imagefolder.mask_root(root, masks).resolve()] if masks and masks != "alpha" else []
@@ -191,7 +200,7 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
             report.note("no caption: its kohya folder's name used", key)
             caption = kohya.group(2)
         if caption is None:
-            if rows:
+            if has_column:
                 report.note(f"no '{caption_column}' caption, default used", key)
             caption = default_caption.format(name=path.stem)
         extra = {k: v for k, v in row.items() if k not in ("file_name", caption_column)}
@@ -209,7 +218,7 @@ def read_hub(dataset_id: str, split: str, image_column: str, caption_column: str
     except Exception as e:
         raise DataError(f"hub dataset {dataset_id!r} split {split!r} could not be loaded "
                         f"(offline or not found?): {type(e).__name__}: {e}") from e
-    for col in (image_column,):
+    for col in (image_column,) + (() if default_caption else (caption_column,)):
         if col not in ds.column_names:
             raise DataError(f"hub dataset {dataset_id!r} has no column {col!r}; columns: {ds.column_names}")
     ds = ds.cast_column(image_column, hf.Image(decode=False))
@@ -220,6 +229,7 @@ def read_hub(dataset_id: str, split: str, image_column: str, caption_column: str
         src = cell.get("bytes") or cell.get("path")
         caption = _decode_caption(row.get(caption_column), name, report)
         if caption is None:
+            report.note(f"no '{caption_column}' caption, default used", name)
             caption = default_caption.format(name=name)
         records.append(Record(name, caption, (lambda s=src: open_image(s))))
     return records, report

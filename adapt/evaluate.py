@@ -125,7 +125,8 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     res = bf.sample_size
     warnings = []
 
-    src_px, src_rec, _ = data.load(cfg.source, res, cfg.source_split, num_images=cfg.num_images, logger=log)
+    src_px, src_rec, _ = data.load(cfg.source, res, cfg.source_split, caption_column=cfg.caption_column,
+                                   num_images=cfg.num_images, logger=log)
     tgt_px, tgt_rec, _ = data.load(cfg.target, res, cfg.target_split, num_images=cfg.num_target, logger=log)
     if len(tgt_px) < 2:
         raise data.DataError(f"target {cfg.target} (split {cfg.target_split}): {len(tgt_px)} usable image(s); KID needs at least 2")

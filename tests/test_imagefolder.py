@@ -184,3 +184,16 @@ def test_an_image_saved_twice_is_kept_and_named(tmp_path):
     _, records, report = data.load(str(tmp_path), 32)
     assert len(records) == 3 and report.notes["the same pixels as an earlier image (kept: it is drawn that much more "
                                                "often)"] == ["IMG_0001.png = IMG_0001 (1).png"]
+
+
+def test_metadata_whose_captions_are_in_another_column_is_refused_naming_the_columns(tmp_path):
+    """{"file_name", "caption"} rows with data.caption_column left at "text" trained every image on the default
+    caption before, one note among many; diffusers' scripts refuse it too."""
+    _png(tmp_path / "0.png", 1)
+    (tmp_path / "metadata.csv").write_text("file_name,caption\n0.png,a face\n")
+    with pytest.raises(data.DataError, match=r"has no 'text' column \(its columns: \['caption'\]\); name the captions' "
+                                             r"column \(data.caption_column, or caption_column for adapt eval\)"):
+        data.read_records(str(tmp_path))
+    assert [r.caption for r in data.read_records(str(tmp_path), caption_column="caption")[0]] == ["a face"]
+    records, report = data.read_records(str(tmp_path), default_caption="a photo")  # one caption for all, said once
+    assert [r.caption for r in records] == ["a photo"] and len(report.notes) == 1
