@@ -63,8 +63,9 @@ def choose(mixed_precision: str, dtype: str, device_type: str, cuda_bf16: bool =
         decided = (f"train.mixed_precision={mixed_precision} decides" if mixed_precision != "auto" else
                    f"model.dtype={dtype} decides" if dtype != "auto" else
                    "the resumed checkpoint's precision decides" if checkpoint is not None else
-                   f"this {device_type.upper() if device_type != 'cpu' else 'CPU'} has no {asked} in hardware "
-                   f"(train.mixed_precision={asked} forces it)")
+                   f"this {'GPU' if device_type == 'cuda' else 'CPU'} has no {asked} in hardware "
+                   f"(train.mixed_precision={asked} forces it)" if device_type in ("cuda", "cpu") else
+                   f"auto trains in fp32 on {device_type} (train.mixed_precision={asked} forces it)")
         note = f"accelerate launch's --mixed_precision {asked} is not used: {decided}"
         p = Precision(p.mixed_precision, p.dtype, f"{p.why}; {note}" if p.why else note)
     return p

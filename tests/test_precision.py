@@ -76,7 +76,10 @@ def test_auto_follows_what_accelerate_launch_asked_for_and_a_config_value_says_i
     assert (p.mixed_precision, p.why) == ("no", "auto: this CPU has no native bf16 (bf16 is emulated, slower than fp32); "
                                                 "accelerate launch's --mixed_precision fp16 is not used: this CPU has no "
                                                 "fp16 in hardware (train.mixed_precision=fp16 forces it)")
-    assert precision.choose("auto", "auto", "cuda", False, None, launcher="bf16").mixed_precision == "no"  # a T4
+    p = precision.choose("auto", "auto", "cuda", False, None, launcher="bf16")  # a T4
+    assert p.mixed_precision == "no" and p.why.endswith("this GPU has no bf16 in hardware (train.mixed_precision=bf16 forces it)")
+    assert precision.choose("auto", "auto", "mps", launcher="fp16").why.endswith(
+        "auto trains in fp32 on mps (train.mixed_precision=fp16 forces it)")
     p = precision.choose("auto", "auto", "cuda", True, None, launcher="fp16")
     assert (p.mixed_precision, p.dtype) == ("fp16", "float16")
     p = precision.choose("no", "float32", "cuda", True, None, launcher="fp16")
