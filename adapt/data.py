@@ -77,7 +77,7 @@ class DataReport:
 
     def to_dict(self) -> dict:
         return {"kept": self.kept, "skipped": {k: list(v) for k, v in self.skipped.items()},
-                "notes": {k: list(v) for k, v in self.notes.items()}}
+                "notes": {k: list(v) for k, v in self.notes.items()}, **({"split": self.split} if self.split else {})}
 
 
 def open_image(src) -> Image.Image:

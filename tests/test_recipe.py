@@ -205,6 +205,8 @@ def test_kohya_folders_in_a_split_folder_reach_the_sampler(tiny_base, sg_folder,
     r = run_recipe(recipe_args(tiny_base, src, tmp_path / "o", "train.max_steps=2", "data.kohya_folders=true"), launcher="python")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4 images usable, 0 skipped; split 'train' of test (1 image), train (4 images)" in r.stdout
+    report = json.loads((tmp_path / "o" / "logs" / "data_report.json").read_text())
+    assert report["kept"] == 4 and report["split"] == "split 'train' of test (1 image), train (4 images)"
     assert "kohya folders (repeats x images): 10_sks face: 10 x 2, 1_face: 1 x 2" in r.stdout
     assert "4 images (22 with repeats)" in r.stdout
 
