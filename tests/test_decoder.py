@@ -98,6 +98,7 @@ def test_resume_of_a_checkpoint_older_than_the_decoder_keys():
     assert refused == ["decoder.steps"] and changes["decoder.steps"] == [0, 50]
 
 
+@pytest.mark.integration  # two `accelerate launch` runs (38 s): `make test-integration`
 def test_recipe_ships_the_decoder_and_every_loader_uses_it(tiny_base, sg_folder, tmp_path):
     """accelerate launch with decoder.steps: vae/ beside the adapter, recorded in the facts and the model card, reused
     by a resume, loaded by `adapt sample` (and dropped by --base-decoder), and by plain diffusers as the card says."""

@@ -147,6 +147,7 @@ def test_recipe_auto_then_resume_keeps_the_checkpoints_precision(tiny_base, sg_f
     assert [row["step"] for row in read_log(out)] == [1, 2, 3]
 
 
+@pytest.mark.integration  # an `accelerate launch` run: `make test-integration`
 def test_recipe_auto_weighs_accelerate_launch_mixed_precision(tiny_base, sg_folder, tmp_path):
     """diffusers' examples run `accelerate launch --mixed_precision fp16 ...`: on this machine's CPU fp16 is emulated
     (and bf16 is, unless the CPU has the flag), so auto keeps what the CPU computes fast and says why."""
