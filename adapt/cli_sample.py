@@ -11,7 +11,6 @@ would do nothing is refused. Each image is written as its batch finishes, with t
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from contextlib import nullcontext
@@ -26,8 +25,8 @@ def add_parser(sub):
                    "(default: the --recommended report's base, else tiny-faces)")
     p.add_argument("--adapter", action="append", default=[], help="adapter folder or .safetensors (repeatable)")
     p.add_argument("--scale", action="append", type=float, default=[], help="scale per adapter (default 1.0)")
-    p.add_argument("--prompt", default=None, help="prompt; '{caption}' expands to each image's caption from the "
-                   "metadata.jsonl beside it, e.g. '{caption} wearing sunglasses' (default: the --recommended report's, else '')")
+    p.add_argument("--prompt", default=None, help="prompt; '{caption}' expands to each image's caption from beside it "
+                   "(its metadata.jsonl/.csv/.parquet row, or .txt/.caption), e.g. '{caption} wearing sunglasses' (default: the --recommended report's, else '')")
     p.add_argument("--recommended", default=None, metavar="REPORT",
                    help="img2img at the setting an `adapt eval` report (its folder or report.json) recommends for this "
                    "--adapter: strength, scale, masked or plain with the evaluation's mask settings, steps, scheduler, "
@@ -89,6 +88,13 @@ def cmd_sample(a) -> int:
     if sched not in sample.SCHEDULERS:
         raise CliError(f"--scheduler {sched!r}: choose from {sorted(sample.SCHEDULERS)}")
     prompts = [_prompt(a.prompt, p) for p in a.image] if a.image else [_prompt(a.prompt, None)]
+    if a.image and "{caption}" in a.prompt:
+        from adapt.imagefolder import caption_beside
+        bare = [p for p in a.image if caption_beside(Path(p)) is None]
+        if bare:
+            print(f"note: --prompt {a.prompt!r} takes each image's caption, and {len(bare)} of {len(a.image)} have none "
+                  f"(no metadata row, .txt or .caption beside them), so it reads as empty for: "
+                  f"{', '.join(map(str, bare[:5]))}{' ...' if len(bare) > 5 else ''}")
     out = atomic.writable_dir(a.out, "--out")
     kind, n = ("img2img", len(a.image)) if a.image else ("txt2img", a.num_images or 1)
     clash = [p for p in [out / f"{kind}_{i:03d}.png" for i in range(n)] + ([Path(a.grid)] if a.grid else []) if p.exists()]
@@ -352,14 +358,6 @@ def _prompt(template: str, image: str | None) -> str:
 
 
 def _caption_of(image: str) -> str:
-    """The caption of `image` in the metadata.jsonl beside it ('' when there is none)."""
-    meta = Path(image).parent / "metadata.jsonl"
-    if meta.is_file():
-        for line in meta.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("file_name") == Path(image).name:
-                return str(row.get("text", ""))
-    return ""
+    """The caption of `image` beside it (metadata.jsonl / .csv / .parquet row, or .txt / .caption), '' when none."""
+    from adapt.imagefolder import caption_beside
+    return caption_beside(Path(image)) or ""

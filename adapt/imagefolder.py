@@ -183,6 +183,19 @@ def _rows(m: Path, name: str, report: DataReport) -> Iterator[tuple[str, object]
             yield f"{name}:row {i}", row
 
 
+def caption_beside(image: Path, caption_column: str = "text") -> str | None:
+    """The caption the training reader would give `image` from its own folder: its row in a metadata file there
+    (any of the three formats), else its .txt / .caption sidecar; None when there is none."""
+    from adapt.data import DataReport
+    folder = image.parent
+    rows = read_metadata(folder, [folder / m for m in METADATA_FILES if (folder / m).is_file()], DataReport())
+    caption = rows.get(image.name, {}).get(caption_column)
+    if caption is not None:
+        return str(caption).strip()
+    sidecar = next((c for e in CAPTION_EXTS if (c := image.with_suffix(e)).is_file()), None)
+    return sidecar.read_text(errors="replace").strip() if sidecar else None
+
+
 def mask_root(root: Path, masks: str) -> Path:
     """The folder of mask images: `masks` as given when absolute, else relative to the image folder."""
     p = Path(masks).expanduser()

@@ -43,7 +43,7 @@ def test_data_build_then_sample_img2img_with_stored_strength(tiny_base, adapter_
     r = adapt_cli("sample", "--base", tiny_base, "--adapter", adapter_dir, "--image", img, "--out", tmp_path / "s",
                   "--prompt", "{caption} wearing sunglasses", "--grid", tmp_path / "grid.png")
     assert r.returncode == 0, r.stderr
-    assert "using strength 0.5 stored in adapter" in r.stdout
+    assert "using strength 0.5 stored in adapter" in r.stdout and "note: --prompt" not in r.stdout  # its caption was found
     out = Image.open(tmp_path / "s" / "img2img_000.png")
     assert out.size == (64, 64)
     assert Image.open(tmp_path / "grid.png").size[0] > 3 * 64
@@ -225,6 +225,8 @@ def test_sample_at_the_recommended_setting_equals_the_flags_spelled_out(adapter_
                    "--steps", 10, "--scheduler", "ddim", "--guidance", 1.0, "--prompt", "{caption} wearing sunglasses",
                    "--mask", "auto", "--mask-threshold", 0.4, "--mask-close", 1, "--mask-draws", 2, "--mask-blur", 0.5, "--out", tmp_path / "flags")
     assert r2.returncode == 0, r2.stderr
+    assert (f"note: --prompt '{{caption}} wearing sunglasses' takes each image's caption, and 1 of 1 have none (no "
+            f"metadata row, .txt or .caption beside them), so it reads as empty for: {img}") in r2.stdout
     assert "2 draws, threshold 0.4, close 1, dilate 1" in r1.stdout and "2 draws, threshold 0.4, close 1" in r2.stdout
     for name in ("img2img_000.png", "mask_000.png"):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "rec" / name)), np.asarray(Image.open(tmp_path / "flags" / name)))

@@ -197,3 +197,14 @@ def test_metadata_whose_captions_are_in_another_column_is_refused_naming_the_col
     assert [r.caption for r in data.read_records(str(tmp_path), caption_column="caption")[0]] == ["a face"]
     records, report = data.read_records(str(tmp_path), default_caption="a photo")  # one caption for all, said once
     assert [r.caption for r in records] == ["a photo"] and len(report.notes) == 1
+
+
+def test_adapt_sample_finds_a_caption_where_training_would(tmp_path):
+    """`adapt sample --prompt '{caption} ...'` read only metadata.jsonl beside the image before."""
+    from adapt import imagefolder
+    for name in ("a.png", "b.png", "c.png"):
+        _png(tmp_path / name, 3)
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,a face from csv\n")
+    (tmp_path / "b.caption").write_text("a face from a sidecar\n")
+    assert [imagefolder.caption_beside(tmp_path / n) for n in ("a.png", "b.png", "c.png")] == [
+        "a face from csv", "a face from a sidecar", None]
