@@ -148,14 +148,6 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
         every = [p for p in every if p.resolve() not in chosen.elsewhere]  # metadata outside every split stays
     rows = imagefolder.read_metadata(root, every, report)
     has_column = any(caption_column in r for r in rows.values())
-    if rows and not has_column:  # diffusers' scripts stop here too
-        columns = sorted(set().union(*rows.values()) - {"file_name"})
-        if not default_caption:
-            raise DataError(f"{root}: its metadata has no {caption_column!r} column (its columns: {columns}); name the "
-                            "captions' column (data.caption_column, or caption_column for adapt eval), or give "
-                            "data.default_caption to caption every image alike")
-        report.note(f"metadata without a {caption_column!r} column (its columns: {columns}): data.default_caption "
-                    "used for every image", str(root))
     # Mask images are not training images: the data.masks folder and any folder named masks/ (what
     # `adapt data build` writes beside its images, split folders included) are left out, and the log says how many.
     skips = [imagefolder.mask_root(root, masks).resolve()] if masks and masks != "alpha" else []
@@ -181,7 +173,7 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
     for key in rows:
         if not (root / key).exists():
             report.skip("metadata names a file that does not exist", key)
-    records = []
+    records, defaulted = [], []
     for key, path in listed.items():
         row = rows.get(key, {})
         kohya = imagefolder.kohya_folder(key)
@@ -202,9 +194,19 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
         if caption is None:
             if has_column:
                 report.note(f"no '{caption_column}' caption, default used", key)
+            defaulted.append(key)
             caption = default_caption.format(name=path.stem)
         extra = {k: v for k, v in row.items() if k not in ("file_name", caption_column)}
         records.append(Record(key, caption, (lambda p=path: open_image(p)), extra, path, int(kohya.group(1)) if kohya else 1))
+    if rows and not has_column and defaulted:  # captions under another column's name: diffusers' scripts stop here too
+        columns = sorted(set().union(*rows.values()) - {"file_name"})
+        if not default_caption:
+            raise DataError(f"{root}: its metadata has no {caption_column!r} column (its columns: {columns}), and "
+                            f"{len(defaulted)} image(s) have no caption file either; name the captions' column "
+                            "(data.caption_column, or caption_column for adapt eval), or give data.default_caption to "
+                            "caption them alike")
+        report.note(f"metadata without a {caption_column!r} column (its columns: {columns}): data.default_caption "
+                    "used", f"{len(defaulted)} image(s)")
     return records, report
 
 

@@ -191,12 +191,15 @@ def test_metadata_whose_captions_are_in_another_column_is_refused_naming_the_col
     caption before, one note among many; diffusers' scripts refuse it too."""
     _png(tmp_path / "0.png", 1)
     (tmp_path / "metadata.csv").write_text("file_name,caption\n0.png,a face\n")
-    with pytest.raises(data.DataError, match=r"has no 'text' column \(its columns: \['caption'\]\); name the captions' "
-                                             r"column \(data.caption_column, or caption_column for adapt eval\)"):
+    with pytest.raises(data.DataError, match=r"has no 'text' column \(its columns: \['caption'\]\), and 1 image\(s\) have "
+                                             r"no caption file either; name the captions' column \(data.caption_column, "
+                                             r"or caption_column for adapt eval\)"):
         data.read_records(str(tmp_path))
     assert [r.caption for r in data.read_records(str(tmp_path), caption_column="caption")[0]] == ["a face"]
     records, report = data.read_records(str(tmp_path), default_caption="a photo")  # one caption for all, said once
     assert [r.caption for r in records] == ["a photo"] and len(report.notes) == 1
+    (tmp_path / "0.txt").write_text("a face from its sidecar")  # metadata for other columns, captions in .txt: fine
+    assert [r.caption for r in data.read_records(str(tmp_path))[0]] == ["a face from its sidecar"]
 
 
 def test_adapt_sample_finds_a_caption_where_training_would(tmp_path):
