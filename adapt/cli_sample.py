@@ -87,10 +87,11 @@ def cmd_sample(a) -> int:
     sched = a.scheduler or (first.scheduler if first is not None else None) or "ddim"
     if sched not in sample.SCHEDULERS:
         raise CliError(f"--scheduler {sched!r}: choose from {sorted(sample.SCHEDULERS)}")
-    prompts = [_prompt(a.prompt, p) for p in a.image] if a.image else [_prompt(a.prompt, None)]
+    from adapt.imagefolder import caption_beside
+    captions = [caption_beside(Path(p)) for p in a.image]  # as training would caption each (None: none beside it)
+    prompts = [_prompt(a.prompt, c or "") for c in captions] if a.image else [_prompt(a.prompt, "")]
     if a.image and "{caption}" in a.prompt:
-        from adapt.imagefolder import caption_beside
-        bare = [p for p in a.image if caption_beside(Path(p)) is None]
+        bare = [p for p, c in zip(a.image, captions) if c is None]
         if bare:
             print(f"note: --prompt {a.prompt!r} takes each image's caption, and {len(bare)} of {len(a.image)} have none "
                   f"(no metadata row, .txt or .caption beside them), so it reads as empty for: "
@@ -348,16 +349,10 @@ def _check_sample_args(a) -> None:
             raise CliError(f"--image {p}: not a readable image ({e})") from e
 
 
-def _prompt(template: str, image: str | None) -> str:
+def _prompt(template: str, caption: str) -> str:
     """The prompt with '{caption}' expanded; any other brace is refused with the fix named."""
     try:
-        return template.format(caption=_caption_of(image) if image else "")
+        return template.format(caption=caption)
     except (KeyError, IndexError, ValueError) as e:
         raise CliError(f"--prompt {template!r}: only '{{caption}}' may appear in braces ({type(e).__name__}: {e}); "
                        "write literal braces as '{{' and '}}'") from e
-
-
-def _caption_of(image: str) -> str:
-    """The caption of `image` beside it (metadata.jsonl / .csv / .parquet row, or .txt / .caption), '' when none."""
-    from adapt.imagefolder import caption_beside
-    return caption_beside(Path(image)) or ""

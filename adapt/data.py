@@ -186,8 +186,7 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
             continue
         caption = _decode_caption(row.get(caption_column), key, report)
         if caption is None:
-            sidecar = next((c for e in imagefolder.CAPTION_EXTS if (c := path.with_suffix(e)).is_file()), None)
-            caption = sidecar.read_text(errors="replace").strip() if sidecar else None
+            caption = imagefolder.sidecar_caption(path)
         if caption is None and kohya:
             report.note("no caption: its kohya folder's name used", key)
             caption = kohya.group(2)

@@ -190,8 +190,11 @@ def caption_beside(image: Path, caption_column: str = "text") -> str | None:
     folder = image.parent
     rows = read_metadata(folder, [folder / m for m in METADATA_FILES if (folder / m).is_file()], DataReport())
     caption = rows.get(image.name, {}).get(caption_column)
-    if caption is not None:
-        return str(caption).strip()
+    return str(caption).strip() if caption is not None else sidecar_caption(image)
+
+
+def sidecar_caption(image: Path) -> str | None:
+    """The caption in the image's .txt (kohya GUIs) or .caption (sd-scripts' default) file, if there is one."""
     sidecar = next((c for e in CAPTION_EXTS if (c := image.with_suffix(e)).is_file()), None)
     return sidecar.read_text(errors="replace").strip() if sidecar else None
 
