@@ -87,8 +87,8 @@ def cmd_sample(a) -> int:
     sched = a.scheduler or (first.scheduler if first is not None else None) or "ddim"
     if sched not in sample.SCHEDULERS:
         raise CliError(f"--scheduler {sched!r}: choose from {sorted(sample.SCHEDULERS)}")
-    from adapt.imagefolder import caption_beside
-    captions = [caption_beside(Path(p)) for p in a.image]  # as training would caption each (None: none beside it)
+    from adapt.imagefolder import captions_beside
+    captions = captions_beside([Path(p) for p in a.image])  # as training would caption each (None: none beside it)
     prompts = [_prompt(a.prompt, c or "") for c in captions] if a.image else [_prompt(a.prompt, "")]
     if a.image and "{caption}" in a.prompt:
         bare = [p for p, c in zip(a.image, captions) if c is None]

@@ -183,14 +183,19 @@ def _rows(m: Path, name: str, report: DataReport) -> Iterator[tuple[str, object]
             yield f"{name}:row {i}", row
 
 
-def caption_beside(image: Path, caption_column: str = "text") -> str | None:
-    """The caption the training reader would give `image` from its own folder: its row in a metadata file there
-    (any of the three formats), else its .txt / .caption sidecar; None when there is none."""
+def captions_beside(images: list[Path], caption_column: str = "text") -> list[str | None]:
+    """The caption the training reader would give each image from its own folder: its row in a metadata file there
+    (any of the three formats), else its .txt / .caption sidecar; None when there is none. Each folder's metadata
+    is read once, however many of its images are asked for."""
     from adapt.data import DataReport
-    folder = image.parent
-    rows = read_metadata(folder, [folder / m for m in METADATA_FILES if (folder / m).is_file()], DataReport())
-    caption = rows.get(image.name, {}).get(caption_column)
-    return str(caption).strip() if caption is not None else sidecar_caption(image)
+    rows: dict[Path, dict] = {}
+    for folder in {i.parent for i in images}:
+        rows[folder] = read_metadata(folder, [folder / m for m in METADATA_FILES if (folder / m).is_file()], DataReport())
+    out = []
+    for image in images:
+        caption = rows[image.parent].get(image.name, {}).get(caption_column)
+        out.append(str(caption).strip() if caption is not None else sidecar_caption(image))
+    return out
 
 
 def sidecar_caption(image: Path) -> str | None:

@@ -234,5 +234,5 @@ def test_adapt_sample_finds_a_caption_where_training_would(tmp_path):
         _png(tmp_path / name, 3)
     (tmp_path / "metadata.csv").write_text("file_name,text\na.png,a face from csv\n")
     (tmp_path / "b.caption").write_text("a face from a sidecar\n")
-    assert [imagefolder.caption_beside(tmp_path / n) for n in ("a.png", "b.png", "c.png")] == [
+    assert imagefolder.captions_beside([tmp_path / n for n in ("a.png", "b.png", "c.png")]) == [
         "a face from csv", "a face from a sidecar", None]
