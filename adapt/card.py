@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 from adapt import atomic, config
@@ -10,8 +12,13 @@ from adapt.lora import WEIGHTS_NAME
 
 
 def write_model_card(out: Path, f: AdapterFacts, cfg) -> Path:
+    """`out`: the adapter folder. The card's commands name it by its absolute path and quote every argument, so they
+    run as pasted from any directory, whatever the folder, base or caption holds (spaces, quotes, `$`)."""
     fig, ls = f.figures, f.latent_stats
-    prompt = f.example_prompt.replace('"', "'")
+    here = Path(out).resolve()
+    sh = shlex.quote(str(here))
+    local = Path(str(f.base))
+    base = str(local.resolve()) if local.exists() else str(f.base)  # a relative base folder, as the adapter folder
     text = f"""---
 library_name: diffusers
 tags: [lora, img2img, adapt, domain-adaptation]
@@ -36,22 +43,22 @@ Trained by `adapt` to move images toward the domain of **{f.dataset}** (split `{
 ## Use it
 With adapt (`source.png`: any image; it runs at its own aspect with about {f.resolution}² pixels, sides multiples of the VAE factor):
 ```bash
-adapt sample --base {f.base} --adapter {out} --image source.png --prompt "{prompt}" --seed 0 --no-fuse --out adapted
+adapt sample --base {shlex.quote(base)} --adapter {sh} --image source.png --prompt {shlex.quote(f.example_prompt)} --seed 0 --no-fuse --out adapted
 ```
 Plain diffusers, the same image (same scheduler, steps, strength, guidance and seed; a square source.png):
 ```python
 {_load_lines(f)}
-pipe.load_lora_weights("{out}", weight_name="{WEIGHTS_NAME}"){_decoder_lines(f, out)}
+pipe.load_lora_weights({_py(str(here))}, weight_name="{WEIGHTS_NAME}"){_decoder_lines(f, here)}
 source = load_image("source.png").resize(({f.resolution}, {f.resolution}))
-image = pipe("{prompt}", image=source, strength={f.strength}, num_inference_steps={f.inference_steps},
+image = pipe({_py(f.example_prompt)}, image=source, strength={f.strength}, num_inference_steps={f.inference_steps},
              guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(0)).images[0]
 image.save("adapted.png")
 ```
 The strength it was trained for is {f.strength}: at that strength img2img runs exactly the timesteps it learned.
 
-To pick strength, adapter scale and masked sampling for your images, `adapt eval --adapter {out} --source HELD_OUT
+To pick strength, adapter scale and masked sampling for your images, `adapt eval --adapter {sh} --source HELD_OUT
 --target TARGET_IMAGES --prompt "..."` sweeps them against the base and recommends a setting, and
-`adapt sample --adapter {out} --recommended EVAL_DIR --image ...` samples at it. In plain diffusers, adapter scale s is
+`adapt sample --adapter {sh} --recommended EVAL_DIR --image ...` samples at it. In plain diffusers, adapter scale s is
 `cross_attention_kwargs={{"scale": s}}` in the pipe call (it scales every LoRA layer of the UNet{", the convs included" if "conv" in f.preset else ""}).
 
 ## Config
@@ -74,7 +81,7 @@ def _decoder_lines(f: AdapterFacts, out) -> str:
     """Plain diffusers: the VAE folder whose decoder was tuned on the domain, loaded in place of the base's."""
     if not f.decoder:
         return ""
-    return (f'\nfrom diffusers import AutoencoderKL\npipe.vae = AutoencoderKL.from_pretrained("{Path(out) / f.decoder["folder"]}")'
+    return (f'\nfrom diffusers import AutoencoderKL\npipe.vae = AutoencoderKL.from_pretrained({_py(str(Path(out) / f.decoder["folder"]))})'
             "  # the decoder tuned on the domain")
 
 
@@ -95,15 +102,21 @@ def _load_lines(f: AdapterFacts) -> str:
     sched = SCHEDULERS[f.scheduler]
     where = str(f.base_resolved)
     if where.endswith(".safetensors"):
-        call = f'from_single_file("{where}")'
+        call = f'from_single_file({_py(where)})'
     elif "@" in where:  # hub id pinned to the commit that was loaded
         repo, commit = where.rsplit("@", 1)
-        call = f'from_pretrained("{repo}", revision="{commit}")'
+        call = f'from_pretrained({_py(repo)}, revision={_py(commit)})'
     else:
-        call = f'from_pretrained("{where}")'
+        call = f'from_pretrained({_py(where)})'
     return (f"import torch\nfrom diffusers import {sched}, {cls}\nfrom diffusers.utils import load_image\n\n"
             f"pipe = {cls}.{call}\n"
             f"pipe.scheduler = {sched}.from_config(pipe.scheduler.config)  # the scheduler it was trained for")
+
+
+def _py(s: str) -> str:
+    """A Python string literal for s, double-quoted (JSON's escapes are Python's): quotes, backslashes (a Windows
+    path) and newlines in a caption survive the paste."""
+    return json.dumps(s, ensure_ascii=False)
 
 
 def _yaml(cfg) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import matplotlib
@@ -166,8 +167,8 @@ def summary_markdown(report: dict) -> str:
                   + f", {_NAMES.get(rec['preservation_metric'], rec['preservation_metric'])} {rec['preservation']:.3f}"
                   + (f", {rec['gain_over_base']:+.2f} reach over the base at the same strength" if rec.get("gain_over_base") is not None else "")
                   + ".", "", f"Rule: {rec['rule']}.", "",
-                  f"Sample at it: `adapt sample --adapter {report['settings']['adapter']} --recommended "
-                  f"{report['settings']['out']} --image YOUR_IMAGES`"]
+                  f"Sample at it: `adapt sample --adapter {shlex.quote(str(report['settings']['adapter']))} --recommended "
+                  f"{shlex.quote(str(report['settings']['out']))} --image YOUR_IMAGES`"]
     lines += ["", "Spearman ρ (strength vs reach / vs preservation, 95% CI over images):"]
     if not report["spearman"]:
         lines.append("- not computed: one strength was swept (ρ needs two or more)")

@@ -78,10 +78,13 @@ def test_zoo_readme_load_line_runs_verbatim_in_plain_diffusers(tmp_path):
 @pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_model_card_snippets_run_verbatim_and_agree(tmp_path):
     """The card of a freshly trained demo adapter: its plain-diffusers block and its `adapt sample` line run as
-    written and give the same image (within 2/255)."""
-    out = tmp_path / "demo"
-    r = run_recipe(["--config", str(ROOT / "recipes/configs/tiny_sunglasses.yaml"), f"out_dir={out}", "train.max_steps=3",
-                    "train.checkpointing_steps=0", "validation.source=null", "decoder.steps=5"], launcher="python")
+    written and give the same image (within 2/255). Trained into a relative out_dir with a space, as a user types it,
+    and pasted in another directory."""
+    (tmp_path / "work").mkdir()
+    out = tmp_path / "work" / "runs" / "demo run"
+    r = run_recipe(["--config", str(ROOT / "recipes/configs/tiny_sunglasses.yaml"), "out_dir=runs/demo run",
+                    "train.max_steps=3", "train.checkpointing_steps=0", "validation.source=null", "decoder.steps=5"],
+                   cwd=tmp_path / "work", launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     card = (out / "README.md").read_text()
     from adapt import synth
@@ -101,3 +104,31 @@ def test_model_card_snippets_run_verbatim_and_agree(tmp_path):
     diff = np.abs(a - b).max()
     print(f"model card (plain diffusers) vs adapt sample --no-fuse: max pixel diff {diff:.0f}/255")
     assert a.shape == b.shape == (64, 64, 3) and diff <= 2
+
+
+def test_model_card_commands_survive_paths_and_captions_as_pasted(tmp_path, monkeypatch):
+    """An out_dir with a space, given relative, and a caption with quotes, `$`, a backslash and a newline: the card's
+    shell line parses to exactly those arguments from any directory, and its Python block names exactly those strings."""
+    import ast
+    from adapt import config
+    from adapt.card import write_model_card
+    from adapt.facts import AdapterFacts
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my base").mkdir()
+    out = Path("runs/my run")
+    out.mkdir(parents=True)
+    caption = 'a "sks" face, $HOME `x` \\ it\'s\nsecond line'
+    f = AdapterFacts(architecture="sd", base="my base", base_resolved=str(tmp_path / "my base"), preset="cross_attn",
+                     rank=4, alpha=4.0, strength=0.6, window="img2img_exact", window_range=[1, 561], scheduler="ddim",
+                     inference_steps=25, steps_trained=3, resolution=64, dataset="d", example_prompt=caption,
+                     audit={"num_modules": 1, "trainable_params": 10})
+    cfg = config.RunConfig(data=config.DataConfig(source="d"))
+    card = write_model_card(out, f, cfg).read_text()
+    (sh,) = _blocks(card, "bash")
+    argv = shlex.split(sh.strip())
+    args = dict(zip(argv[2::2], argv[3::2]))
+    assert args["--adapter"] == str(tmp_path / "runs" / "my run")  # absolute: the card works from anywhere
+    assert args["--base"] == str(tmp_path / "my base") and args["--prompt"] == caption
+    (py,) = _blocks(card, "python")
+    strings = [n.value for n in ast.walk(ast.parse(py)) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    assert caption in strings and str(tmp_path / "runs" / "my run") in strings and str(tmp_path / "my base") in strings
