@@ -11,6 +11,7 @@ would do nothing is refused. Each image is written as its batch finishes, with t
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -163,7 +164,7 @@ def cmd_sample(a) -> int:
     dt = time.time() - t0
     print(f"wrote {len(paths)} image(s) to {out} ({dt / len(paths):.2f} s/image): {', '.join(p.name for p in paths)}")
     print(f"each records its source, seed and settings (PNG text: WebUI 'parameters' and adapt's record); "
-          f"`adapt inspect {paths[0]}` prints them and the command that makes it again")
+          f"`adapt inspect {shlex.quote(str(paths[0]))}` prints them and the command that makes it again")
     return 0
 
 

@@ -40,9 +40,11 @@ def test_each_output_records_how_it_was_made_and_its_command_makes_it_again(tiny
         srcs.append(tmp_path / f"face {i}.png")
     r = adapt_cli("sample", "--base", tiny_base, "--adapter", adapter_dir, "--scale", 1.5, "--image", *srcs,
                   "--prompt", "a face, wearing sunglasses", "--seed", 5, "--mask", "auto", "--mask-close", 0, "--mask-dilate", 0,
-                  "--out", tmp_path / "s")
+                  "--out", tmp_path / "my samples")
     assert r.returncode == 0, r.stderr
-    out = tmp_path / "s" / "img2img_002.png"
+    out = tmp_path / "my samples" / "img2img_002.png"
+    (hint,) = re.findall(r"`(adapt inspect [^`]+)`", r.stdout + r.stderr)  # the printed hint runs as pasted
+    assert shlex.split(hint)[2] == str(tmp_path / "my samples" / "img2img_000.png")
     rec = provenance.read(out)
     assert (rec.kind, rec.seed, rec.strength, rec.steps, rec.scheduler) == ("img2img", 7, 0.5, 10, "ddim")  # seed 5 + index 2
     assert rec.source == str(srcs[2].resolve()) and rec.source_sha256 == hashlib.sha256(srcs[2].read_bytes()).hexdigest()
