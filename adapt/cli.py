@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -79,23 +81,58 @@ def cmd_inspect(a) -> int:
     tensors, header = lora.read(a.adapter)
     facts = header[lora.FACTS_KEY]
     meta = header.get("lora_adapter_metadata", {})
-    modules = sorted({k.rsplit(".lora", 1)[0] for k in tensors if ".lora" in k})
-    shown = {k: v for k, v in dataclasses.asdict(facts).items() if k != "image_fingerprints"} if facts else {}
-    info = {"file": str(lora.weights_path(a.adapter)), "num_tensors": len(tensors), "num_modules": len(modules),
-            "num_params": sum(t.numel() for t in tensors.values()),
-            "self_attention_modules": sum(".attn1." in m for m in modules),
-            "cross_attention_modules": sum(".attn2." in m for m in modules),
-            "rank": meta.get("unet.r"), "alpha": meta.get("unet.lora_alpha"), "facts": shown}
+    layers = _layers(tensors, meta)
+    shown = {k: v for k, v in dataclasses.asdict(facts).items() if k not in ("image_fingerprints", "base_probe")} if facts else {}
+    info = {"file": str(lora.weights_path(a.adapter)), "num_tensors": len(tensors), **layers, "facts": shown}
     if a.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
-    print(f"adapter {info['file']}: {info['num_modules']} modules ({info['cross_attention_modules']} cross-attn, "
-          f"{info['self_attention_modules']} self-attn), {info['num_params']:,} params, rank {info['rank']}, alpha {info['alpha']}")
+    te = f", {info['text_encoder_modules']} text-encoder modules" if info["text_encoder_modules"] else ""
+    print(f"adapter {info['file']}: {info['num_modules']} UNet modules ({info['cross_attention_modules']} cross-attn, "
+          f"{info['self_attention_modules']} self-attn){te}, {info['num_params']:,} params, rank {_span(info['ranks'])}, "
+          f"alpha {_span(info['alphas'])}")
     for k, v in shown.items():
         print(f"  {k}: {v}")
     if not facts:
         print("  (no adapt facts: trained elsewhere; strength and base unknown)")
     return 0
+
+
+# A layer's tensors in each naming people ship: diffusers (.lora.down/.lora.up), peft (.lora_A/.lora_B), kohya
+# (.lora_down/.lora_up and a per-layer .alpha; '_'-joined module paths, lora_unet_* / lora_te*_*).
+_LORA_SUFFIX = re.compile(r"(\.lora[._](?:down|up|A|B)(?:\.[^.]+)?\.weight|\.alpha)$")
+
+
+def _layers(tensors: dict, meta: dict) -> dict:
+    """Module counts, LoRA parameters (alphas are not parameters), ranks and alphas of an adapter file, whatever its
+    naming. ranks / alphas: the sorted distinct values (kohya files may vary them per layer); rank / alpha: the one
+    value, or None when they vary or are unknown."""
+    down = {}
+    alphas = []
+    params = 0
+    for k, t in tensors.items():
+        m = _LORA_SUFFIX.search(k)
+        if not m:
+            continue
+        if m.group(1) == ".alpha":
+            alphas.append(float(t))
+            continue
+        params += t.numel()
+        if re.search(r"lora[._](down|A)", m.group(1)):
+            down[k[:m.start()]] = t.shape[0]
+    unet = [n for n in down if not re.match(r"(lora_te\d?_|text_encoder)", n)]
+    kind = lambda n, a: sum(bool(re.search(rf"[._]{a}[._]", n)) for n in unet)  # noqa: E731
+    if not alphas and meta.get("unet.lora_alpha") is not None:
+        alphas = [float(meta["unet.lora_alpha"])]
+    ranks, alphas = sorted(set(down.values())), sorted(set(alphas))
+    return {"num_modules": len(unet), "text_encoder_modules": len(down) - len(unet), "num_params": params,
+            "cross_attention_modules": kind(unet, "attn2"), "self_attention_modules": kind(unet, "attn1"),
+            "rank": ranks[0] if len(ranks) == 1 else None, "ranks": ranks,
+            "alpha": alphas[0] if len(alphas) == 1 else None, "alphas": alphas}
+
+
+def _span(values: list) -> str:
+    return "unknown" if not values else f"{values[0]:g}" if len(values) == 1 else f"{values[0]:g}-{values[-1]:g} (varies by layer)"
 
 
 def _inspect_image(a) -> int:
@@ -198,7 +235,12 @@ def main(argv=None) -> int:
     from adapt import atomic, config, data, decoder, lora, model, runguard
     runguard.hangup_as_interrupt()  # a dropped terminal keeps partial work as Ctrl-C does
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # here, so a reader gone away (below) is met inside the try, not at interpreter exit
+        return rc
+    except BrokenPipeError:  # `adapt inspect ... | head`: the reader left; stop quietly, as Unix tools do (SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:  # commands that can keep partial work say so themselves (adapt sample, adapt eval)
         print("interrupted (Ctrl-C): nothing more was written", file=sys.stderr)
         return 130

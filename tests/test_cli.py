@@ -73,6 +73,41 @@ def test_inspect(adapter_dir):
     assert info["facts"]["strength"] == 0.5
 
 
+def test_inspect_counts_kohya_files_as_it_counts_its_own(adapter_dir, tmp_path):
+    """A kohya export of the same adapter, and a file as civitai ships them (text-encoder layers, ranks and alphas
+    varying by layer, self-attention): modules by kind, parameters without the alpha scalars, the ranks as they are."""
+    from safetensors.torch import save_file
+    own = json.loads(adapt_cli("inspect", adapter_dir, "--json").stdout)
+    r = adapt_cli("export", adapter_dir, "--format", "kohya", "--out", tmp_path / "k.safetensors")
+    assert r.returncode == 0, r.stderr
+    k = json.loads(adapt_cli("inspect", tmp_path / "k.safetensors", "--json").stdout)
+    for key in ("num_modules", "cross_attention_modules", "self_attention_modules", "num_params", "rank", "alpha"):
+        assert k[key] == own[key], key
+    assert own["cross_attention_modules"] == 16 and own["alpha"] == 4
+    t = {}
+    for name, r_, a in (("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k", 4, 2.0),
+                        ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q", 8, 8.0),
+                        ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 8, 1.0)):
+        t |= {f"{name}.lora_down.weight": torch.zeros(r_, 32), f"{name}.lora_up.weight": torch.zeros(32, r_),
+              f"{name}.alpha": torch.tensor(a)}
+    save_file(t, tmp_path / "civitai.safetensors")
+    r = adapt_cli("inspect", tmp_path / "civitai.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert ("2 UNet modules (1 cross-attn, 1 self-attn), 1 text-encoder modules, 1,280 params, rank 4-8 (varies by "
+            "layer), alpha 1-8 (varies by layer)") in r.stdout
+
+
+def test_output_into_a_closed_pipe_stops_quietly(adapter_dir):
+    """`adapt inspect ... | head -1`: the reader leaves before adapt has written; no traceback, SIGPIPE's status."""
+    import os
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone: every write fails with EPIPE (Python ignores SIGPIPE)
+    exe = Path(sys.executable).parent / "adapt"
+    r = subprocess.run([str(exe), "inspect", str(adapter_dir)], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert r.returncode == 141 and r.stderr == "", r.stderr
+
+
 @pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_errors_are_one_clear_line(tiny_base, tmp_path):
     (tmp_path / "evil.bin").write_bytes(b"\x80\x04K\x01.")
