@@ -175,9 +175,12 @@ def _add_data(sub):
 def cmd_data_build(a) -> int:
     import yaml
     from adapt import synth
-    folder = Path(a.name) if Path(a.name).is_dir() else Path("datasets") / a.name
-    if not (folder / "dataset.yaml").is_file():
-        raise CliError(f"no dataset definition {folder / 'dataset.yaml'}")
+    from adapt.data import REPO, definition
+    folder = definition(a.name)
+    if folder is None:
+        known = sorted(d.name for d in (REPO / "datasets").glob("*") if (d / "dataset.yaml").is_file())
+        raise CliError(f"no dataset definition {a.name!r}: no dataset.yaml in {a.name}, datasets/{a.name} or "
+                       f"{REPO / 'datasets' / a.name}; this checkout defines: {', '.join(known) or 'none'}")
     spec = yaml.safe_load((folder / "dataset.yaml").read_text())
     if spec.get("builder") != "synth":
         raise CliError(f"{folder} is built by {spec.get('builder')!r}; see its README.md for how to prepare it")

@@ -280,13 +280,27 @@ def usable_cache_dir(path: Path, what: str) -> Path:
     return writable_dir(path, what)
 
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout adapt runs from; its datasets/ holds the definitions
+
+
+def definition(name: str) -> Path | None:
+    """The datasets/<name> definition folder (with dataset.yaml) that `name` means: a folder path as given, else
+    datasets/<name> in the current directory, else this repository's, from any directory; None when none exists."""
+    given = Path(name).expanduser()
+    rel = given if given.parts[:1] == ("datasets",) else Path("datasets") / given
+    for folder in (given, rel, REPO / rel):
+        if (folder / "dataset.yaml").is_file():
+            return folder
+    return None
+
+
 def read_records(source: str, split: str = "train", image_column: str = "image", caption_column: str = "text",
                  default_caption: str = "", num_images: int | None = None, cache_dir: str | Path | None = None,
                  masks: str | None = None, kohya_folders: bool = False):
     """Dispatch on the source form; returns (records, report). Raises DataError when nothing is usable."""
     cache = usable_cache_dir(Path(cache_dir), "data.cache_dir") if cache_dir else default_cache_dir()
     p = Path(source).expanduser()
-    ours = Path(__file__).resolve().parents[1] / source  # datasets/<name> means this repository's (a checkout)
+    ours = REPO / source  # datasets/<name> means this repository's (a checkout)
     if not p.exists() and source.startswith("datasets/") and (ours / "dataset.yaml").is_file():
         records, report = read_definition(ours, split, num_images, cache, masks=masks)
         report.note("read from adapt's repository (not found in the current directory)", str(ours))

@@ -265,3 +265,18 @@ def test_sample_at_the_recommended_setting_equals_the_flags_spelled_out(adapter_
     assert "2 draws, threshold 0.4, close 1, dilate 1" in r1.stdout and "2 draws, threshold 0.4, close 1" in r2.stdout
     for name in ("img2img_000.png", "mask_000.png"):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "rec" / name)), np.asarray(Image.open(tmp_path / "flags" / name)))
+
+
+def test_data_build_by_name_works_from_any_directory(tmp_path):
+    """README's `adapt data build synth_sunglasses --out ...` typed outside the checkout finds this checkout's
+    definition (as data.source=datasets/<name> does); an unknown name lists the ones there are."""
+    exe = str(Path(sys.executable).parent / "adapt")
+    for name in ("synth_sunglasses", "datasets/synth_faces"):
+        r = subprocess.run([exe, "data", "build", name, "--out", "built " + name.replace("/", "_"), "--n", "2"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "built synth_sunglasses").glob("train_*.png"))) == 2
+    r = subprocess.run([exe, "data", "build", "sunglases", "--out", "x", "--n", "2"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "no dataset definition 'sunglases'" in r.stderr and "synth_sunglasses" in r.stderr
+
