@@ -172,7 +172,13 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
     square = all(img.size == (res, res) for img in src_images)
     inputs = [sample.to_array(img) for img in src_images]
     faces = synthbench.faces_of(src_rec)
-    if faces is not None and not square:
+    if faces is not None and synthbench.faces_of(tgt_rec) is None:  # the benchmark's faces toward a user's own domain
+        faces = None
+        warnings.append(f"the sources carry the synthetic benchmark's face geometry but the target ({cfg.target}) is not "
+                        "its renders: the lens detector, shape check and eye band judge only that benchmark; the domain "
+                        "classifier judges reach and preservation is over the whole image")
+        log("note: " + warnings[-1])
+    elif faces is not None and not square:
         faces = None
         warnings.append("the benchmark's lens detector and shape check need square sources at the base's resolution; "
                         "not computed for these non-square sources")

@@ -141,7 +141,8 @@ def recommend(rows: list[dict], threshold: float, has_geometry: bool) -> dict:
     scale above 1 win when it draws the lenses' shape at the same reach."""
     rk, pk = keys(has_geometry)
     rule = (f"highest {rk} among adapter rows on the {' / '.join(frontier_metrics(has_geometry))} frontier with "
-            f"{pk} >= {threshold}; ties (reach within 0.01): higher shape_pass, then higher {pk}, then lower strength")
+            f"{pk} >= {threshold}; ties (reach within 0.01): {'higher shape_pass, then ' if has_geometry else ''}higher {pk}, "
+            "then lower strength")
     ok = [r for r in rows if r["scale"] > 0 and r["on_frontier"] and r[pk] >= threshold]
     if not ok:
         note = ("no adapter setting meets the preservation threshold" if any(r["scale"] > 0 for r in rows)

@@ -266,6 +266,23 @@ def test_sweep_runs_non_square_sources_at_their_own_aspect(adapter, tmp_path):
 
 
 
+def test_the_benchmarks_judges_apply_only_toward_its_own_renders(adapter, tmp_path):
+    """The benchmark's faces as sources toward a user's own target photos (no face geometry in their metadata): the
+    lens detector, shape check and eye band are not the judges (they judged a random-noise domain before); the
+    classifier is, preservation is over the whole image, and the report says why."""
+    from adapt import synth
+    tgt = synth.build_imagefolder("sunglasses", tmp_path / "mine", n=16, split="classifier")
+    rows = [json.loads(l) for l in (tgt / "metadata.jsonl").read_text().splitlines()]
+    (tgt / "metadata.jsonl").write_text("".join(json.dumps({"file_name": r["file_name"], "text": r["text"]}) + "\n" for r in rows))
+    report = evaluate.run(_cfg(adapter, tmp_path / "r", target=str(tgt), strengths=[0.5], seeds=1), progress=False,
+                          log=lambda m: None)
+    assert report["status"] == "ok" and not report["has_masks"]
+    assert any("is not its renders" in w for w in report["warnings"])
+    assert all("detector_reach" not in r and "shape_pass" not in r for r in report["rows"])
+    rule = report["recommended"]["rule"]
+    assert rule.startswith("highest target_reach") and "shape_pass" not in rule and "preservation_ssim >=" in rule
+
+
 def test_a_folder_sources_judged_images_are_cross_fitted_or_kept_out_of_the_classifier(adapter, tmp_path, monkeypatch):
     from adapt import synth
     src = synth.build_imagefolder("faces", tmp_path / "src", n=12, split="eval")
