@@ -69,7 +69,7 @@ def eval_config(a):
 def _add_inspect(sub):
     p = sub.add_parser("inspect", help="print an adapter's stored facts and key audit, or how an image from "
                        "`adapt sample` was made")
-    p.add_argument("adapter", metavar="ADAPTER_OR_IMAGE", help="adapter folder or .safetensors, or a PNG `adapt sample` wrote")
+    p.add_argument("adapter", metavar="ADAPTER_OR_IMAGE", help="adapter folder, .safetensors or hub id, or a PNG `adapt sample` wrote")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
@@ -78,6 +78,7 @@ def cmd_inspect(a) -> int:
     from adapt import lora
     if Path(a.adapter).suffix.lower() == ".png":
         return _inspect_image(a)
+    a.adapter = lora.locate(a.adapter)  # a hub id: its snapshot folder
     tensors, header = lora.read(a.adapter)
     facts = header[lora.FACTS_KEY]
     meta = header.get("lora_adapter_metadata", {})

@@ -24,7 +24,7 @@ def add_parser(sub):
     p = sub.add_parser("sample", help="txt2img, or img2img with --image, with optional adapters")
     p.add_argument("--base", default=None, help="embedded name, diffusers folder, hub id or .safetensors file "
                    "(default: the --recommended report's base, else tiny-faces)")
-    p.add_argument("--adapter", action="append", default=[], help="adapter folder or .safetensors (repeatable)")
+    p.add_argument("--adapter", action="append", default=[], help="adapter folder, .safetensors file or Hugging Face hub id (org/name[@revision]); repeatable")
     p.add_argument("--scale", action="append", type=float, default=[], help="scale per adapter (default 1.0)")
     p.add_argument("--prompt", default=None, help="prompt; '{caption}' expands to each image's caption from beside it "
                    "(its metadata.jsonl/.csv/.parquet row, or .txt/.caption), e.g. '{caption} wearing sunglasses' (default: the --recommended report's, else '')")
@@ -74,6 +74,7 @@ def add_parser(sub):
 
 def cmd_sample(a) -> int:
     from adapt import atomic, decoder, lora, masking, model, provenance, sample
+    a.adapter = [lora.locate(ad) for ad in a.adapter or []]  # a hub id: its snapshot folder
     _apply_recommended(a)
     _check_sample_args(a)
     stored = [lora.facts(ad) for ad in a.adapter]  # reads (and checks) every adapter before the base loads

@@ -296,7 +296,7 @@ class MaskSettings:
 
 @dataclass
 class EvalConfig:
-    adapter: str = opt("", "trained adapter folder or .safetensors")
+    adapter: str = opt("", "trained adapter folder, .safetensors file or Hugging Face hub id (org/name[@revision])")
     base: Optional[str] = opt(None, "base model; None = the base stored in the adapter")
     source: str = opt("datasets/synth_faces", "held-out source images (same forms as data.source)")
     source_split: str = opt("eval", "split of the source set (as data.split; eval is a folder's test/)")

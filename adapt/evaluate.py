@@ -16,6 +16,7 @@ Per output we measure
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -100,6 +101,7 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
         raise config.ConfigError(f"out: {out} is a file, not a folder")
     if (out / "report.json").exists() and not cfg.overwrite and not _interrupted(out / "report.json"):
         raise config.ConfigError(f"out: {out} already holds a report; pass overwrite=true or another --out")
+    cfg = dataclasses.replace(cfg, adapter=lora.locate(cfg.adapter))  # a hub id: its snapshot folder
     out.mkdir(parents=True, exist_ok=True)
     facts = lora.facts(cfg.adapter) or AdapterFacts(architecture="sd")  # trained elsewhere: nothing recorded
     base = cfg.base or facts.base

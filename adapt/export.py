@@ -16,7 +16,7 @@ from adapt.kohya import from_kohya, to_kohya  # noqa: F401  (the API this comman
 
 def add_parser(sub):
     p = sub.add_parser("export", help="convert an adapter: --format kohya (WebUI/ComfyUI) or diffusers (import kohya)")
-    p.add_argument("adapter", help="adapter folder or .safetensors file")
+    p.add_argument("adapter", help="adapter folder, .safetensors file or hub id (org/name[@revision])")
     p.add_argument("--format", choices=["kohya", "diffusers"], required=True)
     p.add_argument("--out", default=None, help="output file (kohya) or folder (diffusers); never one of the inputs")
     p.add_argument("--architecture", choices=["auto", "sd15", "sd21", "sdxl"], default=None,
@@ -29,7 +29,9 @@ def add_parser(sub):
 
 
 def cmd_export(a) -> int:
-    src = Path(a.adapter)
+    src = Path(lora.locate(a.adapter))
+    if a.out is None and str(src) != str(a.adapter):  # beside it would be inside the hub cache
+        raise lora.AdapterError(f"{a.adapter}: a hub adapter; give --out (the default writes beside the input)")
     if a.format == "kohya" and (a.architecture is not None or a.base is not None):
         flags = " and ".join(f for f, v in (("--architecture", a.architecture), ("--base", a.base)) if v is not None)
         raise lora.AdapterError(f"{flags}: settings of the kohya import (--format diffusers); an export to kohya keys "

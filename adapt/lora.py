@@ -117,6 +117,30 @@ def save(out_dir: str | Path, unet, facts: AdapterFacts, adapter_name: str = "de
     return atomic.write_safetensors(layers, Path(out_dir) / WEIGHTS_NAME, header)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")  # org/name or org/name@revision
+
+
+def locate(adapter: str | Path) -> str:
+    """The local adapter `adapter` names: a file or folder as given, or, for a Hugging Face hub id ('org/name',
+    'org/name@revision', as `pipe.load_lora_weights("org/name")` takes), its snapshot folder in the hub cache:
+    downloaded (its .safetensors, JSON, model card and vae/ only) or, offline, found there. A path whose first folder
+    exists here is a local path, never a hub id: a typo in runs/... is named at once, not looked up on the hub."""
+    given = str(adapter)
+    p = Path(given).expanduser()
+    if p.exists() or not HUB_ID.match(given) or Path(given.split("/")[0]).is_dir():
+        return given
+    repo, _, revision = given.partition("@")
+    from huggingface_hub import constants, snapshot_download
+    try:
+        return snapshot_download(repo, revision=revision or None, allow_patterns=["*.safetensors", "*.json", "*.md", "vae/*"])
+    except Exception as e:
+        why = (f"the Hugging Face hub is unreachable (offline={constants.HF_HUB_OFFLINE}) and it is not in the local "
+               "cache" if constants.HF_HUB_OFFLINE or "connect" in str(e).lower() or "resolve" in str(e).lower()
+               or "offline" in str(e).lower() else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise AdapterError(f"adapter not found: {given!r} is not a local file or folder (no {p.absolute()}), nor a hub "
+                           f"adapter ({why})") from None
+
+
 def weights_path(adapter: str | Path) -> Path:
     """The safetensors file of an adapter given as folder or file; pickles are refused."""
     p = Path(adapter)

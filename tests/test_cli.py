@@ -1,6 +1,7 @@
 """The `adapt` command: sample (txt2img, img2img with stored strength), inspect, data build, clean errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,37 @@ def test_data_build_by_name_works_from_any_directory(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2 and "no dataset definition 'sunglases'" in r.stderr and "synth_sunglasses" in r.stderr
 
+
+
+def test_a_hub_adapter_id_loads_through_the_hub_cache(tiny_base, adapter_dir, tmp_path):
+    """`--adapter org/name` (as `pipe.load_lora_weights("org/name")` takes it) resolves through huggingface_hub's
+    cache (refs -> snapshot, the layout a download leaves; offline here) and samples as the local folder does; a name
+    that is neither local nor cached, and a typo under a local folder, are one clear line each."""
+    import shutil
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--me--sunglasses-lora"
+    shutil.copytree(adapter_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    Image.new("RGB", (64, 64), (150, 120, 100)).save(tmp_path / "face.png")
+    (tmp_path / "runs").mkdir()
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    exe = str(Path(sys.executable).parent / "adapt")
+
+    def sample(adapter, out):
+        return subprocess.run([exe, "--threads", "1", "sample", "--base", str(tiny_base), "--adapter", adapter, "--image",
+                               "face.png", "--prompt", "a face", "--out", out], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    for adapter, out in ((str(adapter_dir), "local"), ("me/sunglasses-lora", "hub"), (f"me/sunglasses-lora@{commit}", "rev")):
+        r = sample(adapter, out)
+        assert r.returncode == 0, r.stderr
+    local = np.asarray(Image.open(tmp_path / "local" / "img2img_000.png"))
+    for out in ("hub", "rev"):
+        assert np.array_equal(local, np.asarray(Image.open(tmp_path / out / "img2img_000.png")))
+    r = sample("me/no-such-lora", "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "'me/no-such-lora' is not a local file or folder" in r.stderr and "not in the local cache" in r.stderr
+    r = sample("runs/typo", "y")  # runs/ exists here: a local path, never looked up on the hub
+    assert r.returncode == 2 and r.stderr.strip() == "error: adapter not found: runs/typo", r.stderr
+    r = subprocess.run([exe, "inspect", "me/sunglasses-lora", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["facts"]["strength"] == 0.5, r.stderr
