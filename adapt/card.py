@@ -47,7 +47,7 @@ adapt sample --base {shlex.quote(base)} --adapter {sh} --image source.png --prom
 ```
 Plain diffusers, the same image (same scheduler, steps, strength, guidance and seed; a square source.png):
 ```python
-{_load_lines(f)}
+{_load_lines(f, cfg.model.config)}
 pipe.load_lora_weights({_py(str(here))}, weight_name="{WEIGHTS_NAME}"){_decoder_lines(f, here)}
 source = load_image("source.png").resize(({f.resolution}, {f.resolution}))
 image = pipe({_py(f.example_prompt)}, image=source, strength={f.strength}, num_inference_steps={f.inference_steps},
@@ -95,14 +95,21 @@ def _resumes(resumes: list) -> str:
                    f"{', '.join(f'{k} {a} -> {b}' for k, (a, b) in r['changed'].items()) or 'nothing'} |\n" for r in resumes)
 
 
-def _load_lines(f: AdapterFacts) -> str:
-    """The plain-diffusers lines that load the exact base this adapter was trained on, with its scheduler."""
+def _load_lines(f: AdapterFacts, configs: str | None = None) -> str:
+    """The plain-diffusers lines that load the exact base this adapter was trained on, with its scheduler.
+    configs: model.config, the component configs a single-file base was loaded with (without them diffusers
+    fetches them from the hub, which fails offline)."""
     from adapt.sample import SCHEDULERS
     cls = "StableDiffusionXLImg2ImgPipeline" if f.architecture == "sdxl" else "StableDiffusionImg2ImgPipeline"
     sched = SCHEDULERS[f.scheduler]
     where = str(f.base_resolved)
+    if Path(where).exists():  # a local folder or file given relative to where training ran
+        where = str(Path(where).resolve())
     if where.endswith(".safetensors"):
-        call = f'from_single_file({_py(where)})'
+        if configs:
+            local = Path(configs).expanduser()
+            configs = str(local.resolve()) if local.exists() else configs
+        call = f'from_single_file({_py(where)}' + (f', config={_py(configs)})' if configs else ")")
     elif "@" in where:  # hub id pinned to the commit that was loaded
         repo, commit = where.rsplit("@", 1)
         call = f'from_pretrained({_py(repo)}, revision={_py(commit)})'

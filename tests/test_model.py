@@ -1,5 +1,6 @@
 """Base loading: the same path for the tiny model as for a real checkpoint; clear errors."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,18 @@ def test_single_file_checkpoint_loads_and_trains(tmp_path):
                     f"model.config={tmp_path / 'folder'}", f"data.source={data}", f"out_dir={tmp_path / 'o'}",
                     "train.max_steps=2"], launcher="python")
     assert r.returncode == 0, r.stderr[-2000:]
+    # the model card's plain-diffusers block, pasted offline, loads this file with the configs it trained with
+    import re
+    import subprocess
+    import sys
+    from PIL import Image
+    (py,) = re.findall(r"```python\n(.*?)```", (tmp_path / "o" / "README.md").read_text(), flags=re.S)
+    assert f'from_single_file("{ckpt}", config="{tmp_path / "folder"}")' in py
+    Image.new("RGB", (64, 64), (120, 100, 90)).save(tmp_path / "source.png")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", py], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "adapted.png").size == (64, 64)
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
