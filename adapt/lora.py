@@ -127,7 +127,8 @@ def locate(adapter: str | Path) -> str:
     exists here is a local path, never a hub id: a typo in runs/... is named at once, not looked up on the hub."""
     given = str(adapter)
     p = Path(given).expanduser()
-    if p.exists() or not HUB_ID.match(given) or Path(given.split("/")[0]).is_dir():
+    if (p.exists() or not HUB_ID.match(given) or Path(given.split("/")[0]).is_dir()
+            or p.suffix in (".safetensors", *PICKLE_SUFFIXES)):
         return given
     repo, _, revision = given.partition("@")
     from huggingface_hub import constants, snapshot_download

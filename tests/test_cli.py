@@ -311,7 +311,8 @@ def test_a_hub_adapter_id_loads_through_the_hub_cache(tiny_base, adapter_dir, tm
     r = sample("me/no-such-lora", "x")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "'me/no-such-lora' is not a local file or folder" in r.stderr and "not in the local cache" in r.stderr
-    r = sample("runs/typo", "y")  # runs/ exists here: a local path, never looked up on the hub
-    assert r.returncode == 2 and r.stderr.strip() == "error: adapter not found: runs/typo", r.stderr
+    for typo in ("runs/typo", "loras/x.safetensors"):  # runs/ exists here; a file name: local paths, never hub ids
+        r = sample(typo, "y")
+        assert r.returncode == 2 and r.stderr.strip() == f"error: adapter not found: {typo}", r.stderr
     r = subprocess.run([exe, "inspect", "me/sunglasses-lora", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["facts"]["strength"] == 0.5, r.stderr
