@@ -114,7 +114,7 @@ class AdapterFacts:
 
 FREE = ("out_dir", "train.max_steps", "train.checkpointing_steps", "train.checkpoints_total_limit",
         "train.resume_from_checkpoint", "train.resume_allow", "train.log_every", "train.num_threads", "train.overwrite",
-        "train.gradient_checkpointing", "train.compile", "data.cache", "data.cache_dir", "data.cache_threads", "validation.")
+        "train.gradient_checkpointing", "train.compile", "train.report_to", "data.cache", "data.cache_dir", "data.cache_threads", "validation.")
 OPTIMIZER = ("optim.",)
 # Keys added after checkpoints already existed: a checkpoint without one ran as the section's default does.
 INTRODUCED = {**{f"decoder.{k}": v for k, v in dataclasses.asdict(DecoderConfig()).items()}, "data.kohya_folders": False}

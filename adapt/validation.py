@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from adapt import atomic, data, sample
@@ -40,6 +41,15 @@ class Validator:
             self.base = self._run()
 
     @torch.no_grad()
+    def _track(self, grid, step: int) -> None:
+        """The grid to the run's image-capable trackers (train.report_to), as diffusers' scripts log theirs."""
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+                tracker.log({"validation": wandb.Image(grid, caption="input | base | adapter")}, step=step)
+
     def __call__(self, step: int):
         if self.acc.is_main_process:
             was_training = self.unet.training
@@ -52,6 +62,8 @@ class Validator:
             self.unet.train(was_training)
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / f"step_{step:06d}.png"
-            atomic.write_image(sample.grid([list(r) for r in zip(self.images, self.base, adapted)]), path)
+            grid = sample.grid([list(r) for r in zip(self.images, self.base, adapted)])
+            atomic.write_image(grid, path)
             self.say(f"validation grid (input | base | adapter) at step {step}: {path}")
+            self._track(grid, step)
         self.acc.wait_for_everyone()

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
 import shutil
 import signal
 import sys
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     out = Path(cfg.out_dir)
     atomic.writable_dir(out, "out_dir")
     cfg, chosen = _precision(cfg, out)
-    trackers = "tensorboard" if _has("tensorboard") else None
+    trackers = _trackers(cfg.train.report_to)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers, project_dir=str(out))
     say = _printer(acc, out)
     lock = runguard.OutDirLock(out)
@@ -238,6 +239,9 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
         resume_mod.truncate_log(log_path, start)
         if trackers:
             acc.init_trackers("adapt", config={k: str(v) for k, v in facts_mod.flat(config.to_dict(cfg)).items()})
+            where = f" in {out / 'adapt'} (tensorboard --logdir {shlex.quote(str(out))})" if "tensorboard" in trackers else ""
+            say(f"tracking loss, lr{' and validation grids' if validator else ''} with {', '.join(trackers)}{where}"
+                + (" (train.report_to=auto; none turns it off)" if cfg.train.report_to == "auto" else ""))
     if cfg.data.cache and not cfg.validation.source:
         # Nothing reads the VAE or the text encoder(s) again: free them before the training peak (SD1.5: ~830 MB
         # fp32). With validation they stay (img2img encodes its sources and prompts).
@@ -563,9 +567,25 @@ def _progress(acc, start: int, total: int):
     return update
 
 
-def _has(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
+def _trackers(report_to: str) -> list[str] | None:
+    """accelerate's log_with for train.report_to. A tracker asked for by name that is not installed is an error:
+    accelerate would drop it with a warning, and the run's curves would be missing when it ends."""
+    import accelerate.utils as au
+    available = lambda name: getattr(au, f"is_{name}_available", lambda: False)()  # noqa: E731
+    if report_to == "none" or (report_to == "auto" and not available("tensorboard")):
+        return None
+    if report_to in ("auto", "tensorboard"):
+        names = ["tensorboard"]
+    elif report_to == "all":
+        names = [n for n in ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
+                             "swanlab") if available(n)]
+    else:
+        names = [report_to]
+    missing = [n for n in names if not available(n)]
+    if missing:
+        raise config.ConfigError(f"train.report_to={report_to}: {missing[0]} is not installed (pip install {missing[0]}), "
+                                 "or choose none")
+    return names or None
 
 
 def _r(xs):

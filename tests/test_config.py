@@ -31,6 +31,7 @@ def test_public_override_keys():
     ("data.resolution=30", "data.resolution"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("objective.strength=0.01", "visits no timestep"),
+    ("train.report_to=tensorbord", "train.report_to: 'tensorbord': choose from auto, none, all, .*tensorboard, wandb"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -36,6 +36,15 @@ def test_recipe_end_to_end_with_accelerate(tiny_base, sg_folder, tmp_path):
     assert facts.rank == 4 and facts.alpha == 2.0 and len(facts.dataset_fingerprint) == 16
     assert "adapt sample" in (out / "README.md").read_text()
 
+    # train.report_to=auto with tensorboard installed (the test extras): loss, lr and the validation grid, as logged
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(out / "adapt"), size_guidance={"images": 0, "scalars": 0})
+    ev.Reload()
+    assert [(e.step, round(e.value, 5)) for e in ev.Scalars("loss")] == [(i + 1, round(l, 5)) for i, l in enumerate(losses)]
+    [img] = ev.Images("validation")
+    assert img.step == 4 and (img.width, img.height) == Image.open(out / "validation/step_000004.png").size
+    assert f"tracking loss, lr and validation grids with tensorboard in {out / 'adapt'}" in r.stdout
+
     # The adapter loads in plain diffusers and changes img2img outputs.
     from diffusers import StableDiffusionImg2ImgPipeline
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_base), safety_checker=None)
@@ -180,6 +189,17 @@ def test_regional_compile_trains_the_same_losses_and_resumes_uncompiled(tiny_bas
     assert "compile: off (train.compile=off)" in r.stdout and "at step 4" in r.stdout and len(read_log(out)) == 5
     assert lora.facts(out).steps_trained == 5
 
+
+
+def test_a_tracker_asked_for_by_name_must_be_installed(tiny_base, sg_folder, tmp_path):
+    """accelerate drops a tracker it cannot import with a warning; adapt refuses before training, naming the package."""
+    import importlib.util
+    missing = next(n for n in ("swanlab", "dvclive", "clearml", "aim", "comet_ml", "wandb") if importlib.util.find_spec(n) is None)
+    r = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "o", f"train.report_to={missing}"), launcher="python")
+    assert r.returncode == 2 and f"error: train.report_to={missing}: {missing} is not installed (pip install {missing})" in r.stderr
+    r = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "n", "train.report_to=none", "train.max_steps=1"),
+                   launcher="python")
+    assert r.returncode == 0 and not (tmp_path / "n" / "adapt").exists() and "tracking" not in r.stdout, r.stderr[-2000:]
 
 
 def test_overrides_may_come_before_and_between_flags(tmp_path):
