@@ -32,7 +32,8 @@ def add_parser(sub):
                    help="img2img at the setting an `adapt eval` report (its folder or report.json) recommends for this "
                    "--adapter: strength, scale, masked or plain with the evaluation's mask settings, steps, scheduler, "
                    "guidance and prompt; flags given explicitly win")
-    p.add_argument("--image", nargs="+", action="extend", default=[], help="source image(s) for img2img")
+    p.add_argument("--image", nargs="+", action="extend", default=[], help="source image(s) for img2img: files, "
+                   "folders (every image in one, by name) or quoted globs ('photos/*.jpg')")
     p.add_argument("--strength", type=float, default=None, help="img2img strength; default: the adapter's trained strength")
     p.add_argument("--steps", type=int, default=None, help="inference steps; default: the adapter's, else 50")
     p.add_argument("--scheduler", default=None, help="ddim|ddpm|euler|pndm|dpm; default: the adapter's, else ddim")
@@ -75,6 +76,7 @@ def add_parser(sub):
 def cmd_sample(a) -> int:
     from adapt import atomic, decoder, lora, masking, model, provenance, sample
     a.adapter = [lora.locate(ad) for ad in a.adapter or []]  # a hub id: its snapshot folder
+    a.image = _expand_images(a.image)
     _apply_recommended(a)
     _check_sample_args(a)
     stored = [lora.facts(ad) for ad in a.adapter]  # reads (and checks) every adapter before the base loads
@@ -299,6 +301,30 @@ def _edit_mask(a, pipe, images, prompts, names):
     return mask, (settings.blur if settings.paste else None), settings
 
 
+def _expand_images(given: list[str]) -> list[str]:
+    """--image values as files: a folder gives the images in it (sorted by name; not its subfolders, hidden files or
+    masks/), a pattern the shell left unexpanded (quoted, or on Windows) the files it matches; a file stays itself."""
+    import glob
+    from adapt import imagefolder
+    out = []
+    for g in given:
+        p = Path(g)
+        if p.is_dir():
+            found = sorted(str(q) for q in p.iterdir() if q.is_file() and imagefolder.is_image(q) and not q.name.startswith("."))
+            if not found:
+                raise CliError(f"--image {g}: a folder with no images in it (subfolders are not read)")
+            print(f"--image {g}: {len(found)} image(s) in the folder")
+            out += found
+        elif not p.exists() and glob.has_magic(g):
+            found = sorted(f for f in glob.glob(g) if Path(f).is_file())
+            if not found:
+                raise CliError(f"--image {g}: no file matches the pattern")
+            out += found
+        else:
+            out.append(g)
+    return out
+
+
 def _check_sample_args(a) -> None:
     """Every flag of `adapt sample` checked before anything loads."""
     from adapt.data import DataError, open_image
@@ -336,19 +362,21 @@ def _check_sample_args(a) -> None:
         if "auto" in a.mask or len(a.mask) != len(a.image):
             raise CliError(f"--mask: 'auto' or one mask image per --image ({len(a.image)}), got {len(a.mask)} value(s)")
         for p in a.mask:
+            if not Path(p).is_file():
+                raise CliError(f"--mask {p}: no such file")
             try:
                 open_image(p)
             except (DataError, OSError, ValueError) as e:
-                raise CliError(f"--mask {p}: not a readable image ({e})") from e
+                raise CliError(f"--mask {p}: {e}") from e
     if a.mask and not a.image:
         raise CliError("--mask: img2img only (give --image)")
     for p in a.image:
-        if Path(p).is_dir():
-            raise CliError(f"--image {p} is a folder; pass image files (e.g. {p}/*.png)")
+        if not Path(p).exists():
+            raise CliError(f"--image {p}: no such file")
         try:
             open_image(p)
         except (DataError, OSError, ValueError) as e:
-            raise CliError(f"--image {p}: not a readable image ({e})") from e
+            raise CliError(f"--image {p}: {e}") from e
 
 
 def _prompt(template: str, caption: str) -> str:

@@ -316,3 +316,27 @@ def test_a_hub_adapter_id_loads_through_the_hub_cache(tiny_base, adapter_dir, tm
         assert r.returncode == 2 and r.stderr.strip() == f"error: adapter not found: {typo}", r.stderr
     r = subprocess.run([exe, "inspect", "me/sunglasses-lora", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["facts"]["strength"] == 0.5, r.stderr
+
+
+def test_image_takes_a_folder_or_a_pattern_the_shell_left_alone(tiny_base, adapter_dir, tmp_path):
+    """`--image photos/` samples every image in the folder (by name; not masks/, subfolders or hidden files), and a
+    quoted 'photos/*.png' the files it matches, each with its own caption from the folder's metadata."""
+    from adapt import synth
+    src = synth.build_imagefolder("faces", tmp_path / "photos", n=2, split="eval")
+    (src / ".hidden.png").write_bytes((src / "eval_000000.png").read_bytes())
+    (src / "notes.txt").write_text("not an image")
+    printed = []
+    for given, out in ((src, "s1"), (f"{src}/*.png", "s2")):
+        r = adapt_cli("sample", "--base", tiny_base, "--adapter", adapter_dir, "--image", given, "--prompt",
+                      "{caption} wearing sunglasses", "--out", tmp_path / out)
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in (tmp_path / out).glob("*.png")) == ["img2img_000.png", "img2img_001.png"]
+        assert "note: --prompt" not in r.stdout  # every image found its caption
+        printed.append(r.stdout)
+    assert f"--image {src}: 2 image(s) in the folder" in printed[0]
+    from adapt import provenance
+    rec = provenance.read(tmp_path / "s1" / "img2img_001.png")
+    assert rec.source == str((src / "eval_000001.png").resolve()) and rec.prompt.endswith("wearing sunglasses")
+    assert rec.prompt.startswith(json.loads((src / "metadata.jsonl").read_text().splitlines()[1])["text"])
+    a, b = (np.asarray(Image.open(tmp_path / d / "img2img_001.png")) for d in ("s1", "s2"))
+    assert np.array_equal(a, b)
