@@ -240,7 +240,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
         if trackers:
             acc.init_trackers("adapt", config={k: str(v) for k, v in facts_mod.flat(config.to_dict(cfg)).items()})
             where = f" in {out / 'adapt'} (tensorboard --logdir {shlex.quote(str(out))})" if "tensorboard" in trackers else ""
-            say(f"tracking loss, lr{' and validation grids' if validator else ''} with {', '.join(trackers)}{where}"
+            say(f"tracking {'loss, lr and validation grids' if validator else 'loss and lr'} with {', '.join(trackers)}{where}"
                 + (" (train.report_to=auto; none turns it off)" if cfg.train.report_to == "auto" else ""))
     if cfg.data.cache and not cfg.validation.source:
         # Nothing reads the VAE or the text encoder(s) again: free them before the training peak (SD1.5: ~830 MB
