@@ -28,9 +28,10 @@ def _add_eval(sub):
     p.add_argument("--config", default=None, help="YAML with EvalConfig keys (see adapt/config.py)")
     for flag in ("adapter", "base", "source", "target", "prompt", "out"):
         p.add_argument(f"--{flag}")
-    p.add_argument("--strengths", help="comma-separated, e.g. 0.2,0.4,0.6,0.8")
-    p.add_argument("--scales", help="comma-separated, e.g. 0,0.8,1.0 (0 = base)")
-    p.add_argument("--modes", help="comma-separated: plain,masked")
+    # lists: comma- or space-separated (--strengths 0.4,0.6 or --strengths 0.4 0.6)
+    p.add_argument("--strengths", nargs="+", action="extend", help="e.g. 0.2,0.4,0.6,0.8")
+    p.add_argument("--scales", nargs="+", action="extend", help="e.g. 0,0.8,1.0 (0 = base)")
+    p.add_argument("--modes", nargs="+", action="extend", help="plain,masked")
     p.add_argument("--seeds", type=int)
     p.add_argument("--num-images", type=int)
     p.add_argument("--steps", type=int)
@@ -58,8 +59,11 @@ def eval_config(a):
         if getattr(a, key) is not None:
             ov.append(f"{key}={json.dumps(getattr(a, key))}" if key == "prompt" else f"{key}={getattr(a, key)}")
     for key in ("strengths", "scales", "modes"):
-        if getattr(a, key):
-            ov.append(f"{key}=[{getattr(a, key)}]")
+        values = getattr(a, key) or []
+        ov += [v for v in values if "=" in v]  # a key=value override right after a list flag is an override
+        items = [x for v in values if "=" not in v for x in v.split(",") if x.strip()]
+        if items:
+            ov.append(f"{key}=[{','.join(items)}]")
     cfg = config.load(config.EvalConfig, a.config, ov)
     if not cfg.adapter:
         raise config.ConfigError("adapter: required (--adapter DIR)")

@@ -124,8 +124,14 @@ def test_errors_are_one_clear_line(tiny_base, tmp_path):
 def test_eval_overrides_may_sit_between_flags():
     from adapt import cli
     a = cli.parse_args(["eval", "target_split=eval", "--adapter", "ad", "--strengths", "0.5", "num_target=4", "--out", "o"])
-    assert a.overrides == ["target_split=eval", "num_target=4"] and a.strengths == "0.5"
-    assert cli.eval_config(a).num_target == 4
+    assert a.overrides == ["target_split=eval"]
+    cfg = cli.eval_config(a)
+    assert cfg.num_target == 4 and cfg.target_split == "eval" and cfg.strengths == [0.5]
+    # lists comma- or space-separated, as argparse users type them; an override right after one is still an override
+    a = cli.parse_args(["eval", "--adapter", "ad", "--strengths", "0.4", "0.6,0.8", "--scales", "0", "1", "--modes",
+                        "plain", "masked", "seeds=1", "--out", "o"])
+    cfg = cli.eval_config(a)
+    assert (cfg.strengths, cfg.scales, cfg.modes, cfg.seeds) == ([0.4, 0.6, 0.8], [0.0, 1.0], ["plain", "masked"], 1)
     for argv in (["sample", "x=1"], ["eval", "--adapter", "ad", "--bogus"]):  # no overrides there / not an override
         with pytest.raises(SystemExit):
             cli.parse_args(argv)
