@@ -13,6 +13,9 @@ rank_pattern / alpha_pattern, which diffusers' `load_lora_weights` and peft appl
 own kohya loader collapses per-module alphas in some files; the tests compare against the formula.)
 Linear layers and Conv2d layers of any kernel (1x1 proj_in/proj_out in SD 1.x, 3x3 LoCon) import;
 LoHa / LoKr / DoRA are refused by name; text-encoder layers are counted and reported, not applied.
+ComfyUI's Save LoRA node writes the same layers under dotted CompVis paths (`diffusion_model.input_blocks.1.1.
+...attn2.to_k.lora_up.weight`, text encoders under `text_encoders.`), plus full differences of 1-D weights
+(`.diff`, `.diff_b`: biases and norms) that no LoRA layer can hold: read as kohya names, the diffs counted, not applied.
 """
 
 from __future__ import annotations
@@ -32,6 +35,29 @@ from adapt.facts import AdapterFacts, FactsError
 WIDTHS = {768: "sd15", 1024: "sd21", 2048: "sdxl"}  # cross-attention width of the published families
 VERSIONS = {"sd15": "sd_v1", "sd21": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # sd-scripts' ss_base_model_version
 COMPVIS_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+COMFY_UNET, COMFY_TE = "diffusion_model.", "text_encoders."  # ComfyUI's Save LoRA (comfy_extras/nodes_lora_extract.py)
+_COMFY_PART = re.compile(r"^(.*?)(\.lora_(?:down|up)\.weight|\.alpha|\.diff|\.diff_b)$")
+
+
+def is_kohya(keys) -> bool:
+    """A kohya / WebUI file (lora_unet_*), or ComfyUI's Save LoRA layout of the same layers."""
+    return any(k.startswith(("lora_unet_", COMFY_UNET)) for k in keys) and not any(k.startswith("unet.") for k in keys)
+
+
+def from_comfy(tensors: dict) -> tuple[dict, list[str]]:
+    """(tensors with ComfyUI's dotted names as kohya's, the .diff / .diff_b keys that no LoRA layer holds)."""
+    out, diffs = {}, []
+    for k, v in tensors.items():
+        m = _COMFY_PART.match(k) if k.startswith((COMFY_UNET, COMFY_TE)) else None
+        if m is None:
+            out[k] = v
+        elif m.group(2) in (".diff", ".diff_b"):
+            diffs.append(k)
+        elif k.startswith(COMFY_UNET):
+            out["lora_unet_" + m.group(1)[len(COMFY_UNET):].replace(".", "_") + m.group(2)] = v
+        else:
+            out["lora_te_" + m.group(1)[len(COMFY_TE):].replace(".", "_") + m.group(2)] = v  # counted as text encoder
+    return out, diffs
 
 
 @dataclass(frozen=True)
@@ -149,6 +175,11 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
     """Import a kohya-format UNet LoRA as a diffusers-format adapter that reproduces W + alpha/r · up @ down per layer."""
     path = Path(kohya_file)
     tensors, header = _read(path)
+    tensors, diffs = from_comfy(tensors)
+    if diffs:
+        log(f"warning: {len(diffs)} full weight differences (.diff / .diff_b, e.g. {diffs[0]}: biases and norms that "
+            "ComfyUI's Save LoRA extracts) not imported: an adapter holds LoRA layers only, so outputs will differ "
+            "slightly from the original file")
     unet_keys = [k for k in tensors if k.startswith("lora_unet_")]
     names = sorted({k.split(".")[0] for k in unet_keys})
     if not names:

@@ -248,11 +248,11 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
     """
     path = weights_path(adapter)
     keys = _keys(path)  # the header alone: a kohya file's tensors are read once, by the import
-    if any(k.startswith("lora_unet_") for k in keys) and not any(k.startswith("unet.") for k in keys):
-        # A kohya / WebUI file (what civitai serves): imported against this pipeline's own UNet config, exactly as
+    from adapt import kohya
+    if kohya.is_kohya(keys):
+        # A kohya / WebUI / ComfyUI file (what civitai serves): imported against this pipeline's own UNet config, exactly as
         # `adapt export --format diffusers --base` would write it, then loaded like any adapter.
         import tempfile
-        from adapt import kohya
         with tempfile.TemporaryDirectory() as tmp:
             kohya.from_kohya(path, tmp, base_cfg=dict(pipe.unet.config), log=log)
             return load_into(pipe, tmp, scale, adapter_name, check, base_resolved, log)

@@ -62,6 +62,35 @@ def test_roundtrip_through_diffusers_kohya_loader_is_exact(trained, tiny_base, t
     assert read_from and f.resolve() not in [p.resolve() for p in read_from]  # its tensors are read once, by the import
 
 
+def test_a_comfyui_saved_lora_loads_as_its_layers_say(trained, tiny_base, tmp_path):
+    """ComfyUI's Save LoRA node (comfy_extras/nodes_lora_extract.py) writes dotted CompVis paths under
+    'diffusion_model.', no alpha (alpha = rank), fp16, text encoders under 'text_encoders.', and '.diff' tensors for
+    1-D weights: the LoRA layers load exactly (in fp16), the rest is named in the log, never applied silently."""
+    from safetensors.torch import save_file
+    from adapt import kohya
+    ad, want = trained
+    tensors, _ = lora.read(ad)
+    cfg = dict(model.load_base(str(tiny_base))[0].unet.config)
+    comfy = {}
+    for k, v in tensors.items():
+        if k.endswith(".lora.down.weight"):
+            mod = k[len("unet."):-len(".lora.down.weight")]
+            name = "diffusion_model." + kohya.compvis_path(mod, cfg)
+            comfy[f"{name}.lora_down.weight"] = v.half()
+            comfy[f"{name}.lora_up.weight"] = (tensors[f"unet.{mod}.lora.up.weight"] * 0.5).half()  # alpha/r folded in
+            comfy[f"{name}.diff_b"] = torch.zeros(v.shape[1]).half()
+    comfy["text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_up.weight"] = torch.zeros(32, 4)
+    comfy["text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight"] = torch.zeros(4, 32)
+    save_file(comfy, tmp_path / "ComfyUI_extracted_lora_00001_.safetensors")
+    pipe, _ = model.load_base(str(tiny_base))
+    said = []
+    lora.load_into(pipe, tmp_path / "ComfyUI_extracted_lora_00001_.safetensors", log=said.append)
+    diff = float((_out(pipe.unet) - want).abs().max())
+    assert diff <= 2e-3, diff  # the file's fp16 weights
+    assert any("16 full weight differences (.diff / .diff_b" in m for m in said), said
+    assert any("1 text-encoder LoRA layers (lora_te*) not imported" in m for m in said), said
+
+
 def test_sdxl_names_map_both_ways():
     from adapt import archs, kohya
     cfg = archs.unet_config("sdxl")
