@@ -74,6 +74,7 @@ def test_inspect(adapter_dir):
     assert info["facts"]["strength"] == 0.5
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_inspect_counts_kohya_files_as_it_counts_its_own(adapter_dir, tmp_path):
     """A kohya export of the same adapter, and a file as civitai ships them (text-encoder layers, ranks and alphas
     varying by layer, self-attention): modules by kind, parameters without the alpha scalars, the ranks as they are."""
@@ -274,6 +275,7 @@ def test_sample_at_the_recommended_setting_equals_the_flags_spelled_out(adapter_
         assert np.array_equal(np.asarray(Image.open(tmp_path / "rec" / name)), np.asarray(Image.open(tmp_path / "flags" / name)))
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_data_build_by_name_works_from_any_directory(tmp_path):
     """README's `adapt data build synth_sunglasses --out ...` typed outside the checkout finds this checkout's
     definition (as data.source=datasets/<name> does); an unknown name lists the ones there are."""
@@ -289,6 +291,7 @@ def test_data_build_by_name_works_from_any_directory(tmp_path):
 
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_a_hub_adapter_id_loads_through_the_hub_cache(tiny_base, adapter_dir, tmp_path):
     """`--adapter org/name` (as `pipe.load_lora_weights("org/name")` takes it) resolves through huggingface_hub's
     cache (refs -> snapshot, the layout a download leaves; offline here) and samples as the local folder does; a name
@@ -324,6 +327,7 @@ def test_a_hub_adapter_id_loads_through_the_hub_cache(tiny_base, adapter_dir, tm
     assert r.returncode == 0 and json.loads(r.stdout)["facts"]["strength"] == 0.5, r.stderr
 
 
+@pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_image_takes_a_folder_or_a_pattern_the_shell_left_alone(tiny_base, adapter_dir, tmp_path):
     """`--image photos/` samples every image in the folder (by name; not masks/, subfolders or hidden files), and a
     quoted 'photos/*.png' the files it matches, each with its own caption from the folder's metadata."""
