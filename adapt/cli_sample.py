@@ -223,6 +223,17 @@ def _apply_recommended(a) -> None:
             rec = report.load_recommendation(a.recommended)
         except report.RecommendationError as e:
             raise CliError(f"--recommended {e}") from None
+        if not a.adapter and rec.adapter:  # the adapter the report evaluated, when it is still where it was
+            try:
+                lora.weights_path(rec.adapter)
+            except lora.AdapterError as e:
+                raise CliError(f"--recommended {rec.report}: it evaluated adapter {rec.adapter}, which is not found from "
+                               f"here ({e}); give --adapter") from None
+            a.adapter = [str(rec.adapter)]
+            if rec.adapter_sha256 is not None and lora.weights_sha256(rec.adapter) != rec.adapter_sha256:
+                raise CliError(f"--recommended {rec.report}: adapter {rec.adapter} has changed since the report evaluated "
+                               "it (its weights' sha256 differs); evaluate it again with `adapt eval`")
+            print(f"--adapter {rec.adapter}: the adapter the report evaluated")
         if len(a.adapter) != 1 or not a.image:
             raise CliError(f"--recommended: give the one --adapter the report evaluated ({rec.adapter}) and --image(s); "
                            f"got {len(a.adapter)} adapter(s) and {len(a.image)} image(s)")

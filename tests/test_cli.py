@@ -223,6 +223,15 @@ def test_recommended_refuses_another_adapter(adapter_dir, tiny_base, tmp_path):
     with pytest.raises(cli.CliError, match=r"the report evaluated adapter .* \(weights sha256 abababababab\), not --adapter"):
         cli_sample._apply_recommended(a)
     a = cli.build_parser().parse_args(["sample", "--image", str(img), "--recommended", str(tmp_path / "eval")])
+    with pytest.raises(cli.CliError, match=f"adapter {adapter_dir} has changed since the report evaluated it"):
+        cli_sample._apply_recommended(a)  # no --adapter: the report's, whose weights are no longer the evaluated ones
+    (tmp_path / "g").mkdir()
+    gone = _report(tmp_path / "g", tmp_path / "gone", tiny_base, sha="ab" * 32)
+    a = cli.build_parser().parse_args(["sample", "--image", str(img), "--recommended", str(gone)])
+    with pytest.raises(cli.CliError, match=r"it evaluated adapter .*gone, which is not found from here .*; give --adapter"):
+        cli_sample._apply_recommended(a)
+    a = cli.build_parser().parse_args(["sample", "--adapter", str(adapter_dir), "--adapter", str(adapter_dir), "--image",
+                                       str(img), "--recommended", str(tmp_path / "eval")])
     with pytest.raises(cli.CliError, match="give the one --adapter the report evaluated"):
         cli_sample._apply_recommended(a)
     # the evaluation decoded with a tuned VAE (adapt.decoder) that the adapter no longer ships: refused, unless opted out
@@ -260,10 +269,11 @@ def test_sample_at_the_recommended_setting_equals_the_flags_spelled_out(adapter_
     img = tmp_path / "x.png"
     from adapt import synth
     synth.make("faces", "eval", 0)[0].save(img)
-    r1 = adapt_cli("sample", "--adapter", adapter_dir, "--image", img, "--recommended", _report(tmp_path, adapter_dir, tiny_base),
-                   "--out", tmp_path / "rec")
+    # no --adapter: the one the report evaluated (its weights' sha256 still checked)
+    r1 = adapt_cli("sample", "--image", img, "--recommended", _report(tmp_path, adapter_dir, tiny_base), "--out", tmp_path / "rec")
     assert r1.returncode == 0, r1.stderr
     assert "recommends: strength 0.7, scale 1.5, masked (detector_reach 1" in r1.stdout
+    assert f"--adapter {adapter_dir}: the adapter the report evaluated" in r1.stdout
     r2 = adapt_cli("sample", "--base", tiny_base, "--adapter", adapter_dir, "--image", img, "--strength", 0.7, "--scale", 1.5,
                    "--steps", 10, "--scheduler", "ddim", "--guidance", 1.0, "--prompt", "{caption} wearing sunglasses",
                    "--mask", "auto", "--mask-threshold", 0.4, "--mask-close", 1, "--mask-draws", 2, "--mask-blur", 0.5, "--out", tmp_path / "flags")
