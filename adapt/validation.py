@@ -40,7 +40,6 @@ class Validator:
         if self.acc.is_main_process:
             self.base = self._run()
 
-    @torch.no_grad()
     def _track(self, grid, step: int) -> None:
         """The grid to the run's image-capable trackers (train.report_to), as diffusers' scripts log theirs."""
         for tracker in self.acc.trackers:
@@ -50,6 +49,7 @@ class Validator:
                 import wandb
                 tracker.log({"validation": wandb.Image(grid, caption="input | base | adapter")}, step=step)
 
+    @torch.no_grad()
     def __call__(self, step: int):
         if self.acc.is_main_process:
             was_training = self.unet.training
