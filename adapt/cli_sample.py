@@ -230,9 +230,6 @@ def _apply_recommended(a) -> None:
                 raise CliError(f"--recommended {rec.report}: it evaluated adapter {rec.adapter}, which is not found from "
                                f"here ({e}); give --adapter") from None
             a.adapter = [str(rec.adapter)]
-            if rec.adapter_sha256 is not None and lora.weights_sha256(rec.adapter) != rec.adapter_sha256:
-                raise CliError(f"--recommended {rec.report}: adapter {rec.adapter} has changed since the report evaluated "
-                               "it (its weights' sha256 differs); evaluate it again with `adapt eval`")
             print(f"--adapter {rec.adapter}: the adapter the report evaluated")
         if len(a.adapter) != 1 or not a.image:
             raise CliError(f"--recommended: give the one --adapter the report evaluated ({rec.adapter}) and --image(s); "
@@ -240,6 +237,9 @@ def _apply_recommended(a) -> None:
         given = lora.weights_path(a.adapter[0])
         if rec.adapter_sha256 is not None:
             sha = lora.weights_sha256(given)
+            if sha != rec.adapter_sha256 and a.adapter[0] == str(rec.adapter):
+                raise CliError(f"--recommended {rec.report}: adapter {rec.adapter} has changed since the report evaluated "
+                               "it (its weights' sha256 differs); evaluate it again with `adapt eval`")
             if sha != rec.adapter_sha256:
                 raise CliError(f"--recommended {rec.report}: the report evaluated adapter {rec.adapter} (weights sha256 "
                                f"{rec.adapter_sha256[:12]}), not --adapter {a.adapter[0]} (sha256 {sha[:12]}); evaluate "
@@ -321,7 +321,8 @@ def _expand_images(given: list[str]) -> list[str]:
     for g in given:
         p = Path(g)
         if p.is_dir():
-            found = sorted(str(q) for q in p.iterdir() if q.is_file() and imagefolder.is_image(q) and not q.name.startswith("."))
+            found = sorted(str(q) for q in p.iterdir() if q.is_file() and imagefolder.is_image(q)
+                           and not imagefolder.hidden(Path(q.name)))
             if not found:
                 raise CliError(f"--image {g}: a folder with no images in it (subfolders are not read)")
             print(f"--image {g}: {len(found)} image(s) in the folder")

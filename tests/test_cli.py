@@ -220,7 +220,12 @@ def test_recommended_refuses_another_adapter(adapter_dir, tiny_base, tmp_path):
     Image.new("RGB", (64, 64)).save(img)
     a = cli.build_parser().parse_args(["sample", "--adapter", str(adapter_dir), "--image", str(img), "--recommended",
                                        str(_report(tmp_path, adapter_dir, tiny_base, sha="ab" * 32))])
-    with pytest.raises(cli.CliError, match=r"the report evaluated adapter .* \(weights sha256 abababababab\), not --adapter"):
+    with pytest.raises(cli.CliError, match=f"adapter {adapter_dir} has changed since the report evaluated it"):
+        cli_sample._apply_recommended(a)  # the same folder, other weights
+    (tmp_path / "o").mkdir()
+    other = _report(tmp_path / "o", tmp_path / "elsewhere", tiny_base, sha="ab" * 32)
+    a = cli.build_parser().parse_args(["sample", "--adapter", str(adapter_dir), "--image", str(img), "--recommended", str(other)])
+    with pytest.raises(cli.CliError, match=r"the report evaluated adapter .*elsewhere \(weights sha256 abababababab\), not --adapter"):
         cli_sample._apply_recommended(a)
     a = cli.build_parser().parse_args(["sample", "--image", str(img), "--recommended", str(tmp_path / "eval")])
     with pytest.raises(cli.CliError, match=f"adapter {adapter_dir} has changed since the report evaluated it"):
