@@ -185,8 +185,10 @@ def _record_common(a, pipe, facts, names, scales, steps, sched, tuned, device) -
 
 
 def _where(path: str) -> str:
-    """An existing path made absolute (the record then works from any folder); a name or hub id as given."""
-    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+    """An existing path made absolute (the record then works from any folder), a hub cache snapshot as the hub id
+    and commit it holds (then it works on any machine); a name or hub id as given."""
+    from adapt import lora
+    return lora.hub_id(path) or (str(Path(path).resolve()) if Path(path).exists() else str(path))
 
 
 def _tuned_decoder(a, pipe):

@@ -142,6 +142,14 @@ def locate(adapter: str | Path) -> str:
                            f"adapter ({why})") from None
 
 
+def hub_id(folder: str | Path) -> str | None:
+    """'org/name@commit' for a snapshot folder of the hub cache (.../models--org--name/snapshots/<commit>), else None:
+    the portable name of what `locate` fetched."""
+    p = Path(folder)
+    m = re.fullmatch(r"models--([^/]+?)--(.+)", p.parent.parent.name) if p.parent.name == "snapshots" else None
+    return f"{m.group(1)}/{m.group(2)}@{p.name}" if m else None
+
+
 def weights_path(adapter: str | Path) -> Path:
     """The safetensors file of an adapter given as folder or file; pickles are refused."""
     p = Path(adapter)

@@ -326,11 +326,11 @@ def test_a_hub_adapter_id_loads_through_the_hub_cache(tiny_base, adapter_dir, tm
         return subprocess.run([exe, "--threads", "1", "sample", "--base", str(tiny_base), "--adapter", adapter, "--image",
                                "face.png", "--prompt", "a face", "--out", out], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
-    for adapter, out in ((str(adapter_dir), "local"), ("me/sunglasses-lora", "hub"), (f"me/sunglasses-lora@{commit}", "rev")):
+    for adapter, out in ((str(adapter_dir), "local"), ("me/sunglasses-lora", "fromhub"), (f"me/sunglasses-lora@{commit}", "rev")):
         r = sample(adapter, out)
         assert r.returncode == 0, r.stderr
     local = np.asarray(Image.open(tmp_path / "local" / "img2img_000.png"))
-    for out in ("hub", "rev"):
+    for out in ("fromhub", "rev"):
         assert np.array_equal(local, np.asarray(Image.open(tmp_path / out / "img2img_000.png")))
     r = sample("me/no-such-lora", "x")
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -338,6 +338,10 @@ def test_a_hub_adapter_id_loads_through_the_hub_cache(tiny_base, adapter_dir, tm
     for typo in ("runs/typo", "loras/x.safetensors"):  # runs/ exists here; a file name: local paths, never hub ids
         r = sample(typo, "y")
         assert r.returncode == 2 and r.stderr.strip() == f"error: adapter not found: {typo}", r.stderr
+    from adapt import provenance  # the record names the hub id and commit, not this machine's cache folder
+    rec = provenance.read(tmp_path / "fromhub" / "img2img_000.png")
+    assert rec.adapters[0].path == f"me/sunglasses-lora@{commit}"
+    assert f"--adapter me/sunglasses-lora@{commit}" in provenance.reproduce_command(rec)
     r = subprocess.run([exe, "inspect", "me/sunglasses-lora", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["facts"]["strength"] == 0.5, r.stderr
 
