@@ -132,12 +132,12 @@ def locate(adapter: str | Path) -> str:
         return given
     repo, _, revision = given.partition("@")
     from huggingface_hub import constants, snapshot_download
+    from adapt.model import hub_unreachable
     try:
         return snapshot_download(repo, revision=revision or None, allow_patterns=["*.safetensors", "*.json", "*.md", "vae/*"])
     except Exception as e:
         why = (f"the Hugging Face hub is unreachable (offline={constants.HF_HUB_OFFLINE}) and it is not in the local "
-               "cache" if constants.HF_HUB_OFFLINE or "connect" in str(e).lower() or "resolve" in str(e).lower()
-               or "offline" in str(e).lower() else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+               "cache" if hub_unreachable(e) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise AdapterError(f"adapter not found: {given!r} is not a local file or folder (no {p.absolute()}), nor a hub "
                            f"adapter ({why})") from None
 

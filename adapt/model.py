@@ -281,12 +281,18 @@ def load_pipeline(base: str, revision: str | None = None, variant: str | None = 
         commit = Path(index_path).parent.name  # .../snapshots/<commit>/model_index.json: what was actually loaded
         pipe = cls.from_pretrained(where, revision=revision, variant=variant, **kw)
     except Exception as e:
-        if offline or "offline" in str(e).lower() or "connect" in str(e).lower() or "resolve" in str(e).lower():
+        if hub_unreachable(e):
             raise ModelError(f"hub id {where!r}: the Hugging Face hub is unreachable (offline={offline}) and the model "
                              f"is not in the local cache; download it where you have network, or pass a local folder") from e
         raise ModelError(f"hub id {where!r}: could not load: {e}") from e
     verify_pipeline(pipe, Path(index_path).parent, variant)
     return pipe, f"{where}@{commit}"
+
+
+def hub_unreachable(e: Exception) -> bool:
+    """Whether a hub lookup failed for want of the hub (offline mode, no network), not for what was asked."""
+    from huggingface_hub import constants
+    return constants.HF_HUB_OFFLINE or any(w in str(e).lower() for w in ("offline", "connect", "resolve"))
 
 
 def facts_of(pipe, source: str, resolved: str) -> BaseFacts:
