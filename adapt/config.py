@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from adapt.precision import HALF
 from adapt.configio import (ConfigError, check as _check, describe, dump, hints as _hints, keys_help, load,  # noqa: F401
@@ -157,10 +157,10 @@ class TrainSection:
     log_every: int = opt(10, "read the loss back from the device every N steps (and at checkpoints, validation, the end): "
                                "the log still has a row per step; under DDP a stop signal takes effect at these points")
     num_threads: Optional[int] = opt(None, "torch CPU threads; None = torch's default")
-    report_to: str = opt("auto", "experiment tracker for loss, lr and validation grids, through accelerate: tensorboard "
+    report_to: Union[str, bool] = opt("auto", "experiment tracker for loss, lr and validation grids, through accelerate: tensorboard "
                          "(in <out_dir>/adapt: tensorboard --logdir <out_dir>), wandb, trackio, mlflow, comet_ml, aim, "
-                         "clearml, dvclive, swanlab, all (every one installed) or none; auto = tensorboard when installed, "
-                         "else none. One that is not installed is an error. logs/train_log.jsonl is written always")
+                         "clearml, dvclive, swanlab, all (every one installed) or none (a bare no / off / false, which YAML reads as a "
+                         "boolean, means none too); auto = tensorboard when installed, else none. One that is not installed is an error. logs/train_log.jsonl is written always")
     overwrite: bool = opt(False, "allow writing into an out_dir that already holds a finished run")
 
     def __post_init__(self):
@@ -169,6 +169,10 @@ class TrainSection:
         _check(self.checkpointing_steps >= 0, "train.checkpointing_steps", f"must be >= 0, got {self.checkpointing_steps}")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "train.checkpoints_total_limit", "must be > 0")
         _check(self.num_threads is None or self.num_threads > 0, "train.num_threads", f"must be > 0, got {self.num_threads}")
+        if self.report_to is False:  # YAML 1.1 reads `report_to: no` (or off / false) as the boolean False
+            self.report_to = "none"
+        _check(self.report_to is not True, "train.report_to", "a bare yes / on / true names no tracker: write one "
+               "(tensorboard, wandb, ...), all or auto")
         from accelerate.utils import LoggerType
         known = ["auto", "none", *(t.value for t in LoggerType)]
         _check(self.report_to in known, "train.report_to", f"{self.report_to!r}: choose from {', '.join(known)}")

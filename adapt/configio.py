@@ -83,6 +83,9 @@ def _coerce(value, tp, key: str):
         return float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; it is meant as a number
     if tp is list and isinstance(value, (list, tuple)):
         return list(value)
+    if tp is str and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected str, got bool {value!r} (YAML reads a bare yes / no / on / off / true / false "
+                          "as a boolean: quote the word if you meant it)")
     if tp in (int, float, str, bool, list, dict) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value

@@ -32,10 +32,21 @@ def test_public_override_keys():
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("objective.strength=0.01", "visits no timestep"),
     ("train.report_to=tensorbord", "train.report_to: 'tensorbord': choose from auto, none, all, .*tensorboard, wandb"),
+    ("train.report_to=yes", "train.report_to: a bare yes / on / true names no tracker"),
+    ("model.base=no", r"model.base: expected str, got bool False \(YAML reads a bare yes / no .* quote the word"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         _load(override)
+
+
+def test_report_to_bare_no_means_none(tmp_path):
+    # YAML 1.1 reads `report_to: no` as the boolean False, the way people write "no tracker"
+    for spelled in ("no", "off", "false", "none", "'none'"):
+        cfg_file = tmp_path / "c.yaml"
+        cfg_file.write_text(f"train:\n  report_to: {spelled}\n")
+        assert _load(path=cfg_file).train.report_to == "none"
+    assert _load("train.report_to=no").train.report_to == "none"
 
 
 def test_frozen_dtype_must_match_autocast():
