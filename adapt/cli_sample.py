@@ -225,13 +225,15 @@ def _apply_recommended(a) -> None:
             rec = report.load_recommendation(a.recommended)
         except report.RecommendationError as e:
             raise CliError(f"--recommended {e}") from None
+        evaluated = rec.adapter
         if not a.adapter and rec.adapter:  # the adapter the report evaluated, when it is still where it was
             try:
-                lora.weights_path(rec.adapter)
+                evaluated = lora.locate(rec.adapter)  # a hub adapter is recorded as org/name@commit
+                lora.weights_path(evaluated)
             except lora.AdapterError as e:
                 raise CliError(f"--recommended {rec.report}: it evaluated adapter {rec.adapter}, which is not found from "
                                f"here ({e}); give --adapter") from None
-            a.adapter = [str(rec.adapter)]
+            a.adapter = [evaluated]
             print(f"--adapter {rec.adapter}: the adapter the report evaluated")
         if len(a.adapter) != 1 or not a.image:
             raise CliError(f"--recommended: give the one --adapter the report evaluated ({rec.adapter}) and --image(s); "
@@ -239,7 +241,7 @@ def _apply_recommended(a) -> None:
         given = lora.weights_path(a.adapter[0])
         if rec.adapter_sha256 is not None:
             sha = lora.weights_sha256(given)
-            if sha != rec.adapter_sha256 and a.adapter[0] == str(rec.adapter):
+            if sha != rec.adapter_sha256 and a.adapter[0] in (str(rec.adapter), evaluated):
                 raise CliError(f"--recommended {rec.report}: adapter {rec.adapter} has changed since the report evaluated "
                                "it (its weights' sha256 differs); evaluate it again with `adapt eval`")
             if sha != rec.adapter_sha256:

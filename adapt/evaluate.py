@@ -192,6 +192,9 @@ def run(cfg: config.EvalConfig, progress: bool = True, log=print) -> dict:
         f"{clf.n_heldout} real images ({len(cs)} source, {len(ct)} target; raw and VAE round-tripped)")
     report = {"version": rep.REPORT_VERSION, "status": "ok",
               "settings": {**config.to_dict(cfg), "base": base, "steps": steps, "scheduler": sched,
+                           # a hub adapter as org/name@commit, not this machine's cache folder: the report's
+                           # `adapt sample --recommended` line then works anywhere
+                           "adapter": lora.hub_id(cfg.adapter) or cfg.adapter,
                            "adapter_sha256": lora.weights_sha256(cfg.adapter),
                            "decoder": str(tuned_path) if tuned_path else None,
                            "noise_seeds": [1000 * s for s in range(cfg.seeds)], "n_source": len(src_rec),

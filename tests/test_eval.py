@@ -489,3 +489,27 @@ def test_a_folder_split_for_hugging_face_is_evaluated_on_test_and_judged_by_a_cl
     assert any("split 'test' ('eval' is a synonym of 'test') of test (3 images), train (8 images)" in m for m in msgs), msgs
     assert f"domain classifier: {tmp_path / 'faces'} has no 'classifier' split (splits: test, train); it learns from 'train'" in msgs
     assert not any("evaluated source" in w for w in report["warnings"])
+
+
+def test_a_hub_adapter_is_recorded_by_id_and_commit_and_sampled_from_the_report(adapter, tmp_path, monkeypatch):
+    """`adapt eval --adapter org/name` records org/name@commit, not this machine's hub cache folder, so the report's
+    `adapt sample --recommended` finds the same adapter on any machine (and here, through the cache)."""
+    import shutil
+    from huggingface_hub import constants
+    from PIL import Image
+    from adapt import cli, cli_sample
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--me--sunglasses-lora"
+    shutil.copytree(adapter, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    report = evaluate.run(_cfg("me/sunglasses-lora", tmp_path / "r", strengths=[0.5], seeds=1, preservation_threshold=0.0),
+                          progress=False, log=lambda m: None)
+    assert report["settings"]["adapter"] == f"me/sunglasses-lora@{commit}"
+    assert report["recommended"]["strength"] == 0.5, report["recommended"]
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    a = cli.build_parser().parse_args(["sample", "--image", str(tmp_path / "x.png"), "--recommended", str(tmp_path / "r")])
+    cli_sample._apply_recommended(a)
+    assert a.adapter == [str(repo / "snapshots" / commit)] and a.strength == 0.5
