@@ -12,10 +12,16 @@ Import converts to adapt's diffusers-format adapter with per-module rank and alp
 rank_pattern / alpha_pattern, which diffusers' `load_lora_weights` and peft apply exactly. (diffusers'
 own kohya loader collapses per-module alphas in some files; the tests compare against the formula.)
 Linear layers and Conv2d layers of any kernel (1x1 proj_in/proj_out in SD 1.x, 3x3 LoCon) import;
-LoHa / LoKr / DoRA are refused by name; text-encoder layers are counted and reported, not applied.
+LoHa / LoKr / DoRA are refused by name.
+Text-encoder layers (sd-scripts trains them unless --network_train_unet_only): `lora_te_text_model_encoder_layers_
+<i>_self_attn_q_proj` etc. on SD 1.x/2.x, `lora_te1_` / `lora_te2_` for SDXL's two encoders, import as diffusers'
+`text_encoder[_2].text_model.encoder.layers.<i>...` with their own rank and alpha, so an adapter scale moves both
+parts together, as WebUI's `<lora:name:s>` does. A text-encoder layer outside CLIP's attention and MLP is named
+in a warning and left out.
 ComfyUI's Save LoRA node writes the same layers under dotted CompVis paths (`diffusion_model.input_blocks.1.1.
-...attn2.to_k.lora_up.weight`, text encoders under `text_encoders.`), plus full differences of 1-D weights
-(`.diff`, `.diff_b`: biases and norms) that no LoRA layer can hold: read as kohya names, the diffs counted, not applied.
+...attn2.to_k.lora_up.weight`; text encoders as `text_encoders.clip_l.transformer.text_model...`, clip_g for SDXL's
+second), plus full differences of 1-D weights (`.diff`, `.diff_b`: biases and norms) that no LoRA layer can hold:
+read as kohya names, the diffs counted, not applied.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 import torch
 
 from adapt import atomic, lora
+from adapt.kohya_te import text_encoder_kohya, text_encoder_modules, text_encoder_tensors
 from adapt.facts import AdapterFacts, FactsError
 
 WIDTHS = {768: "sd15", 1024: "sd21", 2048: "sdxl"}  # cross-attention width of the published families
@@ -47,6 +54,10 @@ def is_kohya(keys) -> bool:
 def from_comfy(tensors: dict) -> tuple[dict, list[str]]:
     """(tensors with ComfyUI's dotted names as kohya's, the .diff / .diff_b keys that no LoRA layer holds)."""
     out, diffs = {}, []
+    # ComfyUI names its text encoders clip_l / clip_g / clip_h; with both clip_l and clip_g (SDXL) they are kohya's
+    # lora_te1_ and lora_te2_, a single one is lora_te_ (as ComfyUI's own key map, comfy/lora.py, reads them)
+    clips = {k[len(COMFY_TE):].split(".")[0] for k in tensors if k.startswith(COMFY_TE)}
+    prefix = {"clip_l": "lora_te1_", "clip_g": "lora_te2_"} if {"clip_l", "clip_g"} <= clips else {}
     for k, v in tensors.items():
         m = _COMFY_PART.match(k) if k.startswith((COMFY_UNET, COMFY_TE)) else None
         if m is None:
@@ -55,8 +66,10 @@ def from_comfy(tensors: dict) -> tuple[dict, list[str]]:
             diffs.append(k)
         elif k.startswith(COMFY_UNET):
             out["lora_unet_" + m.group(1)[len(COMFY_UNET):].replace(".", "_") + m.group(2)] = v
-        else:
-            out["lora_te_" + m.group(1)[len(COMFY_TE):].replace(".", "_") + m.group(2)] = v  # counted as text encoder
+        else:  # text_encoders.clip_l.transformer.text_model.encoder... -> lora_te[1]_text_model_encoder_...
+            clip, _, rest = m.group(1)[len(COMFY_TE):].partition(".")
+            rest = rest[len("transformer."):] if rest.startswith("transformer.") else rest
+            out[prefix.get(clip, "lora_te_") + rest.replace(".", "_") + m.group(2)] = v
     return out, diffs
 
 
@@ -171,8 +184,10 @@ def _read(path: Path) -> tuple[dict, dict]:
 
 
 def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = "auto", base_cfg: dict | None = None,
-               log=print) -> Path:
-    """Import a kohya-format UNet LoRA as a diffusers-format adapter that reproduces W + alpha/r · up @ down per layer."""
+               log=print, te_shapes: dict | None = None) -> Path:
+    """Import a kohya-format LoRA as a diffusers-format adapter that reproduces W + alpha/r · up @ down per layer.
+    te_shapes (text_encoder_shapes of the pipeline it will load into), when given, checks the text-encoder layers'
+    shapes here, so a mismatch is named by layer rather than by peft."""
     path = Path(kohya_file)
     tensors, header = _read(path)
     tensors, diffs = from_comfy(tensors)
@@ -184,7 +199,8 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
     names = sorted({k.split(".")[0] for k in unet_keys})
     if not names:
         raise lora.AdapterError(f"{path}: no lora_unet_* keys; not a kohya-format UNet LoRA")
-    other = [k for k in unet_keys if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
+    te_keys = [k for k in tensors if k.startswith("lora_te")]
+    other = [k for k in unet_keys + te_keys if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
     if other:  # LyCORIS LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale) carry other tensors than down/up/alpha
         kind = "DoRA" if any("dora_scale" in k for k in other) else "LoHa" if any(".hada_" in k for k in other) else \
             "LoKr" if any(".lokr_" in k for k in other) else "not plain LoRA"
@@ -194,10 +210,11 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
         for part in ("lora_down.weight", "lora_up.weight"):
             if f"{n}.{part}" not in tensors:
                 raise lora.AdapterError(f"{path}: {n} has no {part} (the file is incomplete)")
-    dropped = sorted({k.split(".")[0] for k in tensors if k.startswith("lora_te")})
+    te_layers, dropped = text_encoder_modules(sorted({k.split(".")[0] for k in te_keys}))
     if dropped:
-        log(f"warning: {len(dropped)} text-encoder LoRA layers (lora_te*) not imported: adapt adapters change the UNet "
-            f"only, so outputs will differ from the original file (e.g. {', '.join(dropped[:2])})")
+        log(f"warning: {len(dropped)} text-encoder LoRA layers name no layer of CLIP's attention or MLP and are not "
+            f"imported, so outputs will differ from the original file (e.g. {', '.join(dropped[:2])})")
+    te_out, te_meta = text_encoder_tensors(path, tensors, te_layers, te_shapes)
     try:  # a file adapt exported carries its record: keep it, and map against its own base when that is here
         prior = AdapterFacts.from_header(header.get(lora.FACTS_KEY), str(path))
     except FactsError as e:
@@ -233,12 +250,15 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
             "unet.rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
             "unet.alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != base_alpha},
             "unet.init_lora_weights": True, "unet.lora_dropout": 0.0, "unet.bias": "none"}
-    kohya_info = {"family": arch, "naming": naming, "dropped_text_encoder_layers": len(dropped),
+    meta.update(te_meta)
+    out.update(te_out)
+    kohya_info = {"family": arch, "naming": naming, "text_encoder_layers": len(te_layers),
+                  "dropped_text_encoder_layers": len(dropped),
                   "metadata": {k: v for k, v in header.items() if k.startswith("ss_") and len(v) < 2000}}
     facts = dataclasses.replace(prior or AdapterFacts(architecture="sd"), imported_from=str(path), kohya=kohya_info,
                                 architecture="sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd")
     log(f"imported {len(names)} UNet layers ({arch}, {naming} names; ranks {sorted(set(ranks.values()))}, "
-        f"alphas {sorted(set(alphas.values()))})")
+        f"alphas {sorted(set(alphas.values()))})" + (f" and {len(te_layers)} text-encoder layers" if te_layers else ""))
     out_dir = Path(out_dir)
     target = out_dir / lora.WEIGHTS_NAME
     atomic.write_safetensors(out, target, {"format": "pt", "lora_adapter_metadata": json.dumps(meta),
@@ -246,12 +266,14 @@ def from_kohya(kohya_file: str | Path, out_dir: str | Path, architecture: str = 
     return target
 
 
-def alphas_of(header: dict, modules: list[str]) -> dict[str, float]:
-    """Per-module alpha from peft metadata (lora_alpha, alpha_pattern), as trained."""
-    meta = {k.split("unet.", 1)[-1]: v for k, v in (header.get("lora_adapter_metadata") or {}).items()}
+def alphas_of(header: dict, modules: list[str], component: str = "unet") -> dict[str, float]:
+    """Per-module alpha from peft metadata (lora_alpha, alpha_pattern), as trained, of the UNet or a text encoder."""
+    raw = header.get("lora_adapter_metadata") or {}
+    meta = {k.split("unet.", 1)[-1]: v for k, v in raw.items()} if component == "unet" else \
+        {k[len(component) + 1:]: v for k, v in raw.items() if k.startswith(component + ".")}
     if "lora_alpha" not in meta:
-        raise lora.AdapterError("adapter has no lora_alpha metadata: its trained scale is unknown, refusing to guess "
-                                "(re-save it with adapt, or pass the alpha explicitly)")
+        raise lora.AdapterError(f"adapter has no {component} lora_alpha metadata: its trained scale is unknown, refusing "
+                                "to guess (re-save it with adapt, or pass the alpha explicitly)")
     pattern = meta.get("alpha_pattern") or {}
     return {m: float(next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", m)), meta["lora_alpha"]))
             for m in modules}
@@ -280,13 +302,15 @@ def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 
     facts = header[lora.FACTS_KEY]
     # diffusers' converter names attention projections .lora.down/.lora.up but leaves other layers (LoCon convs)
     # in peft's .lora_A/.lora_B: both are this file's layers, and a key of neither kind is refused, never dropped
+    te_tensors = {k: v for k, v in tensors.items() if k.startswith(lora.TEXT_ENCODERS)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(lora.TEXT_ENCODERS)}
     other = [k for k in tensors if not (k.startswith("unet.") and k.endswith((DOWN, UP, ".lora_A.weight", ".lora_B.weight")))]
     tensors = lora.one_naming(tensors)
     downs = {k[len("unet."):-len(DOWN)]: v for k, v in tensors.items() if k.startswith("unet.") and k.endswith(DOWN)}
     ups = {k[len("unet."):-len(UP)]: v for k, v in tensors.items() if k.startswith("unet.") and k.endswith(UP)}
     if other:
         raise lora.AdapterError(f"{adapter}: {len(other)} tensors are not UNet LoRA down/up weights (e.g. {other[:3]}); "
-                                "the kohya format holds plain UNet LoRA only")
+                                "the kohya format holds plain LoRA layers only")
     if not downs or downs.keys() != ups.keys():
         raise lora.AdapterError(f"{adapter}: expected paired unet.*.lora.down/up weights, found {len(downs)} down, {len(ups)} up"
                                 + (f"; unpaired: {sorted(downs.keys() ^ ups.keys())[:3]}" if downs.keys() != ups.keys() else ""))
@@ -295,6 +319,7 @@ def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 
     family = WIDTHS.get(next(iter(widths))) if len(widths) == 1 else None
     sdxl = family == "sdxl" or (facts is not None and facts.architecture == "sdxl")
     cfg = published_config(family) if family else None
+    te_out = text_encoder_kohya(te_tensors, header, sdxl or any(k.startswith("text_encoder_2.") for k in te_tensors))
 
     def name(m: str) -> str:
         if not sdxl:
@@ -321,4 +346,5 @@ def to_kohya(adapter: str | Path, out_file: str | Path, layers_per_block: int = 
     convs = [m for m, v in downs.items() if v.ndim == 4]
     if convs:
         meta["ss_network_args"] = json.dumps({"conv_dim": str(max(downs[m].shape[0] for m in convs))})
+    out.update(te_out)
     return atomic.write_safetensors(out, Path(out_file), meta)

@@ -35,6 +35,7 @@ PRESETS = {
 }
 ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TEXT_ENCODERS = ("text_encoder.", "text_encoder_2.")  # key prefixes of text-encoder LoRA layers in diffusers' format
 
 
 class AdapterError(ValueError):
@@ -101,9 +102,10 @@ def state_dict(unet, adapter_name: str = "default") -> dict:
 
 
 def one_naming(tensors: dict) -> dict:
-    """peft's `.lora_A/.lora_B.weight` keys renamed to diffusers' `.lora.down/.lora.up.weight`; other keys unchanged."""
-    return {re.sub(r"\.lora_A\.weight$", ".lora.down.weight", re.sub(r"\.lora_B\.weight$", ".lora.up.weight", k)): v
-            for k, v in tensors.items()}
+    """UNet keys in peft's `.lora_A/.lora_B.weight` renamed to diffusers' `.lora.down/.lora.up.weight`; other keys
+    unchanged (diffusers' text-encoder loader reads peft's names, not `.lora.down`)."""
+    return {re.sub(r"\.lora_A\.weight$", ".lora.down.weight", re.sub(r"\.lora_B\.weight$", ".lora.up.weight", k))
+            if not k.startswith(TEXT_ENCODERS) else k: v for k, v in tensors.items()}
 
 
 def save(out_dir: str | Path, unet, facts: AdapterFacts, adapter_name: str = "default") -> Path:
@@ -256,13 +258,13 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
     """
     path = weights_path(adapter)
     keys = _keys(path)  # the header alone: a kohya file's tensors are read once, by the import
-    from adapt import kohya
+    from adapt import kohya, kohya_te
     if kohya.is_kohya(keys):
         # A kohya / WebUI / ComfyUI file (what civitai serves): imported against this pipeline's own UNet config, exactly as
         # `adapt export --format diffusers --base` would write it, then loaded like any adapter.
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
-            kohya.from_kohya(path, tmp, base_cfg=dict(pipe.unet.config), log=log)
+            kohya.from_kohya(path, tmp, base_cfg=dict(pipe.unet.config), log=log, te_shapes=kohya_te.text_encoder_shapes(pipe))
             return load_into(pipe, tmp, scale, adapter_name, check, base_resolved, log)
     tensors, header = read(path)
     name = adapter_name or f"adapter_{len(pipe.get_list_adapters().get('unet', [])) if hasattr(pipe, 'get_list_adapters') else 0}"
@@ -285,7 +287,8 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
             raise AdapterError(f"{path}: every LoRA up/B matrix is zero, so this adapter changes nothing at any scale "
                                "(saved before training, or training diverged to zero)")
     file_modules = {k[len("unet."):].rsplit(".lora", 1)[0] for k in tensors if k.startswith("unet.") and ".lora" in k}
-    if any(k.endswith(".lora.down.weight") for k in tensors) and any(k.endswith(".lora_A.weight") for k in tensors):
+    unet_keys = [k for k in tensors if k.startswith("unet.")]
+    if any(k.endswith(".lora.down.weight") for k in unet_keys) and any(k.endswith(".lora_A.weight") for k in unet_keys):
         # both namings in one file (diffusers' converter writes them so for LoCon convs): its loader would keep only
         # the layers named like the first key, so load a copy with one naming, header (alpha) included
         import tempfile
@@ -301,6 +304,19 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
         missing = sorted(file_modules - loaded)
         raise AdapterError(f"{path}: diffusers loaded {len(file_modules & loaded)} of the file's {len(file_modules)} UNet "
                            f"LoRA layers; not loaded: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    te_file = {k.split(".")[0]: set() for k in tensors if k.startswith(TEXT_ENCODERS)}
+    for k in tensors:
+        if k.startswith(TEXT_ENCODERS) and ".lora" in k:
+            te_file[k.split(".")[0]].add(k.split(".", 1)[1].rsplit(".lora", 1)[0].removeprefix("text_model."))
+    for comp, mods in te_file.items():  # diffusers warns and goes on when text-encoder keys load nowhere
+        te = getattr(pipe, comp, None)
+        got = {n.removeprefix("text_model.") for n, m in te.named_modules() if name in getattr(m, "lora_A", {})} \
+            if te is not None else set()
+        if check and mods - got:
+            missing = sorted(mods - got)
+            raise AdapterError(f"{path}: diffusers loaded {len(mods & got)} of the file's {len(mods)} {comp} LoRA layers; "
+                               f"not loaded: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        log(f"{len(got)} {comp} LoRA layers loaded (the adapter scale applies to them as to the UNet's)")
     pipe.set_adapters([name], [scale])
     if check and "lora_adapter_metadata" in header:
         want = header["lora_adapter_metadata"]
@@ -338,18 +354,23 @@ def applied(pipe, names: list[str], scales: list[float], fuse: bool = True):
         pipe.set_adapters(names, scales)
         yield
         return
-    targets = [m for m in pipe.unet.modules() if hasattr(m, "base_layer") and any(n in getattr(m, "lora_A", {}) for n in names)]
+    # the text encoders too, when an adapter has layers there (kohya files, diffusers' --train_text_encoder): else they
+    # would run at the set_adapters weight 1 while the UNet's part is fused at the scale
+    parts = ["unet"] + [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None
+                        and any(n in getattr(m, "lora_A", {}) for m in getattr(pipe, c).modules() for n in names)]
+    targets = [m for c in parts for m in getattr(pipe, c).modules()
+               if hasattr(m, "base_layer") and any(n in getattr(m, "lora_A", {}) for n in names)]
     saved = [m.base_layer.weight.detach().to("cpu", copy=True) for m in targets]
     pipe.set_adapters(names, [1.0] * len(names))
     if len(set(scales)) != 1:  # one scale per adapter: fuse each at its own scale
         for n, s in zip(names, scales):
-            pipe.fuse_lora(components=["unet"], lora_scale=s, adapter_names=[n])
+            pipe.fuse_lora(components=parts, lora_scale=s, adapter_names=[n])
     else:
-        pipe.fuse_lora(components=["unet"], lora_scale=scales[0], adapter_names=names)
+        pipe.fuse_lora(components=parts, lora_scale=scales[0], adapter_names=names)
     try:
         yield
     finally:
-        pipe.unfuse_lora(components=["unet"])
+        pipe.unfuse_lora(components=parts)
         with torch.no_grad():
             for m, w in zip(targets, saved):
                 m.base_layer.weight.copy_(w)

@@ -76,7 +76,11 @@ def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[s
         raise ValueError("auto_mask: an adapter is fused into the UNet (inside lora.applied(fuse=True)?); compute the "
                          "mask outside that block, so the adapter can be switched off for the base prediction")
     z0 = _encode(pipe, images)
-    cond = unet_cond(pipe, prompts, images[0].size[::-1])
+    # the prompt encoded with the adapter on and off: an adapter with text-encoder layers (kohya files) changes it too
+    with lora.applied(pipe, names, [1.0] * len(names), fuse=False):
+        cond_a = unet_cond(pipe, prompts, images[0].size[::-1])
+    with lora.applied(pipe, names, [0.0] * len(names)):
+        cond_b = unet_cond(pipe, prompts, images[0].size[::-1])
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise process the UNet knows
     t = torch.full((len(images),), settings.timestep, dtype=torch.long)
     diff = torch.zeros(z0.shape[0], 1, *z0.shape[2:], device=z0.device)
@@ -86,9 +90,9 @@ def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[s
         zt = ddpm.add_noise(z0, noise, t)
         tt = t.to(z0.device)
         with lora.applied(pipe, names, [1.0] * len(names), fuse=False):
-            eps_a = pipe.unet(zt, tt, **cond).sample
+            eps_a = pipe.unet(zt, tt, **cond_a).sample
         with lora.applied(pipe, names, [0.0] * len(names)):
-            eps_b = pipe.unet(zt, tt, **cond).sample
+            eps_b = pipe.unet(zt, tt, **cond_b).sample
         diff += (eps_a - eps_b).abs().float().mean(1, keepdim=True)
     lo, hi = diff.amin((2, 3), keepdim=True), diff.amax((2, 3), keepdim=True)
     m = ((diff - lo) / (hi - lo).clamp_min(1e-8) > settings.threshold).float()

@@ -111,3 +111,28 @@ def rewrite_safetensors(path, edit):
     with safe_open(str(path), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(edit(tensors), str(path), meta)
+
+
+def diffusers_lora_with_text_encoder(base, out, te_modules=("q_proj", "k_proj", "v_proj", "out_proj"), te_alpha=8, seed=0):
+    """A LoRA with text-encoder layers beside the UNet's cross-attention ones, written by diffusers' own
+    save_lora_weights, as train_dreambooth_lora.py --train_text_encoder leaves it (UNet rank 4 / alpha 4; text
+    encoder rank 4 / te_alpha). Returns `out`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from adapt import lora, model
+    src, _ = model.load_base(str(base))
+    torch.manual_seed(seed)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=te_alpha, init_lora_weights=False, target_modules=list(te_modules)),
+                            src.text_encoder)
+    cross = lora.target_modules(src.unet, "cross_attn")
+    lora.attach(src.unet, "cross_attn", rank=4, alpha=4)
+    for n, p in src.unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape) * 0.2
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(src.unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(src.text_encoder)),
+        unet_lora_adapter_metadata={"r": 4, "lora_alpha": 4, "target_modules": cross},
+        text_encoder_lora_adapter_metadata={"r": 4, "lora_alpha": te_alpha, "target_modules": list(te_modules)})
+    return Path(out)

@@ -79,8 +79,10 @@ def test_a_comfyui_saved_lora_loads_as_its_layers_say(trained, tiny_base, tmp_pa
             comfy[f"{name}.lora_down.weight"] = v.half()
             comfy[f"{name}.lora_up.weight"] = (tensors[f"unet.{mod}.lora.up.weight"] * 0.5).half()  # alpha/r folded in
             comfy[f"{name}.diff_b"] = torch.zeros(v.shape[1]).half()
-    comfy["text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_up.weight"] = torch.zeros(32, 4)
-    comfy["text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight"] = torch.zeros(4, 32)
+    g = torch.Generator().manual_seed(0)
+    te_up, te_down = torch.randn(32, 4, generator=g) * 0.1, torch.randn(4, 32, generator=g) * 0.1
+    comfy["text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_up.weight"] = te_up
+    comfy["text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight"] = te_down
     save_file(comfy, tmp_path / "ComfyUI_extracted_lora_00001_.safetensors")
     pipe, _ = model.load_base(str(tiny_base))
     said = []
@@ -88,7 +90,11 @@ def test_a_comfyui_saved_lora_loads_as_its_layers_say(trained, tiny_base, tmp_pa
     diff = float((_out(pipe.unet) - want).abs().max())
     assert diff <= 2e-3, diff  # the file's fp16 weights
     assert any("16 full weight differences (.diff / .diff_b" in m for m in said), said
-    assert any("1 text-encoder LoRA layers (lora_te*) not imported" in m for m in said), said
+    assert any("1 text_encoder LoRA layers loaded" in m for m in said), said  # clip_l alone: SD 1.x's text encoder
+    q = dict(pipe.text_encoder.named_modules())
+    q = q.get("text_model.encoder.layers.0.self_attn.q_proj") or q["encoder.layers.0.self_attn.q_proj"]
+    name = next(iter(q.lora_A))
+    assert torch.allclose(q.get_delta_weight(name), te_up @ te_down, atol=1e-6)  # no alpha: alpha = rank
 
 
 def test_sdxl_names_map_both_ways():

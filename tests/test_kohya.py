@@ -56,10 +56,18 @@ def sdscripts_file(path, cfg, naming="diffusers", locon=False, te_layers=2, meta
         tensors[f"{key}.lora_up.weight"] = (up * 0.1).to(dtype)
         tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)  # 0-dim, as sd-scripts writes it
         truth[path_] = (key, alpha / r)
-    for j in range(te_layers):
-        k = f"lora_te_text_model_encoder_layers_{j}_self_attn_q_proj"
-        tensors.update({f"{k}.lora_down.weight": torch.zeros(2, 8, dtype=dtype), f"{k}.lora_up.weight": torch.zeros(8, 2, dtype=dtype),
-                        f"{k}.alpha": torch.tensor(2.0, dtype=dtype)})
+    # text-encoder layers as sd-scripts names them: lora_te_ on SD 1.x/2.x, lora_te1_ / lora_te2_ on SDXL, whose CLIP-L
+    # and OpenCLIP-G are 768 and 1280 wide (their 2048 concatenated is the UNet's cross-attention width)
+    width = cfg["cross_attention_dim"]
+    encoders = [("lora_te1_", "text_encoder", 768), ("lora_te2_", "text_encoder_2", 1280)] if width == 2048 else \
+        [("lora_te_", "text_encoder", width)]
+    for prefix, comp, w in encoders:
+        for j in range(te_layers):
+            k = f"{prefix}text_model_encoder_layers_{j}_self_attn_{'qv'[j % 2]}_proj"
+            tensors.update({f"{k}.lora_down.weight": (torch.randn(2, w, generator=g) * 0.1).to(dtype),
+                            f"{k}.lora_up.weight": (torch.randn(w, 2, generator=g) * 0.1).to(dtype),
+                            f"{k}.alpha": torch.tensor(1.0 + j, dtype=dtype)})
+            truth[f"{comp}:encoder.layers.{j}.self_attn.{'qv'[j % 2]}_proj"] = (k, (1.0 + j) / 2)
     save_file(tensors, str(path), metadata=metadata)
     return truth
 
@@ -74,12 +82,16 @@ def _check_metadata_reproduces(imported, kohya_file, truth, every=1):
     the file's, and peft's pattern resolution gives the file's alpha/r."""
     from peft.utils.other import get_pattern_key
     tensors, header = lora.read(imported)
-    meta = {k.split("unet.", 1)[1]: v for k, v in header["lora_adapter_metadata"].items()}
     with safe_open(str(kohya_file), "pt") as f:
         src = {k: f.get_tensor(k) for k in f.keys()}
-    assert len([k for k in tensors if k.endswith("down.weight")]) == len(truth)
-    for mod, (key, scale) in list(truth.items())[::every]:
-        down, up = tensors[f"unet.{mod}.lora.down.weight"], tensors[f"unet.{mod}.lora.up.weight"]
+    assert len([k for k in tensors if k.endswith(("down.weight", "lora_A.weight"))]) == len(truth)
+    te = [m for m in truth if ":" in m]
+    for mod, (key, scale) in list(truth.items())[::every] + [(m, truth[m]) for m in te]:
+        comp, _, mod = mod.rpartition(":")  # text-encoder layers: "text_encoder:encoder.layers.0.self_attn.q_proj"
+        comp = comp or "unet"
+        meta = {k[len(comp) + 1:]: v for k, v in header["lora_adapter_metadata"].items() if k.startswith(comp + ".")}
+        down, up = (tensors[f"unet.{mod}.lora.down.weight"], tensors[f"unet.{mod}.lora.up.weight"]) if comp == "unet" else \
+            (tensors[f"{comp}.text_model.{mod}.lora_A.weight"], tensors[f"{comp}.text_model.{mod}.lora_B.weight"])
         assert torch.equal(down, src[f"{key}.lora_down.weight"].float()) and torch.equal(up, src[f"{key}.lora_up.weight"].float())
         r = meta["rank_pattern"].get(get_pattern_key(list(meta["rank_pattern"]), mod), meta["r"])
         a = meta["alpha_pattern"].get(get_pattern_key(list(meta["alpha_pattern"]), mod), meta["lora_alpha"])
@@ -104,8 +116,8 @@ def test_published_architectures_import_every_layer(case, arch, naming, metadata
     out = kohya.from_kohya(f, tmp_path / "imported", log=said.append)
     facts = lora.facts(out)
     assert facts.kohya["family"] == family and facts.kohya["naming"] == naming and facts.imported_from == str(f)
-    assert facts.architecture == ("sdxl" if family == "sdxl" else "sd") and facts.kohya["dropped_text_encoder_layers"] == 2
-    assert "2 text-encoder LoRA layers" in said[0]
+    assert facts.architecture == ("sdxl" if family == "sdxl" else "sd") and facts.kohya["dropped_text_encoder_layers"] == 0
+    assert facts.kohya["text_encoder_layers"] == (4 if family == "sdxl" else 2) and not any("warning" in m for m in said)
     _check_metadata_reproduces(out, f, truth, every=9 if arch == "sdxl" else 1)
     print(f"{case}: {len(truth)} layers imported")
 
@@ -125,7 +137,7 @@ def test_tiny_base_import_is_exact_per_layer_and_end_to_end(tiny_base, tmp_path)
     pipe, _ = model.load_base(str(tiny_base))
     cfg = dict(pipe.unet.config)
     f = tmp_path / "k.safetensors"
-    truth = sdscripts_file(f, cfg, "diffusers", locon=True, dtype=torch.float16)
+    truth = sdscripts_file(f, cfg, "diffusers", locon=True, dtype=torch.float16, te_layers=0)
     with safe_open(str(f), "pt") as h:
         src = {k: h.get_tensor(k) for k in h.keys()}
     out = kohya.from_kohya(f, tmp_path / "imported", base_cfg=cfg, log=lambda m: None)
@@ -153,6 +165,58 @@ def test_tiny_base_import_is_exact_per_layer_and_end_to_end(tiny_base, tmp_path)
         base = pipe.unet(x, torch.tensor([100, 700]), e).sample
     assert (base - want).abs().max() > 1e-2  # the adapter matters, so a dropped load fails
     assert (got - want).abs().max() < 1e-5
+
+
+def test_text_encoder_layers_load_and_follow_the_adapter_scale(tiny_base, tmp_path):
+    """sd-scripts trains the text encoder too unless told not to: a kohya file's lora_te_* layers load into CLIP
+    exactly (W + s · alpha/r · up @ down), fused or not, with the UNet's part at the same scale s, as WebUI applies
+    <lora:name:s>; at s = 0, and after the block, the text encoder is the base's bit for bit."""
+    pipe, _ = model.load_base(str(tiny_base))
+    f = tmp_path / "k.safetensors"
+    truth = sdscripts_file(f, dict(pipe.unet.config), "diffusers", te_layers=2, dtype=torch.float32)
+    with safe_open(str(f), "pt") as h:
+        src = {k: h.get_tensor(k) for k in h.keys()}
+    ids = pipe.tokenizer(["a face wearing sunglasses"], padding="max_length", return_tensors="pt").input_ids
+    te = pipe.text_encoder
+    with torch.no_grad():
+        base = te(ids)[0]
+        linears = dict(te.named_modules())
+        prefix = "text_model." if hasattr(te, "text_model") else ""  # transformers 5 flattened CLIPTextModel
+        originals = {m: linears[prefix + m.split(":")[1]].weight.detach().clone() for m in truth if ":" in m}
+
+        def reference(s):  # the base text encoder with s x the file's deltas merged by hand
+            for m, w in originals.items():
+                linears[prefix + m.split(":")[1]].weight.copy_(w + _formula(src, truth[m][0], s * truth[m][1]).float())
+            try:
+                return te(ids)[0]
+            finally:
+                for m, w in originals.items():
+                    linears[prefix + m.split(":")[1]].weight.copy_(w)
+        want = {s: reference(s) for s in (0.5, 1.0)}
+    said = []
+    name = lora.load_into(pipe, f, adapter_name="k", log=said.append)
+    assert any("and 2 text-encoder layers" in m for m in said) and any("2 text_encoder LoRA layers loaded" in m for m in said)
+    with torch.no_grad():
+        for s in (0.5, 1.0):
+            for fuse in (False, True):
+                with lora.applied(pipe, [name], [s], fuse=fuse):
+                    got = te(ids)[0]
+                assert (got - want[s]).abs().max() < 1e-5, (s, fuse)
+        assert (want[1.0] - base).abs().max() > 1e-2  # the layers matter, so a dropped load fails
+        with lora.applied(pipe, [name], [0.0]):
+            assert torch.equal(te(ids)[0], base)
+    # a text-encoder layer that does not fit this pipeline's CLIP is named before peft sees it
+    bad = {**src, "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 40)}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(lora.AdapterError, match=r"lora_te_text_model_encoder_layers_0_self_attn_q_proj: lora_down \(2, 40\)"):
+        lora.load_into(model.load_base(str(tiny_base))[0], tmp_path / "bad.safetensors", log=lambda m: None)
+    # one outside CLIP's attention and MLP is named in a warning and left out
+    odd = {**src, "lora_te_text_model_final_layer_norm.lora_down.weight": torch.randn(2, 32),
+           "lora_te_text_model_final_layer_norm.lora_up.weight": torch.randn(32, 2)}
+    save_file(odd, str(tmp_path / "odd.safetensors"))
+    said = []
+    kohya.from_kohya(tmp_path / "odd.safetensors", tmp_path / "odd", base_cfg=dict(pipe.unet.config), log=said.append)
+    assert any("1 text-encoder LoRA layers name no layer" in m and "final_layer_norm" in m for m in said), said
 
 
 def test_metadata_and_shapes_conflicts_are_named(tmp_path):
@@ -224,9 +288,9 @@ def test_export_writes_the_metadata_clients_filter_on(width, facts, want, tmp_pa
 
 
 @pytest.mark.parametrize("extra", ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_magnitude_vector",
-                                   "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"])
+                                   "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_magnitude_vector"])
 def test_export_refuses_tensors_it_cannot_carry(extra, tmp_path):
-    """A DoRA magnitude or a text-encoder layer has no place in a plain UNet kohya file: named, never dropped."""
+    """A DoRA magnitude (UNet or text encoder) has no place in a plain LoRA kohya file: named, never dropped."""
     ad = _adapter_file(tmp_path, 768, {"architecture": "sd"})
     with safe_open(str(ad / lora.WEIGHTS_NAME), "pt") as h:
         tensors, meta = {k: h.get_tensor(k) for k in h.keys()}, h.metadata()
@@ -234,6 +298,22 @@ def test_export_refuses_tensors_it_cannot_carry(extra, tmp_path):
     with pytest.raises(lora.AdapterError, match=re.escape(extra)):
         kohya.to_kohya(ad, tmp_path / "k.safetensors")
     assert not (tmp_path / "k.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_text_encoder_layers_export_under_sd_scripts_names(arch, tmp_path):
+    """An adapter with text-encoder layers (imported from sd-scripts, or diffusers' --train_text_encoder) exports them
+    back under sd-scripts' own names (lora_te_, or lora_te1_ / lora_te2_ on SDXL) with their alphas: kohya -> adapt ->
+    kohya gives the original file's tensors, key for key."""
+    cfg = archs.unet_config(arch)
+    f = tmp_path / "k.safetensors"
+    sdscripts_file(f, cfg, te_layers=2, dtype=torch.float32, metadata={"ss_base_model_version": kohya.VERSIONS[arch]})
+    back = kohya.to_kohya(kohya.from_kohya(f, tmp_path / "imported", log=lambda m: None), tmp_path / "back.safetensors")
+    with safe_open(str(f), "pt") as a, safe_open(str(back), "pt") as b:
+        te = sorted(k for k in a.keys() if k.startswith("lora_te"))
+        assert te == sorted(k for k in b.keys() if k.startswith("lora_te")) and len(te) == (12 if arch == "sdxl" else 6)
+        for k in te:
+            assert torch.equal(a.get_tensor(k).float(), b.get_tensor(k).float()), k
 
 
 @pytest.mark.integration  # subprocess-heavy: `make test-integration`

@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from adapt.facts import AdapterFacts
 from adapt import lora, model
+from conftest import diffusers_lora_with_text_encoder
 
 
 def _randomize(unet, seed=0):
@@ -197,6 +198,29 @@ def test_applied_fused_matches_unfused_and_restores(tiny_base, tmp_path):
     assert (fused - unfused).abs().max() <= 1e-5 and (unfused - base_out).abs().max() > 1e-3
     with lora.applied(ours, [name], [0.0]):
         assert (_out(ours.unet) - base_out).abs().max() <= 1e-6  # unfuse restored the base weights
+
+
+def test_a_diffusers_file_with_text_encoder_layers_runs_them_at_the_adapter_scale(tiny_base, tmp_path):
+    """diffusers' train_dreambooth_lora.py --train_text_encoder writes text-encoder layers beside the UNet's (through
+    save_lora_weights, as here). At scale s they must run at s, fused or not, not at 1 while the UNet's part is
+    fused at s; at 0 the base."""
+    diffusers_lora_with_text_encoder(tiny_base, tmp_path)
+    pipe, _ = model.load_base(str(tiny_base))
+    ids = pipe.tokenizer(["a face"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = pipe.text_encoder(ids)[0]
+        said = []
+        name = lora.load_into(pipe, tmp_path, log=said.append)
+        out = {}
+        for s in (0.5, 1.0):
+            for fuse in (False, True):
+                with lora.applied(pipe, [name], [s], fuse=fuse):
+                    out[s, fuse] = pipe.text_encoder(ids)[0]
+        with lora.applied(pipe, [name], [0.0]):
+            assert torch.equal(pipe.text_encoder(ids)[0], base)
+    assert (out[0.5, True] - out[0.5, False]).abs().max() < 1e-5 and (out[1.0, True] - out[1.0, False]).abs().max() < 1e-5
+    assert (out[0.5, False] - out[1.0, False]).abs().max() > 1e-2 and (out[0.5, False] - base).abs().max() > 1e-2
+    assert any("8 text_encoder LoRA layers loaded" in m for m in said), said  # 2 CLIP layers x q, k, v, out
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -7,6 +7,7 @@ from PIL import Image
 
 from adapt import imagefolder, lora, masking, model, sample, synth, synthbench
 from adapt.facts import AdapterFacts
+from conftest import diffusers_lora_with_text_encoder
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,28 @@ def test_auto_mask_is_binary_dilated_and_empty_for_a_no_op_adapter(pipe_with_ada
         with pytest.raises(ValueError, match="fused"):
             masking.auto_mask(pipe_with_adapter, imgs, prompts, ["ad"], masking.MaskSettings())
 
+
+
+def test_the_mask_compares_the_prompt_encoded_with_and_without_the_adapters_text_encoder_layers(tiny_base, tmp_path):
+    """An adapter with text-encoder layers (kohya files, diffusers' --train_text_encoder) changes the prompt's encoding
+    too: the adapter's prediction gets the prompt encoded with them, the base's the base encoding."""
+    diffusers_lora_with_text_encoder(tiny_base, tmp_path, te_modules=("q_proj", "v_proj"), te_alpha=4)
+    pipe, _ = model.load_base(str(tiny_base))
+    prompts = ["a face wearing sunglasses"]
+    base_emb = masking.unet_cond(pipe, prompts, (64, 64))["encoder_hidden_states"]
+    name = lora.load_into(pipe, tmp_path, log=lambda m: None)
+    with lora.applied(pipe, [name], [1.0], fuse=False):
+        adapted_emb = masking.unet_cond(pipe, prompts, (64, 64))["encoder_hidden_states"]
+    assert (adapted_emb - base_emb).abs().max() > 1e-2
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"].clone()),
+                                               with_kwargs=True)
+    try:
+        masking.auto_mask(pipe, _faces(1), prompts, [name], masking.MaskSettings(draws=1))
+    finally:
+        hook.remove()
+    assert len(seen) == 2  # one draw: the adapter's prediction, then the base's
+    assert torch.allclose(seen[0], adapted_emb, atol=1e-6) and torch.allclose(seen[1], base_emb, atol=1e-6)
 
 
 def test_an_images_mask_does_not_depend_on_the_other_images_of_the_call(pipe_with_adapter):
