@@ -219,6 +219,37 @@ def test_text_encoder_layers_load_and_follow_the_adapter_scale(tiny_base, tmp_pa
     assert any("1 text-encoder LoRA layers name no layer" in m and "final_layer_norm" in m for m in said), said
 
 
+def test_sdxl_files_load_both_text_encoders(tmp_path):
+    """SDXL's lora_te1_ / lora_te2_ layers land in CLIP-L and OpenCLIP-G (text_encoder / text_encoder_2), each at the
+    adapter scale, fused or not."""
+    from adapt import tiny
+    pipe, _ = model.load_base(str(tiny.save_tiny_sdxl_pipeline(tmp_path / "sdxl")))
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for prefix, te in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
+        k, h = f"{prefix}text_model_encoder_layers_0_self_attn_q_proj", te.config.hidden_size
+        t.update({f"{k}.lora_down.weight": torch.randn(2, h, generator=g), f"{k}.lora_up.weight": torch.randn(h, 2, generator=g),
+                  f"{k}.alpha": torch.tensor(1.0)})
+    m, mod = next((n, x) for n, x in pipe.unet.named_modules() if n.endswith("attn2.to_k"))
+    k = "lora_unet_" + m.replace(".", "_")
+    t.update({f"{k}.lora_down.weight": torch.randn(2, mod.in_features, generator=g),
+              f"{k}.lora_up.weight": torch.randn(mod.out_features, 2, generator=g)})
+    save_file(t, str(tmp_path / "k.safetensors"))
+    ids = [tok(["a face"], padding="max_length", return_tensors="pt").input_ids for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+    encode = lambda: [te(i)[0] for te, i in zip((pipe.text_encoder, pipe.text_encoder_2), ids)]
+    with torch.no_grad():
+        base = encode()
+        name = lora.load_into(pipe, tmp_path / "k.safetensors", log=lambda m: None)
+        out = {}
+        for fuse in (False, True):
+            with lora.applied(pipe, [name], [0.5], fuse=fuse):
+                out[fuse] = encode()
+        with lora.applied(pipe, [name], [0.0]):
+            assert all(torch.equal(a, b) for a, b in zip(encode(), base))
+    for i in (0, 1):
+        assert (out[True][i] - out[False][i]).abs().max() < 1e-5 and (out[False][i] - base[i]).abs().max() > 1e-2
+
+
 def test_metadata_and_shapes_conflicts_are_named(tmp_path):
     cfg = archs.unet_config("sd21")
     f = tmp_path / "k.safetensors"
