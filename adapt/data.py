@@ -86,6 +86,9 @@ def open_image(src) -> Image.Image:
     EXIF orientation applied; transparency composited on white; CMYK and palette converted;
     16-bit scaled to 8-bit (not clipped); declared sizes over MAX_PIXELS refused before decoding.
     """
+    if not imagefolder.heif_decoder() and isinstance(src, (str, Path)) and Path(src).suffix.lower() in imagefolder.HEIF_EXTS:
+        raise ValueError(f'a {Path(src).suffix[1:].upper()} photo, which Pillow cannot decode without pillow-heif: '
+                         'pip install "adapt[heif]", or convert it to JPEG or PNG')
     try:
         img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
     except Image.DecompressionBombError as e:
@@ -152,9 +155,11 @@ def read_folder(root: str | Path, caption_column: str = "text", default_caption:
     # `adapt data build` writes beside its images, split folders included) are left out, and the log says how many.
     skips = [imagefolder.mask_root(root, masks).resolve()] if masks and masks != "alpha" else []
     files, masked_out = [], []
-    for p in (p for p in every if p.suffix.lower() in imagefolder.PHOTO_EXTS):
-        report.skip(f"a {p.suffix.lower()[1:].upper()} photo, which Pillow cannot decode: convert it to JPEG or PNG",
-                    p.relative_to(root).as_posix())
+    for p in (p for p in every if p.suffix.lower() in imagefolder.PHOTO_EXTS and not imagefolder.is_image(p)):
+        heif = p.suffix.lower() in imagefolder.HEIF_EXTS  # an iPhone's photos: pillow-heif reads them
+        report.skip(f"a {p.suffix.lower()[1:].upper()} photo, which Pillow cannot decode: "
+                    + ('pip install "adapt[heif]" (pillow-heif) to read it, or convert it to JPEG or PNG' if heif
+                       else "convert it to JPEG or PNG"), p.relative_to(root).as_posix())
     for p in (p for p in every if imagefolder.is_image(p)):
         out = imagefolder.in_masks(p.relative_to(root)) or any(p.resolve().is_relative_to(d) for d in skips)
         (masked_out if out else files).append(p)

@@ -11,6 +11,7 @@ themselves are decoded there, by adapt's tolerant reader.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -33,8 +34,10 @@ IMAGE_EXTS = {".apng", ".avif", ".blp", ".bmp", ".bufr", ".bw", ".cur", ".dcx", 
               ".pbm", ".pcd", ".pcx", ".pgm", ".png", ".pnm", ".ppm", ".ps", ".psd", ".pxr", ".ras", ".rgb", ".rgba",
               ".sgi", ".tga", ".tif", ".tiff", ".vda", ".vst", ".webp", ".wmf", ".xbm", ".xpm"}
 # Photos in formats Pillow does not decode (phones' HEIC, JPEG XL, camera raw): not images of the set, but each is
-# counted and named in the log, never passed over in silence.
-PHOTO_EXTS = {".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
+# counted and named in the log, never passed over in silence. HEIC / HEIF (what iPhones shoot) are images of the set
+# when pillow-heif is installed (`pip install "adapt[heif]"`), which adds the format to Pillow.
+PHOTO_EXTS = {".heic", ".heif", ".hif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
+HEIF_EXTS = {".heic", ".heif", ".hif"}
 CAPTION_EXTS = (".txt", ".caption")  # sidecar captions: kohya GUIs write .txt, sd-scripts' default is .caption
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # what datasets' imagefolder reads
 # datasets.data_files.SPLIT_KEYWORDS (a test keeps them equal). Importing datasets costs about 1 s, and its
@@ -56,8 +59,21 @@ def hidden(rel: Path) -> bool:
     return rel.name.startswith(".") or any(p.startswith((".", "__")) for p in rel.parts[:-1])
 
 
+@functools.lru_cache(maxsize=1)
+def heif_decoder() -> bool:
+    """Whether HEIC / HEIF photos decode here: pillow-heif, when installed, registers its opener with Pillow (once).
+    The image comes out with its stored rotation applied and its EXIF orientation reset, so nothing turns twice."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
 def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTS
+    ext = path.suffix.lower()
+    return ext in IMAGE_EXTS or (ext in HEIF_EXTS and heif_decoder())
 
 
 def in_masks(rel: Path) -> bool:

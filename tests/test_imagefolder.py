@@ -4,6 +4,7 @@ captions, from every metadata format `load_dataset("imagefolder")` takes. datase
 import csv
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -173,9 +174,11 @@ def test_kohya_folders_are_found_below_a_project_folder(tmp_path):
     assert [(r.name, r.caption, r.repeats) for r in records] == [("img/20_sks face/a.png", "sks face", 20)]
 
 
-def test_every_photo_is_read_or_counted_and_captions_come_from_txt_or_caption_sidecars(tmp_path):
-    """A phone's export: a Windows-saved .jfif, an .avif, iPhone HEICs (which Pillow cannot decode) and sd-scripts'
-    default .caption sidecars. Before, the .jfif and .avif were not read and the HEICs were passed over in silence."""
+def test_every_photo_is_read_or_counted_and_captions_come_from_txt_or_caption_sidecars(tmp_path, monkeypatch):
+    """A phone's export: a Windows-saved .jfif, an .avif, iPhone HEICs (which Pillow alone cannot decode) and
+    sd-scripts' default .caption sidecars. Before, the .jfif and .avif were not read and the HEICs were passed over in
+    silence. Here without pillow-heif: the HEICs are named, with how to read them."""
+    monkeypatch.setattr(imagefolder, "heif_decoder", lambda: False)
     root = tmp_path / "phone"
     root.mkdir()
     from PIL import features
@@ -192,9 +195,34 @@ def test_every_photo_is_read_or_counted_and_captions_come_from_txt_or_caption_si
     px, records, report = data.load(str(root), 32)
     assert [(r.name, r.caption) for r in records] == [("a.jfif", "a face, sd-scripts' sidecar")] + \
         [("b.avif", "")] * avif + [("c.png", "a face, kohya GUI's sidecar")]
-    assert report.skipped["a HEIC photo, which Pillow cannot decode: convert it to JPEG or PNG"] == ["IMG_0001.HEIC",
-                                                                                                     "IMG_0002.heic"]
+    why = 'a HEIC photo, which Pillow cannot decode: pip install "adapt[heif]" (pillow-heif) to read it, or convert it to JPEG or PNG'
+    assert report.skipped[why] == ["IMG_0001.HEIC", "IMG_0002.heic"]
+    with pytest.raises(ValueError, match=r'a HEIC photo, which Pillow cannot decode without pillow-heif: pip install "adapt\[heif\]"'):
+        data.open_image(root / "IMG_0001.HEIC")  # as `adapt sample --image IMG_0001.HEIC` opens it
     assert f"{2 + avif} images usable, {3 - avif} skipped" in report.summary()
+
+
+def test_iphone_heic_photos_read_with_pillow_heif_upright_and_a_broken_one_is_named(tmp_path):
+    """With pillow-heif (the heif extra; the test extras install it) HEIC photos are images of the set, as the libheif
+    that phones' photos decode with writes them: the pixels of the original within the codec's loss, and a photo
+    stored rotated (EXIF orientation 6) upright, turned once, as its JPEG twin is. A file that is no HEIC is named."""
+    pytest.importorskip("pillow_heif")
+    imagefolder.heif_decoder()  # registers the format with Pillow, so Image.save can write HEIF below
+    img = Image.new("RGB", (48, 32), (150, 110, 90))
+    img.paste((20, 30, 200), (0, 0, 8, 32))  # a blue band on the left: where it ends up shows the rotation
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera held upright: stored landscape, shown rotated 90 degrees clockwise
+    img.save(tmp_path / "IMG_0001.HEIC", "HEIF", quality=95)
+    img.save(tmp_path / "IMG_0002.heic", "HEIF", quality=95, exif=exif.tobytes())
+    img.save(tmp_path / "IMG_0003.jpg", "JPEG", quality=95, exif=exif.tobytes())
+    (tmp_path / "IMG_0004.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    _, records, report = data.load(str(tmp_path), 32)
+    assert [r.name for r in records] == ["IMG_0001.HEIC", "IMG_0002.heic", "IMG_0003.jpg"]
+    assert [why for why, names in report.skipped.items() if names == ["IMG_0004.heic"]], report.skipped
+    plain, rotated, jpeg = (np.asarray(data.open_image(tmp_path / r.name), dtype=float) for r in records)
+    assert plain.shape == (32, 48, 3) and np.abs(plain - np.asarray(img, dtype=float)).mean() < 4
+    assert rotated.shape == jpeg.shape == (48, 32, 3) and np.abs(rotated - jpeg).mean() < 6
+    assert rotated[:8, :, 2].mean() > 150 and rotated[-8:, :, 2].mean() < 120  # the band is on top: turned once
 
 
 def test_image_extensions_cover_the_ones_datasets_reads():
