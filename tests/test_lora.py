@@ -205,7 +205,7 @@ def test_a_diffusers_file_with_text_encoder_layers_runs_them_at_the_adapter_scal
     save_lora_weights, as here). At scale s they must run at s, fused or not, not at 1 while the UNet's part is
     fused at s; at 0 the base."""
     diffusers_lora_with_text_encoder(tiny_base, tmp_path)
-    pipe, _ = model.load_base(str(tiny_base))
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base))  # as a user's own script builds it
     ids = pipe.tokenizer(["a face"], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
         base = pipe.text_encoder(ids)[0]
