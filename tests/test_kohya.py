@@ -250,6 +250,26 @@ def test_sdxl_files_load_both_text_encoders(tmp_path):
         assert (out[True][i] - out[False][i]).abs().max() < 1e-5 and (out[False][i] - base[i]).abs().max() > 1e-2
 
 
+def test_comfyui_text_encoder_names_read_as_sd_scripts_names():
+    """ComfyUI keys its encoders clip_l / clip_g / clip_h (comfy/lora.py): with clip_l and clip_g together (SDXL) they
+    are lora_te1_ / lora_te2_, alone (SD 1.x's clip_l, SD 2.x's clip_h) lora_te_."""
+    t = torch.zeros(1)
+    layer = "transformer.text_model.encoder.layers.3.self_attn.q_proj.lora_down.weight"
+    xl, _ = kohya.from_comfy({f"text_encoders.clip_l.{layer}": t, f"text_encoders.clip_g.{layer}": t})
+    assert sorted(xl) == ["lora_te1_text_model_encoder_layers_3_self_attn_q_proj.lora_down.weight",
+                          "lora_te2_text_model_encoder_layers_3_self_attn_q_proj.lora_down.weight"]
+    for clip in ("clip_l", "clip_h"):
+        one, _ = kohya.from_comfy({f"text_encoders.{clip}.{layer}": t})
+        assert list(one) == ["lora_te_text_model_encoder_layers_3_self_attn_q_proj.lora_down.weight"]
+    mapped, unmapped = kohya.text_encoder_modules(["lora_te2_text_model_encoder_layers_3_mlp_fc2",
+                                                   "lora_te_text_model_encoder_layers_0_self_attn_out_proj",
+                                                   "lora_te1_text_projection"])
+    assert mapped == {"lora_te2_text_model_encoder_layers_3_mlp_fc2": ("text_encoder_2", "encoder.layers.3.mlp.fc2"),
+                      "lora_te_text_model_encoder_layers_0_self_attn_out_proj": ("text_encoder",
+                                                                                 "encoder.layers.0.self_attn.out_proj")}
+    assert unmapped == ["lora_te1_text_projection"]
+
+
 def test_metadata_and_shapes_conflicts_are_named(tmp_path):
     cfg = archs.unet_config("sd21")
     f = tmp_path / "k.safetensors"
