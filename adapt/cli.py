@@ -127,8 +127,10 @@ def _layers(tensors: dict, meta: dict) -> dict:
             down[k[:m.start()]] = t.shape[0]
     unet = [n for n in down if not re.match(r"(lora_te\d?_|text_encoder)", n)]
     kind = lambda n, a: sum(bool(re.search(rf"[._]{a}[._]", n)) for n in unet)  # noqa: E731
-    if not alphas and meta.get("unet.lora_alpha") is not None:
-        alphas = [float(meta["unet.lora_alpha"])]
+    if not alphas:  # diffusers / peft files: per component, lora_alpha and the per-module alpha_pattern values
+        for part in ("unet", "text_encoder", "text_encoder_2"):
+            if meta.get(f"{part}.lora_alpha") is not None:
+                alphas += [float(meta[f"{part}.lora_alpha"])] + [float(v) for v in (meta.get(f"{part}.alpha_pattern") or {}).values()]
     ranks, alphas = sorted(set(down.values())), sorted(set(alphas))
     return {"num_modules": len(unet), "text_encoder_modules": len(down) - len(unet), "num_params": params,
             "cross_attention_modules": kind(unet, "attn2"), "self_attention_modules": kind(unet, "attn1"),

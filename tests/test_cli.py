@@ -99,6 +99,26 @@ def test_inspect_counts_kohya_files_as_it_counts_its_own(adapter_dir, tmp_path):
             "layer), alpha 1-8 (varies by layer)") in r.stdout
 
 
+def test_inspect_reads_an_imported_kohya_file_as_the_file_itself(tiny_base, tmp_path):
+    """Imported into diffusers' format (alphas in peft metadata: per component, with alpha_pattern), a kohya file with
+    text-encoder layers and alphas varying by layer shows the same modules, ranks and alphas as the file."""
+    from safetensors.torch import save_file
+    from adapt import cli, kohya, lora, model
+    cfg = dict(model.load_base(str(tiny_base))[0].unet.config)
+    t = {}
+    for name, r_, a, (i, o) in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 4, 2.0, (32, 32)),
+                                ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v", 4, 4.0, (32, 32)),
+                                ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 8, 1.0, (32, 32)),
+                                ("lora_te_text_model_encoder_layers_1_self_attn_q_proj", 8, 8.0, (32, 32))):
+        t |= {f"{name}.lora_down.weight": torch.ones(r_, i), f"{name}.lora_up.weight": torch.ones(o, r_),
+              f"{name}.alpha": torch.tensor(a)}
+    save_file(t, tmp_path / "k.safetensors")
+    imported = kohya.from_kohya(tmp_path / "k.safetensors", tmp_path / "imported", base_cfg=cfg, log=lambda m: None)
+    tensors, header = lora.read(imported)
+    got = cli._layers(tensors, header["lora_adapter_metadata"])
+    assert got == cli._layers(t, {}) and got["alphas"] == [1.0, 2.0, 4.0, 8.0] and got["text_encoder_modules"] == 2
+
+
 def test_output_into_a_closed_pipe_stops_quietly(adapter_dir):
     """`adapt inspect ... | head -1`: the reader leaves before adapt has written; no traceback, SIGPIPE's status."""
     import os
