@@ -2,6 +2,7 @@
 
     adapt export runs/demo --format kohya [--out kohya.safetensors]   (+ kohya_vae.safetensors when it ships vae/)
     adapt export downloaded_lora.safetensors --format diffusers [--base <base it was trained on>] [--out folder]
+    adapt export peft_save_pretrained_folder --format diffusers|kohya
 
 The formats themselves live in `adapt.kohya`.
 """
@@ -59,6 +60,14 @@ def cmd_export(a) -> int:
             decoder.to_single_file(vae, vae_out)
             print(f"wrote {vae_out}: the VAE decoder tuned on the domain ({vae}), original layout; the adapter was "
                   "evaluated with it: select it as the VAE (WebUI models/VAE, ComfyUI models/vae), as with vae-ft-mse")
+        return 0
+    from adapt import atomic, peftfile
+    if peftfile.is_peft(lora._keys(lora.weights_path(src))):  # PeftModel.save_pretrained's folder
+        import json
+        tensors, header = lora.read(src)
+        atomic.write_safetensors(tensors, target, {"format": "pt",
+                                                   "lora_adapter_metadata": json.dumps(header["lora_adapter_metadata"])})
+        print(f"wrote {target} (from peft's save_pretrained layout)")
         return 0
     base_cfg = None
     if a.base:

@@ -205,6 +205,10 @@ def read(adapter: str | Path) -> tuple[dict, dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise AdapterError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
+    from adapt import peftfile
+    if peftfile.is_peft(tensors):  # PeftModel.save_pretrained's folder: read as the diffusers adapter it is
+        tensors, meta = peftfile.convert(path, tensors)
+        header["lora_adapter_metadata"] = json.dumps(meta)
     try:
         if "lora_adapter_metadata" in header:
             header["lora_adapter_metadata"] = json.loads(header["lora_adapter_metadata"])
@@ -265,6 +269,14 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             kohya.from_kohya(path, tmp, base_cfg=dict(pipe.unet.config), log=log, te_shapes=kohya_te.text_encoder_shapes(pipe))
+            return load_into(pipe, tmp, scale, adapter_name, check, base_resolved, log)
+    from adapt import peftfile
+    if peftfile.is_peft(keys):  # peft's save_pretrained folder: loaded as the diffusers-format adapter `read` makes of it
+        import tempfile
+        tensors, header = read(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            atomic.write_safetensors(tensors, Path(tmp) / WEIGHTS_NAME,
+                                     {"format": "pt", "lora_adapter_metadata": json.dumps(header["lora_adapter_metadata"])})
             return load_into(pipe, tmp, scale, adapter_name, check, base_resolved, log)
     tensors, header = read(path)
     name = adapter_name or f"adapter_{len(pipe.get_list_adapters().get('unet', [])) if hasattr(pipe, 'get_list_adapters') else 0}"

@@ -274,3 +274,39 @@ def test_a_base_changed_under_the_same_path_is_a_warning(tmp_path):
     other, of = model.load_base(str(base))
     lora.load_into(other, tmp_path / "ad", base_resolved=of.resolved, log=logs.append)
     assert len(logs) == 1 and "trained against other UNet weights" in logs[0] and "conv_in.weight starts" in logs[0], logs
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_rslora": True, "rank_pattern": {"attn2.to_k": 8}, "alpha_pattern": {"attn1.to_v": 2}}],
+                         ids=["plain", "rslora-with-patterns"])
+def test_a_peft_save_pretrained_folder_loads_as_peft_computes_it_and_exports(extra, tiny_base, tmp_path):
+    """`PeftModel.save_pretrained` on a UNet (custom training scripts) writes base_model.model.* keys and
+    adapter_config.json, which diffusers' loader does not read. adapt samples it exactly as peft's own
+    PeftModel.from_pretrained computes it (ranks, alphas and rsLoRA's alpha/sqrt(r) per module), and its kohya
+    export, read back, too."""
+    import shutil
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from adapt import kohya
+    src, _ = model.load_base(str(tiny_base))
+    torch.manual_seed(0)
+    get_peft_model(src.unet, LoraConfig(r=4, lora_alpha=8, target_modules=["to_k", "to_v"], init_lora_weights=False,
+                                        **extra)).save_pretrained(tmp_path / "peft")
+    ref, _ = model.load_base(str(tiny_base))
+    want = _out(PeftModel.from_pretrained(ref.unet, tmp_path / "peft"))
+    pipe, _ = model.load_base(str(tiny_base))
+    base = _out(pipe.unet)
+    lora.load_into(pipe, tmp_path / "peft", log=lambda m: None)
+    assert (_out(pipe.unet) - want).abs().max() < 1e-5 and (want - base).abs().max() > 1e-2
+    kohya.to_kohya(tmp_path / "peft", tmp_path / "k.safetensors")
+    again, _ = model.load_base(str(tiny_base))
+    lora.load_into(again, tmp_path / "k.safetensors", log=lambda m: None)
+    assert (_out(again.unet) - want).abs().max() < 1e-5
+    # the config is what gives the scale: without it, or for DoRA, a clear refusal
+    shutil.copytree(tmp_path / "peft", tmp_path / "noconfig")
+    (tmp_path / "noconfig" / "adapter_config.json").unlink()
+    with pytest.raises(lora.AdapterError, match="base_model.model.*but no adapter_config.json beside it"):
+        lora.load_into(model.load_base(str(tiny_base))[0], tmp_path / "noconfig", log=lambda m: None)
+    import json
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(lora.AdapterError, match="a DoRA adapter"):
+        lora.read(tmp_path / "peft")
