@@ -133,6 +133,8 @@ def diffusers_lora_with_text_encoder(base, out, te_modules=("q_proj", "k_proj", 
     StableDiffusionPipeline.save_lora_weights(
         out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(src.unet)),
         text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(src.text_encoder)),
-        unet_lora_adapter_metadata={"r": 4, "lora_alpha": 4, "target_modules": cross},
-        text_encoder_lora_adapter_metadata={"r": 4, "lora_alpha": te_alpha, "target_modules": list(te_modules)})
+        # the LoraConfig fields diffusers' scripts store (diffusers 0.35 needs the patterns present)
+        unet_lora_adapter_metadata={"r": 4, "lora_alpha": 4, "target_modules": cross, "rank_pattern": {}, "alpha_pattern": {}},
+        text_encoder_lora_adapter_metadata={"r": 4, "lora_alpha": te_alpha, "target_modules": list(te_modules),
+                                            "rank_pattern": {}, "alpha_pattern": {}})
     return Path(out)
