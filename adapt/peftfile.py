@@ -50,7 +50,8 @@ def convert(path: Path, tensors: dict) -> tuple[dict, dict]:
     if missing:
         raise AdapterError(f"{cfg_file}: no {', '.join(missing)}: the adapter's scale is unknown")
     out = {"unet." + k[len(PREFIX):]: v for k, v in tensors.items()}
-    meta = {f"unet.{k}": cfg[k] for k in KEPT if cfg.get(k) is not None}
+    meta = {"unet.rank_pattern": {}, "unet.alpha_pattern": {}}  # diffusers 0.35 (the floor) needs both present
+    meta |= {f"unet.{k}": cfg[k] for k in KEPT if cfg.get(k) is not None}
     if cfg.get("use_rslora"):  # scale alpha / sqrt(r): the plain alpha with that scale is alpha * sqrt(r), per module
         modules = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
         ranks = {m: _pattern(cfg.get("rank_pattern") or {}, m, cfg["r"]) for m in modules}
