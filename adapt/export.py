@@ -61,13 +61,9 @@ def cmd_export(a) -> int:
             print(f"wrote {vae_out}: the VAE decoder tuned on the domain ({vae}), original layout; the adapter was "
                   "evaluated with it: select it as the VAE (WebUI models/VAE, ComfyUI models/vae), as with vae-ft-mse")
         return 0
-    from adapt import atomic, peftfile
+    from adapt import peftfile
     if peftfile.is_peft(lora._keys(lora.weights_path(src))):  # PeftModel.save_pretrained's folder
-        import json
-        tensors, header = lora.read(src)
-        atomic.write_safetensors(tensors, target, {"format": "pt",
-                                                   "lora_adapter_metadata": json.dumps(header["lora_adapter_metadata"])})
-        print(f"wrote {target} (from peft's save_pretrained layout)")
+        print(f"wrote {peftfile.to_diffusers(src, target)} (from peft's save_pretrained layout)")
         return 0
     base_cfg = None
     if a.base:

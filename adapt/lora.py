@@ -273,10 +273,8 @@ def load_into(pipe, adapter: str | Path, scale: float = 1.0, adapter_name: str |
     from adapt import peftfile
     if peftfile.is_peft(keys):  # peft's save_pretrained folder: loaded as the diffusers-format adapter `read` makes of it
         import tempfile
-        tensors, header = read(path)
         with tempfile.TemporaryDirectory() as tmp:
-            atomic.write_safetensors(tensors, Path(tmp) / WEIGHTS_NAME,
-                                     {"format": "pt", "lora_adapter_metadata": json.dumps(header["lora_adapter_metadata"])})
+            peftfile.to_diffusers(path, Path(tmp) / WEIGHTS_NAME)
             return load_into(pipe, tmp, scale, adapter_name, check, base_resolved, log)
     tensors, header = read(path)
     name = adapter_name or f"adapter_{len(pipe.get_list_adapters().get('unet', [])) if hasattr(pipe, 'get_list_adapters') else 0}"

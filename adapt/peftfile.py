@@ -59,3 +59,12 @@ def convert(path: Path, tensors: dict) -> tuple[dict, dict]:
         meta["unet.alpha_pattern"] = {re.escape(m): alphas[m] * math.sqrt(ranks[m]) for m in modules}
         meta["unet.lora_alpha"] = cfg["lora_alpha"] * math.sqrt(cfg["r"])
     return out, meta
+
+
+def to_diffusers(adapter, target: Path) -> Path:
+    """Write the peft folder `adapter` as a diffusers-format adapter file `target` (what `adapt export --format
+    diffusers` writes, and what sampling loads)."""
+    from adapt import atomic, lora
+    tensors, header = lora.read(adapter)  # read converts peft's layout
+    return atomic.write_safetensors(tensors, Path(target), {"format": "pt",
+                                                          "lora_adapter_metadata": json.dumps(header["lora_adapter_metadata"])})
