@@ -350,6 +350,12 @@ def _same_base(a: str, b: str) -> bool:
     return pa.name.split("@")[0] == pb.name.split("@")[0]
 
 
+def adapted_text_encoders(pipe, names: list[str]) -> list[str]:
+    """The pipeline's text encoders ('text_encoder', 'text_encoder_2') that hold LoRA layers of adapters `names`."""
+    return [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None
+            and any(n in getattr(m, "lora_A", {}) for m in getattr(pipe, c).modules() for n in names)]
+
+
 @contextmanager
 def applied(pipe, names: list[str], scales: list[float], fuse: bool = True):
     """Adapters `names` active at `scales` for the duration of the block.
@@ -366,8 +372,7 @@ def applied(pipe, names: list[str], scales: list[float], fuse: bool = True):
         return
     # the text encoders too, when an adapter has layers there (kohya files, diffusers' --train_text_encoder): else they
     # would run at the set_adapters weight 1 while the UNet's part is fused at the scale
-    parts = ["unet"] + [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None
-                        and any(n in getattr(m, "lora_A", {}) for m in getattr(pipe, c).modules() for n in names)]
+    parts = ["unet"] + adapted_text_encoders(pipe, names)
     targets = [m for c in parts for m in getattr(pipe, c).modules()
                if hasattr(m, "base_layer") and any(n in getattr(m, "lora_A", {}) for n in names)]
     saved = [m.base_layer.weight.detach().to("cpu", copy=True) for m in targets]

@@ -76,11 +76,13 @@ def auto_mask(pipe, images: list[Image.Image], prompts: list[str], names: list[s
         raise ValueError("auto_mask: an adapter is fused into the UNet (inside lora.applied(fuse=True)?); compute the "
                          "mask outside that block, so the adapter can be switched off for the base prediction")
     z0 = _encode(pipe, images)
-    # the prompt encoded with the adapter on and off: an adapter with text-encoder layers (kohya files) changes it too
+    # the prompt encoded with the adapter on and off when it has text-encoder layers (kohya files) that change it
     with lora.applied(pipe, names, [1.0] * len(names), fuse=False):
         cond_a = unet_cond(pipe, prompts, images[0].size[::-1])
-    with lora.applied(pipe, names, [0.0] * len(names)):
-        cond_b = unet_cond(pipe, prompts, images[0].size[::-1])
+    cond_b = cond_a
+    if lora.adapted_text_encoders(pipe, names):
+        with lora.applied(pipe, names, [0.0] * len(names)):
+            cond_b = unet_cond(pipe, prompts, images[0].size[::-1])
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise process the UNet knows
     t = torch.full((len(images),), settings.timestep, dtype=torch.long)
     diff = torch.zeros(z0.shape[0], 1, *z0.shape[2:], device=z0.device)
