@@ -39,7 +39,7 @@ Trained by `adapt` to move images toward the domain of **{f.dataset}** (split `{
 | speed | {fig.get('steps_per_s')} steps/s, {fig.get('samples_per_s')} samples/s |
 | target latents | scaled std {ls.get('overall_std', float('nan')):.3f} (1.0 is what the base expects) |
 | optimizer | {_optim(f.optim)} |
-{_resumes(f.resumes)}{_decoder_row(f)}
+{_resumes(f.resumes)}{_init_row(f)}{_decoder_row(f)}
 ## Use it
 With adapt (`source.png`: any image; it runs at its own aspect with about {f.resolution}² pixels, sides multiples of the VAE factor):
 ```bash
@@ -67,6 +67,14 @@ To pick strength, adapter scale and masked sampling for your images, `adapt eval
 ```
 """
     return atomic.write_text(out / "README.md", text)
+
+
+def _init_row(f: AdapterFacts) -> str:
+    i = f.init_from
+    if not i:
+        return ""
+    return (f"| started from | `{i['resolved']}` (sha256 `{i['sha256'][:12]}`): {i['layers']} layers kept their ranks "
+            f"{i['ranks']} and alphas{' (alpha = rank: the file stored none)' if i['alpha_assumed'] else ''} |\n")
 
 
 def _decoder_row(f: AdapterFacts) -> str:

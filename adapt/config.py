@@ -87,9 +87,14 @@ class LoraConfig:
     alpha: Optional[float] = opt(None, "LoRA alpha; effective scale is alpha/rank; None = rank (scale 1)")
     dropout: float = opt(0.0, "dropout on the LoRA input")
     init: Literal["gaussian", "pissa", "olora", "default"] = opt("gaussian", "peft init_lora_weights (gaussian: diffusers' choice)")
+    init_from: Optional[str] = opt(None, "start from an existing adapter's weights (sd-scripts' --network_weights): an "
+                                   "adapt/diffusers adapter, a kohya/WebUI/ComfyUI .safetensors, a peft folder or a hub "
+                                   "id; its layers keep their rank and alpha, the preset's others start at zero")
 
     def __post_init__(self):
         _check(self.rank > 0, "lora.rank", f"must be > 0, got {self.rank}")
+        _check(self.init_from is None or self.init in ("gaussian", "default"), "lora.init",
+               f"{self.init} rewrites the base weights from the LoRA's start, which lora.init_from gives; use gaussian")
         _check(self.alpha is None or self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
 

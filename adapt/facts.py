@@ -62,6 +62,7 @@ class AdapterFacts:
     imported_from: Optional[str] = None
     kohya: dict = field(default_factory=dict)  # import details: family, naming, dropped text-encoder layers, ss_* metadata
     decoder: dict = field(default_factory=dict)  # the tuned VAE shipped in vae/ (adapt.decoder): its settings and losses
+    init_from: dict = field(default_factory=dict)  # the adapter training started from (warmstart.InitAdapter.to_record)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -117,7 +118,8 @@ FREE = ("out_dir", "train.max_steps", "train.checkpointing_steps", "train.checkp
         "train.gradient_checkpointing", "train.compile", "train.report_to", "data.cache", "data.cache_dir", "data.cache_threads", "validation.")
 OPTIMIZER = ("optim.",)
 # Keys added after checkpoints already existed: a checkpoint without one ran as the section's default does.
-INTRODUCED = {**{f"decoder.{k}": v for k, v in dataclasses.asdict(DecoderConfig()).items()}, "data.kohya_folders": False}
+INTRODUCED = {**{f"decoder.{k}": v for k, v in dataclasses.asdict(DecoderConfig()).items()}, "data.kohya_folders": False,
+              "lora.init_from": None}
 
 
 def classify(key: str) -> str:

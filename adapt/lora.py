@@ -56,20 +56,24 @@ def _width(m: torch.nn.Module) -> int:
 
 
 def attach(unet, preset: str = "cross_attn", rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
-           init: str = "gaussian", adapter_name: str = "default") -> dict:
-    """Freeze `unet` and add a peft LoRA adapter on the preset's layers; return the audit."""
+           init: str = "gaussian", adapter_name: str = "default", rank_pattern: dict | None = None,
+           alpha_pattern: dict | None = None) -> dict:
+    """Freeze `unet` and add a peft LoRA adapter on the preset's layers; return the audit. rank_pattern /
+    alpha_pattern (peft's: regex -> value) give some layers their own rank and alpha (adapt.warmstart)."""
     from peft import LoraConfig
     names = target_modules(unet, preset)
     if not names:
         raise AdapterError(f"LoRA preset {preset!r} (regex {PRESETS[preset]}) matches no Linear or Conv2d layer of this UNet")
-    widths = {n: _width(m) for n, m in unet.named_modules() if n in set(names)}
-    narrow = min(widths, key=widths.get)
-    if rank > widths[narrow]:
+    patterned = {n for n in names if any(re.fullmatch(k, n) for k in rank_pattern or {})}
+    widths = {n: _width(m) for n, m in unet.named_modules() if n in set(names) - patterned}
+    narrow = min(widths, key=widths.get) if widths else None  # (None: every layer has its rank from rank_pattern)
+    if narrow is not None and rank > widths[narrow]:
         raise AdapterError(f"lora.rank {rank} exceeds the narrowest adapted layer ({narrow}: min(in, out) = "
                            f"{widths[narrow]}); a higher rank adds parameters but no capacity. Use lora.rank <= {widths[narrow]}")
     unet.requires_grad_(False)
     cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                     init_lora_weights=True if init == "default" else init, target_modules=PRESETS[preset])
+                     init_lora_weights=True if init == "default" else init, target_modules=PRESETS[preset],
+                     rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
     unet.add_adapter(cfg, adapter_name=adapter_name)
     for n, p in unet.named_parameters():  # LoRA weights train in fp32 whatever the base dtype
         if "lora_" in n:

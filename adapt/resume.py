@@ -39,7 +39,8 @@ def check_config(cfg, saved: dict, resume: Path) -> None:
 def check_fingerprints(cfg, saved: dict, run: dict, resume: Path) -> dict:
     """The base and data must be the very ones the checkpoint trained on; returns the allowed config changes."""
     old = saved["run"]
-    for key, what in (("base_fingerprint", "base model weights"), ("data_fingerprint", "training data")):
+    for key, what in (("base_fingerprint", "base model weights"), ("data_fingerprint", "training data"),
+                      ("init_fingerprint", "weights of the adapter it started from (lora.init_from)")):
         if old.get(key) != run[key]:
             raise config.ConfigError(f"resuming from {resume}: the {what} differ from the checkpoint's ({key} "
                                      f"{old.get(key)} vs {run[key]}); the same settings now read other content")

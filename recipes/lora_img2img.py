@@ -36,7 +36,7 @@ from accelerate.utils import set_seed
 
 import adapt
 from adapt import (atomic, buckets, cache, checkpoint, config, cpu_attention, data, decoder, imagefolder, lora, model, objective,
-                   precision, runguard, sample, trainstep)
+                   precision, runguard, sample, trainstep, warmstart)
 from adapt import facts as facts_mod
 from adapt import resume as resume_mod
 from adapt import validation
@@ -83,6 +83,8 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
     unet = pipe.unet
     say(f"base {cfg.model.base}: {facts.architecture}, {facts.prediction_type}, scaling_factor {facts.scaling_factor}, "
         f"{facts.num_train_timesteps} train timesteps, latent factor {facts.vae_factor}")
+    # An adapter to start from (lora.init_from), read and checked against this UNet before any data work.
+    init = warmstart.read(cfg.lora.init_from, unet, cfg.lora.preset, say) if cfg.lora.init_from else None
 
     # 2. Data: decode, convert, place each image in its aspect bucket; every skipped file is named in the log.
     d = cfg.data
@@ -108,7 +110,8 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
             "--mask auto, which reads where the adapter changes the image, or give the outside a weight)"))
     vae_fingerprint = cache.module_fingerprint(pipe.vae)
     run = {"config": facts_mod.flat(config.to_dict(cfg)), "data_fingerprint": fingerprint,  # what a resume must match
-           "base_fingerprint": cache.module_fingerprint(pipe.unet) + vae_fingerprint}
+           "base_fingerprint": cache.module_fingerprint(pipe.unet) + vae_fingerprint,
+           "init_fingerprint": init.sha256 if init else None}
     resumes = list(saved["run"]["resumes"]) if saved else []
     if saved is not None:
         changes = resume_mod.check_fingerprints(cfg, saved, run, resume)
@@ -188,9 +191,16 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
     # 5. LoRA on the UNet (cross-attention by default); everything else stays frozen.
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    audit = lora.attach(unet, cfg.lora.preset, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.init)
+    rank_pattern, alpha_pattern = warmstart.patterns(init, cfg.lora.rank, cfg.lora.alpha or cfg.lora.rank) if init else ({}, {})
+    audit = lora.attach(unet, cfg.lora.preset, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.init,
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     say(f"LoRA {cfg.lora.preset}: {audit['num_modules']} modules, {audit['trainable_params']:,} trainable params "
         f"({100 * audit['trainable_fraction']:.3f}%), rank {cfg.lora.rank}, alpha {cfg.lora.alpha or cfg.lora.rank}")
+    if init:
+        fresh = warmstart.load(unet, init)
+        say(f"started from {init.resolved} (lora.init_from, sha256 {init.sha256[:12]}): {len(init.down)} layers with their "
+            f"own ranks {sorted(set(init.ranks.values()))} and alphas {sorted(set(init.alphas.values()))}"
+            + (f"; {fresh} more at zero with rank {cfg.lora.rank}" if fresh else ""))
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet_params = sum(p.numel() for p in unet.parameters())
@@ -362,7 +372,8 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
             example_prompt=captions[0] if captions else "", latent_stats=stats,
             audit={k: v for k, v in audit.items() if k != "modules"}, figures=figures, optim=config.to_dict(cfg.optim),
             resumes=resumes, adapt_version=adapt.__version__,
-            decoder={"folder": decoder.VAE_DIR, **dec_figures} if dec_figures else {})
+            decoder={"folder": decoder.VAE_DIR, **dec_figures} if dec_figures else {},
+            init_from=init.to_record() if init else {})
         try:
             path = lora.save(out, base_unet, fx)
         except atomic.WriteError as e:

@@ -1,0 +1,116 @@
+"""lora.init_from: a run starts from an existing adapter (adapt's, kohya's, peft's) exactly where sampling with it is."""
+
+import pytest
+import torch
+
+from adapt import kohya, lora, model, warmstart
+from conftest import diffusers_lora_with_text_encoder, read_log, recipe_args, rewrite_safetensors, run_recipe
+
+
+def _adapter(base, out, preset="cross_attn", rank=4, alpha=2.0, seed=0):
+    """An adapt adapter with random non-zero up matrices, as a trained one has."""
+    pipe, _ = model.load_base(str(base))
+    lora.attach(pipe.unet, preset, rank=rank, alpha=alpha)
+    g = torch.Generator().manual_seed(seed)
+    for n, p in pipe.unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    from adapt.facts import AdapterFacts
+    lora.save(out, pipe.unet, AdapterFacts(architecture="sd", base=str(base), preset=preset, rank=rank, alpha=alpha))
+    return out
+
+
+def _unet_out(unet, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    z = torch.randn(2, c.in_channels, 8, 8, generator=g)
+    enc = torch.randn(2, 8, c.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(z, torch.tensor([100, 500]), enc).sample
+
+
+def _started(base, adapter, preset="cross_attn", rank=8, alpha=None):
+    """A fresh base UNet with the recipe's LoRA attached from `adapter` (warmstart.read -> attach -> load)."""
+    pipe, _ = model.load_base(str(base))
+    init = warmstart.read(str(adapter), pipe.unet, preset, log=lambda *a: None)
+    rp, ap = warmstart.patterns(init, rank, alpha or rank)
+    lora.attach(pipe.unet, preset, rank=rank, alpha=alpha, rank_pattern=rp, alpha_pattern=ap)
+    return pipe.unet, init, warmstart.load(pipe.unet, init)
+
+
+def _sampled(base, adapter):
+    """What sampling computes with `adapter` at scale 1 (diffusers' loader, through adapt's load_into)."""
+    pipe, _ = model.load_base(str(base))
+    lora.load_into(pipe, str(adapter), 1.0, log=lambda *a: None)
+    return _unet_out(pipe.unet)
+
+
+def test_start_equals_sampling_for_adapt_and_kohya_files_with_their_own_ranks_and_alphas(tiny_base, tmp_path):
+    a = _adapter(tiny_base, tmp_path / "a")
+    k = tmp_path / "k.safetensors"
+    kohya.to_kohya(a, k)
+    # per-layer alphas, as sd-scripts files often carry (the scale alpha/r differs by layer)
+    def alphas(t):
+        names = sorted(n for n in t if n.endswith(".alpha"))
+        return {**t, **{n: torch.tensor(float(i % 3 + 1)) for i, n in enumerate(names)}}
+    rewrite_safetensors(k, alphas)
+    base_out = _unet_out(model.load_base(str(tiny_base))[0].unet)
+    for src in (a, k):
+        unet, init, fresh = _started(tiny_base, src)  # lora.rank 8 != the file's 4: the file's ranks win
+        assert fresh == 0 and set(init.ranks.values()) == {4}
+        want = _sampled(tiny_base, src)
+        assert (want - base_out).abs().max() > 1e-2  # the adapter changes the output, so equality below means something
+        torch.testing.assert_close(_unet_out(unet), want, rtol=0, atol=2e-5)
+    fresh_unet = model.load_base(str(tiny_base))[0].unet
+    assert len(set(warmstart.read(str(k), fresh_unet, "cross_attn", log=lambda *x: None).alphas.values())) == 3
+
+
+def test_preset_layers_the_adapter_lacks_start_at_zero_and_layers_outside_the_preset_are_refused(tiny_base, tmp_path):
+    a = _adapter(tiny_base, tmp_path / "a")
+    unet, init, fresh = _started(tiny_base, a, preset="cross_attn_conv")
+    assert fresh == lora.audit(unet, "cross_attn_conv")["num_modules"] - len(init.down) > 0
+    torch.testing.assert_close(_unet_out(unet), _sampled(tiny_base, a), rtol=0, atol=2e-5)  # new layers add nothing yet
+    new = [m for n, m in unet.named_modules() if hasattr(m, "lora_B") and n not in init.down]
+    assert all(float(m.lora_B["default"].weight.detach().abs().max()) == 0 for m in new)
+    assert all(float(m.lora_A["default"].weight.detach().abs().max()) > 0 for m in new)  # gaussian init: they can learn
+
+    wide = _adapter(tiny_base, tmp_path / "wide", preset="all_attn")
+    with pytest.raises(lora.AdapterError, match=r"outside preset 'cross_attn' \(e\.g\. .*attn1.*lora\.preset=all_attn adapts them"):
+        _started(tiny_base, wide)
+
+
+def test_text_encoder_layers_and_foreign_shapes_are_refused_by_name(tiny_base, tmp_path):
+    te = diffusers_lora_with_text_encoder(tiny_base, tmp_path / "te")
+    with pytest.raises(lora.AdapterError, match=r"holds 8 LoRA layers in text_encoder; adapt trains the UNet only"):
+        _started(tiny_base, te)
+    a = _adapter(tiny_base, tmp_path / "a")
+    f = a / lora.WEIGHTS_NAME
+    key = sorted(k for k in lora.read(a)[0] if k.endswith(".lora.down.weight"))[0]
+    rewrite_safetensors(f, lambda t: {**t, key: torch.zeros(4, t[key].shape[1] + 1)})
+    layer = key[len("unet."):-len(".lora.down.weight")]
+    with pytest.raises(lora.AdapterError, match=rf"layer {layer} has down \(4, \d+\) / up .* an adapter for another base"):
+        _started(tiny_base, a)
+
+
+def test_recipe_starts_from_the_adapter_records_it_and_refuses_a_resume_after_it_changed(tiny_base, sg_folder, tmp_path):
+    a = _adapter(tiny_base, tmp_path / "a")
+    out = tmp_path / "run"
+    # a rate too small to move the weights: the adapter written after 2 steps is the one the run started from
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, f"lora.init_from={a}", "optim.lr=1e-9", "train.max_steps=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"started from {a / lora.WEIGHTS_NAME} (lora.init_from" in r.stdout and "own ranks [4] and alphas [2.0]" in r.stdout
+    want, got = lora.read(a)[0], lora.read(out)[0]
+    assert set(want) == set(got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    f = lora.facts(out)
+    assert f.init_from["sha256"] == lora.weights_sha256(a) and f.init_from["layers"] == len(want) // 2
+    assert "| started from |" in (out / "README.md").read_text()
+    assert len(read_log(out)) == 2
+
+    # the run *is* its starting point: other weights under the same path are refused on resume, by name
+    rewrite_safetensors(a / lora.WEIGHTS_NAME, lambda t: {k: v * 2 for k, v in t.items()})
+    r = run_recipe(recipe_args(tiny_base, sg_folder, out, f"lora.init_from={a}", "optim.lr=1e-9", "train.max_steps=3",
+                               "train.resume_from_checkpoint=latest"))
+    assert r.returncode != 0
+    assert "the weights of the adapter it started from (lora.init_from) differ from the checkpoint's" in r.stdout + r.stderr
