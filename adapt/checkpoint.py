@@ -5,6 +5,10 @@ A checkpoint folder `checkpoint-<step>/` holds
   optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
   state.json             step, write time, optimizer param_groups, LR-scheduler state, the run record, anything
                          else the recipe adds
+  pytorch_lora_weights.safetensors
+                         the LoRA recipe's adapter as of this step, in the adapter's own format: `adapt sample`,
+                         `adapt eval`, `adapt export` and plain diffusers load a checkpoint as they load the final
+                         adapter (to pick a step, as sd-scripts' per-epoch files are used). Resume does not read it.
 The recipe derives data order, noise and timesteps from (seed, step, rank), so no RNG state is stored
 and nothing is unpickled on resume. Writes go to `.checkpoint-<step>.<pid>.tmp`, are fsynced and renamed into
 place; any failure (safetensors' own `SafetensorError` on a full disk included) removes the temporary folder and
@@ -102,9 +106,9 @@ def restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
 
 
 def save(out_dir: str | Path, step: int, lora_state: dict, optimizer, state: dict, total_limit: int | None = None,
-         weights: str = WEIGHTS) -> Path:
-    """Write checkpoint-<step> atomically (`lora_state` into <weights>.safetensors); prune to the newest
-    `total_limit` by write time."""
+         weights: str = WEIGHTS, adapter=None) -> Path:
+    """Write checkpoint-<step> atomically (`lora_state` into <weights>.safetensors; `adapter(folder)`, when given,
+    writes the adapter file into it too); prune to the newest `total_limit` by write time."""
     from safetensors.torch import save_file
     out = Path(out_dir)
     final = out / f"checkpoint-{step}"
@@ -117,6 +121,8 @@ def save(out_dir: str | Path, step: int, lora_state: dict, optimizer, state: dic
         save_file(opt_t, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "written_ns": time.time_ns(),
                                                     "optimizer": opt_meta}, indent=1))
+        if adapter is not None:
+            adapter(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

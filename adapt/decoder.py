@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from adapt import atomic, lora, model
+from adapt import atomic, checkpoint, lora, model
 
 VAE_DIR = "vae"  # beside the adapter's weights (lora.WEIGHTS_NAME)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -126,9 +126,13 @@ def saved(out_dir: str | Path) -> tuple[str | None, dict]:
 
 
 def find(adapter: str | Path) -> Path | None:
-    """The tuned-VAE folder that ships with `adapter` (its folder, or the folder of its weights file), or None."""
+    """The tuned-VAE folder that ships with `adapter` (its folder, or the folder of its weights file), or None. A
+    training checkpoint's adapter (out_dir/checkpoint-N/) decodes with its run's (out_dir/vae/): the decoder is tuned
+    before the first LoRA step, so every checkpoint of the run was trained with it."""
     p = Path(adapter)
     folder = p if p.is_dir() else p.parent if p.name == lora.WEIGHTS_NAME else None
+    if folder is not None and checkpoint.PATTERN.match(folder.name) and (folder / "state.json").is_file():
+        folder = folder.parent
     if folder is None or not (folder / VAE_DIR / "config.json").is_file():
         return None
     return folder / VAE_DIR

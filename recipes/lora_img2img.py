@@ -243,6 +243,24 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
         resume_mod.apply_optim_settings(opt, lr_sched, cfg)  # the settings in force now (identical unless resume_allow changed them)
         start = state["step"]
         say(f"resumed from {resume} at step {start}" + (f"; changed: {resumes[-1]['changed']}" if resumes[-1]["changed"] else ""))
+
+    def adapter_facts(steps: int, figures: dict) -> AdapterFacts:
+        """The record stored with the adapter: the final one, and each checkpoint's (as of `steps`)."""
+        return AdapterFacts(
+            base=cfg.model.base, base_revision=cfg.model.revision, base_resolved=facts.resolved, architecture=facts.architecture,
+            base_probe=lora.base_probe(base_unet),
+            prediction_type=facts.prediction_type, preset=cfg.lora.preset, rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha or cfg.lora.rank, strength=cfg.objective.strength, window=cfg.objective.window,
+            window_range=[int(window.min()), int(window.max())], scheduler=cfg.objective.scheduler,
+            inference_steps=cfg.objective.inference_steps, steps_trained=steps, resolution=cfg.data.resolution,
+            seed=cfg.train.seed, dataset=cfg.data.source, dataset_split=cfg.data.split, dataset_fingerprint=fingerprint,
+            image_fingerprints=[r.extra["content_hash"] for r in records], num_images=len(records),
+            example_prompt=captions[0] if captions else "", latent_stats=stats,
+            audit={k: v for k, v in audit.items() if k != "modules"}, figures=figures, optim=config.to_dict(cfg.optim),
+            resumes=resumes, adapt_version=adapt.__version__,
+            decoder={"folder": decoder.VAE_DIR, **dec_figures} if dec_figures else {},
+            init_from=init.to_record() if init else {})
+
     log_path = out / "logs" / "train_log.jsonl"
     if acc.is_main_process:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,12 +351,12 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
         else:
             progress(step + 1, None)
         if last or ckpt:
-            _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes)
+            _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes, adapter_facts)
         if validate:
             validator(step + 1)
         if not last and sig is not None:
             if not ckpt:
-                _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes)
+                _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes, adapter_facts)
             say(f"interrupted at step {step + 1}; checkpoint-{step + 1} written. Resume with the same command plus "
                 f"train.resume_from_checkpoint=latest")
             unet = optimizer = None  # see _finish
@@ -360,20 +378,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
                    "total_seconds": round(time.time() - t_start, 1)}
         if acc.device.type == "cuda":
             figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**20)
-        fx = AdapterFacts(
-            base=cfg.model.base, base_revision=cfg.model.revision, base_resolved=facts.resolved, architecture=facts.architecture,
-            base_probe=lora.base_probe(base_unet),
-            prediction_type=facts.prediction_type, preset=cfg.lora.preset, rank=cfg.lora.rank,
-            alpha=cfg.lora.alpha or cfg.lora.rank, strength=cfg.objective.strength, window=cfg.objective.window,
-            window_range=[int(window.min()), int(window.max())], scheduler=cfg.objective.scheduler,
-            inference_steps=cfg.objective.inference_steps, steps_trained=cfg.train.max_steps, resolution=cfg.data.resolution,
-            seed=cfg.train.seed, dataset=cfg.data.source, dataset_split=cfg.data.split, dataset_fingerprint=fingerprint,
-            image_fingerprints=[r.extra["content_hash"] for r in records], num_images=len(records),
-            example_prompt=captions[0] if captions else "", latent_stats=stats,
-            audit={k: v for k, v in audit.items() if k != "modules"}, figures=figures, optim=config.to_dict(cfg.optim),
-            resumes=resumes, adapt_version=adapt.__version__,
-            decoder={"folder": decoder.VAE_DIR, **dec_figures} if dec_figures else {},
-            init_from=init.to_record() if init else {})
+        fx = adapter_facts(cfg.train.max_steps, figures)
         try:
             path = lora.save(out, base_unet, fx)
         except atomic.WriteError as e:
@@ -530,13 +535,14 @@ def _cache_root(cfg) -> Path:
     return data.usable_cache_dir(Path(cfg.data.cache_dir), "data.cache_dir") if cfg.data.cache_dir else data.default_cache_dir()
 
 
-def _save_checkpoint(acc, cfg, out, step, base_unet, optimizer, lr_sched, run, resumes):
+def _save_checkpoint(acc, cfg, out, step, base_unet, optimizer, lr_sched, run, resumes, adapter_facts):
     if acc.is_main_process:
         from peft.utils import get_peft_model_state_dict
         opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         checkpoint.save(out, step, get_peft_model_state_dict(base_unet), opt,
                         {"lr_scheduler": lr_sched.state_dict(), "run": {**run, "resumes": resumes}},
-                        cfg.train.checkpoints_total_limit)
+                        cfg.train.checkpoints_total_limit,
+                        adapter=lambda folder: lora.save(folder, base_unet, adapter_facts(step, {})))
     acc.wait_for_everyone()
 
 

@@ -99,7 +99,7 @@ def test_resume_of_a_checkpoint_older_than_the_decoder_keys():
 
 
 @pytest.mark.integration  # two `accelerate launch` runs (38 s): `make test-integration`
-def test_recipe_ships_the_decoder_and_every_loader_uses_it(tiny_base, sg_folder, tmp_path):
+def test_recipe_ships_the_decoder_and_every_loader_uses_it(tiny_base, sg_folder, tmp_path, capsys):
     """accelerate launch with decoder.steps: vae/ beside the adapter, recorded in the facts and the model card, reused
     by a resume, loaded by `adapt sample` (and dropped by --base-decoder), and by plain diffusers as the card says."""
     out = tmp_path / "run"
@@ -132,6 +132,13 @@ def test_recipe_ships_the_decoder_and_every_loader_uses_it(tiny_base, sg_folder,
     tuned = np.asarray(Image.open(tmp_path / "tuned" / "img2img_000.png"), float)
     based = np.asarray(Image.open(tmp_path / "based" / "img2img_000.png"), float)
     assert np.abs(tuned - based).max() > 0
+    # a checkpoint samples as the adapter of its step, decoded with its run's decoder (tuned before any LoRA step)
+    capsys.readouterr()
+    ck = ["sample", "--base", str(tiny_base), "--adapter", str(out / "checkpoint-4"), "--image", str(src), "--strength",
+          "0.6", "--steps", "10", "--out", str(tmp_path / "ck4")]
+    assert cli.main(ck) == 0
+    assert f"decoder: {out / 'vae'} (tuned" in capsys.readouterr().out
+    assert np.abs(np.asarray(Image.open(tmp_path / "ck4" / "img2img_000.png"), float) - tuned).max() > 0  # step 4, not 6
 
     # plain diffusers, as the model card says, gives adapt's image
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline

@@ -78,6 +78,20 @@ def test_resume_reproduces_uninterrupted_losses(tiny_base, sg_folder, tmp_path):
     tb, _ = lora.read(part)
     assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
 
+    # Each checkpoint is also an adapter as of its step (to pick a step by sampling it): the final one is the
+    # adapter itself, and checkpoint-3's holds the very weights resume reads, with its step in the record.
+    t6, h6 = lora.read(full / "checkpoint-6")
+    assert t6.keys() == ta.keys() and all(torch.equal(t6[k], ta[k]) for k in ta)
+    assert h6["adapt"].steps_trained == 6 and lora.facts(full).steps_trained == 6
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file
+    t3, h3 = lora.read(part / "checkpoint-3")
+    resumed_from = load_file(str(part / "checkpoint-3" / "lora.safetensors"))
+    as_peft = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in t3.items()})
+    assert as_peft.keys() == resumed_from.keys() and all(torch.equal(as_peft[k], resumed_from[k]) for k in as_peft)
+    assert h3["adapt"].steps_trained == 3 and h3["adapt"].strength == 0.6 and h3["lora_adapter_metadata"]["unet.lora_alpha"] == 2
+    assert not all(torch.equal(t3[k], ta[k]) for k in ta)  # 3 more steps moved the final one
+
 
 @pytest.mark.integration  # subprocess-heavy: `make test-integration`
 def test_kill_during_checkpoint_write_keeps_previous(tiny_base, sg_folder, tmp_path):
