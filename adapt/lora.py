@@ -168,7 +168,11 @@ def weights_path(adapter: str | Path) -> Path:
         pickles = [q.name for q in p.iterdir() if q.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise AdapterError(f"{p}: only pickle files {pickles}; {refuse_pickle_reason()}")
-        raise AdapterError(f"{p}: no {WEIGHTS_NAME} (found {[q.name for q in found] or 'no safetensors'})")
+        steps = sorted((int(q.parent.name[len("checkpoint-"):]), q) for q in p.glob("checkpoint-*/" + WEIGHTS_NAME)
+                       if q.parent.name[len("checkpoint-"):].isdigit())
+        hint = (f"; a training run without its final adapter yet (still running, or stopped)? Its checkpoints are "
+                f"adapters as of their step: {steps[-1][1].parent}" if steps else "")
+        raise AdapterError(f"{p}: no {WEIGHTS_NAME} (found {[q.name for q in found] or 'no safetensors'}){hint}")
     if not p.exists():
         raise AdapterError(f"adapter not found: {p}")
     if p.suffix in PICKLE_SUFFIXES:

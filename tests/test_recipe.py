@@ -67,6 +67,8 @@ def test_resume_reproduces_uninterrupted_losses(tiny_base, sg_folder, tmp_path):
     r = run_recipe(recipe_args(tiny_base, sg_folder, part, *common), launcher="python", env_extra={"ADAPT_FAULT": "sigkill_after_step:4"})
     assert r.returncode == -9, (r.returncode, r.stderr[-2000:])
     assert (part / "checkpoint-3" / "state.json").is_file() and not (part / lora.WEIGHTS_NAME).exists()
+    with pytest.raises(lora.AdapterError, match=f"without its final adapter yet .* as of their step: {part / 'checkpoint-3'}$"):
+        lora.weights_path(part)  # sampling the unfinished run names the checkpoint that is an adapter
     r = run_recipe(recipe_args(tiny_base, sg_folder, part, *common, "train.resume_from_checkpoint=latest"), launcher="python")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 3" in r.stdout
