@@ -85,6 +85,10 @@ def read(spec: str, unet, preset: str, log=print) -> InitAdapter:
     else:  # diffusers' scripts before 0.32 stored no LoraConfig; its loader then applies alpha = rank
         alphas, assumed = {m: float(w.shape[0]) for m, w in down.items()}, True
         log(f"lora.init_from {spec}: no stored alpha; using alpha = rank per layer, as diffusers' loader applies the file")
+    f = header[lora.FACTS_KEY]
+    if f is not None and f.base_probe and (why := lora.probe_mismatch(unet, f.base_probe)):
+        log(f"warning: lora.init_from {spec} was trained against other UNet weights ({f.base}: {why}); it starts this "
+            "run from a correction to those weights")
     return InitAdapter(spec, resolved, lora.weights_sha256(local), down, up, alphas, assumed)
 
 

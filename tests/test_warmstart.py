@@ -114,3 +114,19 @@ def test_recipe_starts_from_the_adapter_records_it_and_refuses_a_resume_after_it
                                "train.resume_from_checkpoint=latest"))
     assert r.returncode != 0
     assert "the weights of the adapter it started from (lora.init_from) differ from the checkpoint's" in r.stdout + r.stderr
+
+
+def test_an_adapter_trained_on_other_base_weights_is_named(tiny_base, tmp_path):
+    from adapt.facts import AdapterFacts
+    from adapt.tiny import save_tiny_pipeline
+    other = save_tiny_pipeline(tmp_path / "other", seed=1)  # same shapes, other weights
+    pipe, _ = model.load_base(str(other))
+    lora.attach(pipe.unet, "cross_attn", rank=4, alpha=4)
+    lora.save(tmp_path / "a", pipe.unet, AdapterFacts(architecture="sd", base="other", base_probe=lora.base_probe(pipe.unet)))
+    said = []
+    unet = model.load_base(str(tiny_base))[0].unet
+    warmstart.read(str(tmp_path / "a"), unet, "cross_attn", log=said.append)
+    assert len(said) == 1 and said[0].startswith(f"warning: lora.init_from {tmp_path / 'a'} was trained against other UNet weights (other:")
+    said.clear()
+    warmstart.read(str(tmp_path / "a"), model.load_base(str(other))[0].unet, "cross_attn", log=said.append)
+    assert said == []
