@@ -61,6 +61,12 @@ def test_start_equals_sampling_for_adapt_and_kohya_files_with_their_own_ranks_an
         want = _sampled(tiny_base, src)
         assert (want - base_out).abs().max() > 1e-2  # the adapter changes the output, so equality below means something
         torch.testing.assert_close(_unet_out(unet), want, rtol=0, atol=2e-5)
+    # what the run saves (lora.rank 8 plus the kohya file's per-layer alphas in the patterns) loads back the same
+    from adapt.facts import AdapterFacts
+    saved = lora.save(tmp_path / "saved", unet, AdapterFacts(architecture="sd"))
+    meta = lora.read(saved)[1]["lora_adapter_metadata"]
+    assert meta["unet.r"] == 8 and len(meta["unet.rank_pattern"]) == len(init.down) and meta["unet.alpha_pattern"]
+    torch.testing.assert_close(_sampled(tiny_base, saved), want, rtol=0, atol=2e-5)
     fresh_unet = model.load_base(str(tiny_base))[0].unet
     assert len(set(warmstart.read(str(k), fresh_unet, "cross_attn", log=lambda *x: None).alphas.values())) == 3
 
