@@ -112,12 +112,16 @@ def one_naming(tensors: dict) -> dict:
             if not k.startswith(TEXT_ENCODERS) else k: v for k, v in tensors.items()}
 
 
-def save(out_dir: str | Path, unet, facts: AdapterFacts, adapter_name: str = "default") -> Path:
+def save(out_dir: str | Path, unet, facts: AdapterFacts, adapter_name: str = "default", te_tensors: dict | None = None,
+         te_meta: dict | None = None) -> Path:
     """Write `pytorch_lora_weights.safetensors` atomically: diffusers' layout (what `save_lora_weights` writes:
     'unet.'-prefixed keys, peft's LoraConfig under 'lora_adapter_metadata') plus adapt's facts under 'adapt'.
+    te_tensors / te_meta: text-encoder layers ('text_encoder[_2].' keys) and their metadata, written unchanged.
     """
     layers = {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in state_dict(unet, adapter_name).items()}
+    layers.update({k: v.contiguous() for k, v in (te_tensors or {}).items()})
     meta = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config[adapter_name].to_dict().items()}
+    meta.update(te_meta or {})
     header = {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True),
               FACTS_KEY: facts.to_header()}
     return atomic.write_safetensors(layers, Path(out_dir) / WEIGHTS_NAME, header)

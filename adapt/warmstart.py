@@ -5,8 +5,13 @@ WebUI / ComfyUI `.safetensors`, a folder `PeftModel.save_pretrained` wrote, or a
 its own rank and alpha (peft's rank_pattern / alpha_pattern), so at step 0 the UNet computes exactly what sampling
 with that adapter at scale 1 computes; the preset's layers it lacks start at zero with `lora.rank` / `lora.alpha`.
 
-Refused, by name: layers outside the preset (the hint names a preset that covers them), shapes that do not fit this
-UNet, and text-encoder layers (adapt trains the UNet only: continuing such a file would silently drop part of it).
+Text-encoder layers (sd-scripts trains them unless --network_train_unet_only) are not trained, but neither dropped:
+they are fused into the pipeline's text encoder(s) before the captions are encoded (`fuse_text_encoders`), so the
+UNet layers train under the conditioning sampling will give them, and they are written unchanged into every adapter
+the run saves (`InitAdapter.te_tensors`), so the result applies as the file did.
+
+Refused, by name: layers outside the preset (the hint names a preset that covers them) and shapes that do not fit
+this UNet.
 """
 
 from __future__ import annotations
@@ -33,15 +38,27 @@ class InitAdapter:
     up: dict  # module -> lora_B weight (out, r[, 1, 1]), fp32
     alphas: dict  # module -> alpha as the adapter applies it
     alpha_assumed: bool  # no peft metadata: alpha = rank, as diffusers' loader applies such a file
+    te_tensors: dict  # text-encoder LoRA tensors, diffusers' keys ("text_encoder[_2]..."): frozen, saved unchanged
+    te_meta: dict  # their peft metadata ("text_encoder[_2].r", ".lora_alpha", ...), saved with them
 
     @property
     def ranks(self) -> dict:
         return {m: int(w.shape[0]) for m, w in self.down.items()}
 
+    @property
+    def text_encoders(self) -> dict:
+        """{'text_encoder': number of LoRA layers, ...} of the layers carried through unchanged."""
+        out: dict = {}
+        for k in self.te_tensors:
+            if k.endswith(("lora_A.weight", "down.weight")):
+                out[k.split(".")[0]] = out.get(k.split(".")[0], 0) + 1
+        return out
+
     def to_record(self) -> dict:
         """What the adapter's facts and model card say the run started from."""
         return {"adapter": self.source, "resolved": self.resolved, "sha256": self.sha256, "layers": len(self.down),
-                "ranks": sorted(set(self.ranks.values())), "alpha_assumed": self.alpha_assumed}
+                "ranks": sorted(set(self.ranks.values())), "alpha_assumed": self.alpha_assumed,
+                "text_encoder_layers_kept": self.text_encoders}
 
 
 def read(spec: str, unet, preset: str, log=print) -> InitAdapter:
@@ -58,12 +75,8 @@ def read(spec: str, unet, preset: str, log=print) -> InitAdapter:
             tensors, header = lora.read(peftfile.to_diffusers(path, Path(tmp) / lora.WEIGHTS_NAME))
         else:
             tensors, header = lora.read(path)
-    te = sorted({k.split(".")[0] for k in tensors if k.startswith(lora.TEXT_ENCODERS)})
-    if te:
-        n = sum(1 for k in tensors if k.startswith(lora.TEXT_ENCODERS) and k.endswith(("lora_A.weight", "down.weight")))
-        raise lora.AdapterError(f"lora.init_from {spec}: holds {n} LoRA layers in {' and '.join(te)}; adapt trains the "
-                                "UNet only, so the run would drop them. Start from a UNet-only adapter (sd-scripts: "
-                                "--network_train_unet_only)")
+    te_tensors = {k: v for k, v in tensors.items() if k.startswith(lora.TEXT_ENCODERS)}
+    te_meta = {k: v for k, v in (header.get("lora_adapter_metadata") or {}).items() if k.startswith(lora.TEXT_ENCODERS)}
     lora.check_keys(unet, tensors, path)
     from diffusers.utils import convert_unet_state_dict_to_peft
     peft_sd = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")})
@@ -89,7 +102,7 @@ def read(spec: str, unet, preset: str, log=print) -> InitAdapter:
     if f is not None and f.base_probe and (why := lora.probe_mismatch(unet, f.base_probe)):
         log(f"warning: lora.init_from {spec} was trained against other UNet weights ({f.base}: {why}); it starts this "
             "run from a correction to those weights")
-    return InitAdapter(spec, resolved, lora.weights_sha256(local), down, up, alphas, assumed)
+    return InitAdapter(spec, resolved, lora.weights_sha256(local), down, up, alphas, assumed, te_tensors, te_meta)
 
 
 def _check_fits(spec: str, unet, preset: str, down: dict, up: dict) -> None:
@@ -112,6 +125,33 @@ def _check_fits(spec: str, unet, preset: str, down: dict, up: dict) -> None:
             raise lora.AdapterError(f"lora.init_from {spec}: layer {m} has down {tuple(down[m].shape)} / up "
                                     f"{tuple(up[m].shape)}, this UNet needs {want_down} / {want_up} (rank {r}): an "
                                     "adapter for another base")
+
+
+def fuse_text_encoders(pipe, init: InitAdapter) -> list[str]:
+    """Fold the adapter's text-encoder layers into the pipeline's text encoder(s) at scale 1 (diffusers' loader, then
+    fuse_lora and unload: the weights keep W + alpha/r · up @ down, no LoRA layer stays). Returns the components."""
+    if not init.te_tensors:
+        return []
+    import json
+    from adapt import atomic
+    with tempfile.TemporaryDirectory() as tmp:
+        header = {"format": "pt"}
+        if init.te_meta:
+            header["lora_adapter_metadata"] = json.dumps(init.te_meta)
+        f = atomic.write_safetensors({k: v.contiguous() for k, v in init.te_tensors.items()}, Path(tmp) / lora.WEIGHTS_NAME, header)
+        try:
+            pipe.load_lora_weights(tmp, weight_name=f.name, adapter_name="init_from")
+        except (RuntimeError, ValueError, KeyError) as e:  # peft's size mismatch names tensors, not the file
+            raise lora.AdapterError(f"lora.init_from {init.source}: its text-encoder layers do not fit this pipeline's "
+                                    f"text encoder(s) ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    parts = lora.adapted_text_encoders(pipe, ["init_from"])
+    missing = [c for c, n in init.text_encoders.items() if c not in parts]
+    if missing:
+        raise lora.AdapterError(f"lora.init_from {init.source}: its {', '.join(missing)} LoRA layers load into no layer "
+                                "of this pipeline's text encoder(s)")
+    pipe.fuse_lora(components=parts, lora_scale=1.0, adapter_names=["init_from"])
+    pipe.unload_lora_weights()
+    return parts
 
 
 def patterns(init: InitAdapter, rank: int, alpha: float) -> tuple[dict, dict]:

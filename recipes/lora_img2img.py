@@ -177,6 +177,13 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
                 "rerun the same command to start again")
             return _finish(acc, 128 + sig)
 
+    if init and init.te_tensors:  # frozen, and part of the conditioning the UNet layers train under (adapt.warmstart)
+        if validator and validator.base is None:
+            validator.draw_base()  # the grids' base column is the base's: drawn before the text encoder changes
+        parts = warmstart.fuse_text_encoders(pipe, init)
+        say(f"lora.init_from's text-encoder layers ({', '.join(f'{c}: {n}' for c, n in init.text_encoders.items())}) are "
+            f"fused into {' and '.join(parts)} for the captions, not trained, and saved unchanged with the adapter")
+
     # 4. The strength window: the timesteps img2img at this strength visits.
     sampler = sample.make_scheduler(pipe.scheduler, cfg.objective.scheduler)
     window = objective.window_timesteps(sampler, cfg.objective.inference_steps, cfg.objective.strength, cfg.objective.window)
@@ -351,12 +358,12 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
         else:
             progress(step + 1, None)
         if last or ckpt:
-            _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes, adapter_facts)
+            _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes, adapter_facts, init)
         if validate:
             validator(step + 1)
         if not last and sig is not None:
             if not ckpt:
-                _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes, adapter_facts)
+                _save_checkpoint(acc, cfg, out, step + 1, base_unet, optimizer, lr_sched, run, resumes, adapter_facts, init)
             say(f"interrupted at step {step + 1}; checkpoint-{step + 1} written. Resume with the same command plus "
                 f"train.resume_from_checkpoint=latest")
             unet = optimizer = None  # see _finish
@@ -380,7 +387,7 @@ def train(cfg, acc, out: Path, say, stopper, trackers, chosen: precision.Precisi
             figures["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**20)
         fx = adapter_facts(cfg.train.max_steps, figures)
         try:
-            path = lora.save(out, base_unet, fx)
+            path = lora.save(out, base_unet, fx, te_tensors=init.te_tensors if init else None, te_meta=init.te_meta if init else None)
         except atomic.WriteError as e:
             raise atomic.WriteError(f"{e}. Training is not lost: checkpoint-{cfg.train.max_steps} is intact; free space and "
                                     "rerun with train.resume_from_checkpoint=latest to write the adapter") from e
@@ -535,14 +542,16 @@ def _cache_root(cfg) -> Path:
     return data.usable_cache_dir(Path(cfg.data.cache_dir), "data.cache_dir") if cfg.data.cache_dir else data.default_cache_dir()
 
 
-def _save_checkpoint(acc, cfg, out, step, base_unet, optimizer, lr_sched, run, resumes, adapter_facts):
+def _save_checkpoint(acc, cfg, out, step, base_unet, optimizer, lr_sched, run, resumes, adapter_facts, init):
     if acc.is_main_process:
+        te_tensors, te_meta = (init.te_tensors, init.te_meta) if init else (None, None)
         from peft.utils import get_peft_model_state_dict
         opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         checkpoint.save(out, step, get_peft_model_state_dict(base_unet), opt,
                         {"lr_scheduler": lr_sched.state_dict(), "run": {**run, "resumes": resumes}},
                         cfg.train.checkpoints_total_limit,
-                        adapter=lambda folder: lora.save(folder, base_unet, adapter_facts(step, {})))
+                        adapter=lambda folder: lora.save(folder, base_unet, adapter_facts(step, {}), te_tensors=te_tensors,
+                                                         te_meta=te_meta))
     acc.wait_for_everyone()
 
 

@@ -85,10 +85,44 @@ def test_preset_layers_the_adapter_lacks_start_at_zero_and_layers_outside_the_pr
         _started(tiny_base, wide)
 
 
-def test_text_encoder_layers_and_foreign_shapes_are_refused_by_name(tiny_base, tmp_path):
+def _te_out(pipe):
+    ids = pipe.tokenizer(["a face wearing sunglasses"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_text_encoder_layers_are_fused_for_the_captions_and_saved_unchanged(tiny_base, tmp_path):
+    """sd-scripts trains the text encoder by default: such a file's text-encoder layers are not trained, but the
+    captions are encoded through them and the saved adapter carries them, so it applies as the file did."""
     te = diffusers_lora_with_text_encoder(tiny_base, tmp_path / "te")
-    with pytest.raises(lora.AdapterError, match=r"holds 8 LoRA layers in text_encoder; adapt trains the UNet only"):
-        _started(tiny_base, te)
+    ref, _ = model.load_base(str(tiny_base))
+    lora.load_into(ref, str(te), 1.0, log=lambda *a: None)
+    base = _te_out(model.load_base(str(tiny_base))[0])
+    assert (_te_out(ref) - base).abs().max() > 1e-2
+
+    pipe, _ = model.load_base(str(tiny_base))
+    init = warmstart.read(str(te), pipe.unet, "cross_attn", log=lambda *a: None)
+    assert init.text_encoders == {"text_encoder": 8}
+    assert warmstart.fuse_text_encoders(pipe, init) == ["text_encoder"]
+    assert not any(hasattr(m, "lora_A") for m in pipe.text_encoder.modules())  # fused, no layer left to train
+    torch.testing.assert_close(_te_out(pipe), _te_out(ref), rtol=0, atol=2e-5)
+    rp, ap = warmstart.patterns(init, 4, 4)
+    lora.attach(pipe.unet, "cross_attn", rank=4, alpha=4, rank_pattern=rp, alpha_pattern=ap)
+    warmstart.load(pipe.unet, init)
+    torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(ref.unet), rtol=0, atol=2e-5)
+
+    from adapt.facts import AdapterFacts
+    saved = lora.save(tmp_path / "saved", pipe.unet, AdapterFacts(architecture="sd"), te_tensors=init.te_tensors,
+                      te_meta=init.te_meta)
+    src, got = lora.read(te)[0], lora.read(saved)[0]
+    assert all(torch.equal(got[k], v) for k, v in src.items() if k.startswith("text_encoder."))
+    again, _ = model.load_base(str(tiny_base))
+    lora.load_into(again, str(saved), 1.0, log=lambda *a: None)
+    torch.testing.assert_close(_te_out(again), _te_out(ref), rtol=0, atol=2e-5)
+
+
+def test_foreign_shapes_are_refused_by_name(tiny_base, tmp_path):
     a = _adapter(tiny_base, tmp_path / "a")
     f = a / lora.WEIGHTS_NAME
     key = sorted(k for k in lora.read(a)[0] if k.endswith(".lora.down.weight"))[0]
@@ -99,20 +133,41 @@ def test_text_encoder_layers_and_foreign_shapes_are_refused_by_name(tiny_base, t
 
 
 def test_recipe_starts_from_the_adapter_records_it_and_refuses_a_resume_after_it_changed(tiny_base, sg_folder, tmp_path):
-    a = _adapter(tiny_base, tmp_path / "a")
+    a = diffusers_lora_with_text_encoder(tiny_base, tmp_path / "a")  # UNet and text-encoder layers, as diffusers writes
     out = tmp_path / "run"
     # a rate too small to move the weights: the adapter written after 2 steps is the one the run started from
     r = run_recipe(recipe_args(tiny_base, sg_folder, out, f"lora.init_from={a}", "optim.lr=1e-9", "train.max_steps=2"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"started from {a / lora.WEIGHTS_NAME} (lora.init_from" in r.stdout and "own ranks [4] and alphas [2.0]" in r.stdout
+    assert f"started from {a / lora.WEIGHTS_NAME} (lora.init_from" in r.stdout and "own ranks [4] and alphas [4.0]" in r.stdout
+    assert "text-encoder layers (text_encoder: 8) are fused into text_encoder for the captions" in r.stdout
     want, got = lora.read(a)[0], lora.read(out)[0]
-    assert set(want) == set(got)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    unet_keys = [k for k in got if k.startswith("unet.")]
+    assert len(unet_keys) == 32 and all(k.startswith("text_encoder.") for k in set(got) - set(unet_keys))
+    for k in set(got) - set(unet_keys):  # carried unchanged
+        assert torch.equal(got[k], want[k])
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    peft_want = convert_unet_state_dict_to_peft({k[5:]: v for k, v in want.items() if k.startswith("unet.")})
+    peft_got = convert_unet_state_dict_to_peft({k[5:]: got[k] for k in unet_keys})
+    assert peft_want.keys() == peft_got.keys()
+    for k in peft_want:
+        torch.testing.assert_close(peft_got[k], peft_want[k], rtol=0, atol=1e-6)
     f = lora.facts(out)
-    assert f.init_from["sha256"] == lora.weights_sha256(a) and f.init_from["layers"] == len(want) // 2
+    assert f.init_from["sha256"] == lora.weights_sha256(a) and f.init_from["layers"] == 16
+    assert f.init_from["text_encoder_layers_kept"] == {"text_encoder": 8}
     assert "| started from |" in (out / "README.md").read_text()
     assert len(read_log(out)) == 2
+
+    # the captions were encoded through those layers: without them (the same UNet layers alone) the first loss differs
+    unet_only = tmp_path / "unet_only.safetensors"
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(a / lora.WEIGHTS_NAME), "pt") as h:
+        meta = h.metadata()
+        save_file({k: h.get_tensor(k) for k in h.keys() if k.startswith("unet.")}, str(unet_only), meta)
+    r = run_recipe(recipe_args(tiny_base, sg_folder, tmp_path / "run2", f"lora.init_from={unet_only}", "optim.lr=1e-9",
+                               "train.max_steps=1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert abs(read_log(tmp_path / "run2")[0]["loss"] - read_log(out)[0]["loss"]) > 1e-4
 
     # the run *is* its starting point: other weights under the same path are refused on resume, by name
     rewrite_safetensors(a / lora.WEIGHTS_NAME, lambda t: {k: v * 2 for k, v in t.items()})
