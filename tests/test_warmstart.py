@@ -154,7 +154,7 @@ def test_recipe_starts_from_the_adapter_records_it_and_refuses_a_resume_after_it
     f = lora.facts(out)
     assert f.init_from["sha256"] == lora.weights_sha256(a) and f.init_from["layers"] == 16
     assert f.init_from["text_encoder_layers_kept"] == {"text_encoder": 8}
-    assert "| started from |" in (out / "README.md").read_text()
+    assert "| started from |" in (card := (out / "README.md").read_text()) and "its 8 text_encoder layers are kept unchanged" in card
     assert len(read_log(out)) == 2
 
     # the captions were encoded through those layers: without them (the same UNet layers alone) the first loss differs
