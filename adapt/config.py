@@ -80,9 +80,10 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    preset: Literal["cross_attn", "cross_attn_kv", "all_attn", "cross_attn_conv"] = opt(
-        "cross_attn", "which UNet layers get adapters: attn2 q/k/v/out (default), attn2 k/v only, attn1+attn2, or attn2 "
-        "plus every resnet's 3x3 convs (LoCon: detail finer than the cross-attention grid)")
+    preset: Literal["cross_attn", "cross_attn_kv", "all_attn", "cross_attn_conv", "transformer", "transformer_conv"] = opt(
+        "cross_attn", "which UNet layers get adapters: attn2 q/k/v/out (default), attn2 k/v only, attn1+attn2, attn2 "
+        "plus every resnet's 3x3 convs (LoCon: detail finer than the cross-attention grid), or sd-scripts' default "
+        "network (every Linear and 1x1 conv of the transformer blocks) without or with its conv_dim layers")
     rank: int = opt(8, "LoRA rank: higher fits more of the domain, costs memory and overfits few-shot data sooner")
     alpha: Optional[float] = opt(None, "LoRA alpha; effective scale is alpha/rank; None = rank (scale 1)")
     dropout: float = opt(0.0, "dropout on the LoRA input")

@@ -24,6 +24,7 @@ from adapt.facts import AdapterFacts, FactsError
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 FACTS_KEY = "adapt"
+_TRANSFORMER = r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))$"
 PRESETS = {
     "cross_attn": r".*attn2\.(to_q|to_k|to_v|to_out\.0)$",
     "cross_attn_kv": r".*attn2\.(to_k|to_v)$",  # Custom Diffusion (Kumari et al. 2023) trains only these
@@ -32,6 +33,12 @@ PRESETS = {
     # runs only at the coarser levels, so attn2 alone cannot place detail finer than its grid (the tiny base's
     # 8x8 of a 16x16 latent); the convs reach every level, the full-resolution one included.
     "cross_attn_conv": r".*(attn2\.(to_q|to_k|to_v|to_out\.0)|resnets\.\d+\.conv[12])$",
+    # sd-scripts' default network (networks.lora on Transformer2DModel): every Linear and 1x1 conv of the transformer
+    # blocks, so a kohya file trained with its defaults can be continued (lora.init_from) layer for layer.
+    "transformer": _TRANSFORMER,
+    # ... plus what its conv_dim adds (LoCon on ResnetBlock2D, Downsample2D, Upsample2D: their convs, and the resnets'
+    # 1x1 shortcut and time-embedding projection, which it adapts at the linear rank).
+    "transformer_conv": rf"{_TRANSFORMER[:-1]}|.*(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)$",
 }
 ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -191,3 +191,32 @@ def test_an_adapter_trained_on_other_base_weights_is_named(tiny_base, tmp_path):
     said.clear()
     warmstart.read(str(tmp_path / "a"), model.load_base(str(other))[0].unet, "cross_attn", log=said.append)
     assert said == []
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
+def test_transformer_presets_are_the_layers_sd_scripts_adapts(arch):
+    """The presets against sd-scripts' module selection as test_kohya enumerates it with diffusers alone (meta device:
+    names only), with and without conv_dim."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from adapt import archs
+    from test_kohya import _unet_modules
+    cfg = archs.unet_config(arch)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(cfg)
+    assert set(lora.target_modules(unet, "transformer")) == {n for n, _ in _unet_modules(cfg)}
+    assert set(lora.target_modules(unet, "transformer_conv")) == {n for n, _ in _unet_modules(cfg, locon=True)}
+
+
+def test_an_sd_scripts_default_file_continues_under_the_transformer_preset(tiny_base, tmp_path):
+    from test_kohya import sdscripts_file
+    unet = model.load_base(str(tiny_base))[0].unet
+    f = tmp_path / "sdscripts.safetensors"
+    sdscripts_file(f, dict(unet.config), "diffusers", te_layers=0)  # per-layer ranks 1-4, alphas 0.5-8, fp16
+    with pytest.raises(lora.AdapterError, match=r"outside preset 'cross_attn' .*; lora\.preset=transformer adapts them"):
+        _started(tiny_base, f)
+    started, init, fresh = _started(tiny_base, f, preset="transformer")
+    assert fresh == 0 and set(init.ranks.values()) == {1, 2, 3, 4}
+    want = _sampled(tiny_base, f)
+    assert (want - _unet_out(model.load_base(str(tiny_base))[0].unet)).abs().max() > 1e-3
+    torch.testing.assert_close(_unet_out(started), want, rtol=0, atol=2e-5)
