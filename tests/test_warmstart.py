@@ -132,6 +132,7 @@ def test_foreign_shapes_are_refused_by_name(tiny_base, tmp_path):
         _started(tiny_base, a)
 
 
+@pytest.mark.integration  # three `accelerate launch` runs (~30 s): `make test-integration`
 def test_recipe_starts_from_the_adapter_records_it_and_refuses_a_resume_after_it_changed(tiny_base, sg_folder, tmp_path):
     a = diffusers_lora_with_text_encoder(tiny_base, tmp_path / "a")  # UNet and text-encoder layers, as diffusers writes
     out = tmp_path / "run"
