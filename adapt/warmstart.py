@@ -93,7 +93,6 @@ def read(spec: str, unet, preset: str, log=print) -> InitAdapter:
     _check_fits(spec, unet, preset, down, up)
     meta = header.get("lora_adapter_metadata")
     if meta:
-        from adapt import kohya
         alphas, assumed = kohya.alphas_of(header, sorted(down)), False
     else:  # diffusers' scripts before 0.32 stored no LoraConfig; its loader then applies alpha = rank
         alphas, assumed = {m: float(w.shape[0]) for m, w in down.items()}, True
