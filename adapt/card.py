@@ -75,7 +75,7 @@ def _init_row(f: AdapterFacts) -> str:
         return ""
     return (f"| started from | `{i['resolved']}` (sha256 `{i['sha256'][:12]}`): {i['layers']} layers kept their ranks "
             f"{i['ranks']} and alphas{' (alpha = rank: the file stored none)' if i['alpha_assumed'] else ''}"
-            + "".join(f"; its {n} {c} layers are kept unchanged (not trained)" for c, n in i.get("text_encoder_layers_kept", {}).items())
+            + "".join(f"; its {n} {c} layers are kept unchanged (not trained)" for c, n in i["text_encoder_layers_kept"].items())
             + " |\n")
 
 
