@@ -103,9 +103,10 @@ def cmd_inspect(a) -> int:
     return 0
 
 
-# A layer's tensors in each naming people ship: diffusers (.lora.down/.lora.up), peft (.lora_A/.lora_B), kohya
-# (.lora_down/.lora_up and a per-layer .alpha; '_'-joined module paths, lora_unet_* / lora_te*_*).
-_LORA_SUFFIX = re.compile(r"(\.lora[._](?:down|up|A|B)(?:\.[^.]+)?\.weight|\.alpha)$")
+# A layer's tensors in each naming people ship: diffusers (.lora.down/.lora.up; its text encoders'
+# .lora_linear_layer.down/up), peft (.lora_A/.lora_B), kohya (.lora_down/.lora_up and a per-layer .alpha;
+# '_'-joined module paths, lora_unet_* / lora_te*_*).
+_LORA_SUFFIX = re.compile(r"(\.lora(?:_linear_layer)?[._](?:down|up|A|B)(?:\.[^.]+)?\.weight|\.alpha)$")
 
 
 def _layers(tensors: dict, meta: dict) -> dict:
@@ -123,14 +124,16 @@ def _layers(tensors: dict, meta: dict) -> dict:
             alphas.append(float(t))
             continue
         params += t.numel()
-        if re.search(r"lora[._](down|A)", m.group(1)):
+        if re.search(r"lora(_linear_layer)?[._](down|A)", m.group(1)):
             down[k[:m.start()]] = t.shape[0]
     unet = [n for n in down if not re.match(r"(lora_te\d?_|text_encoder)", n)]
     kind = lambda n, a: sum(bool(re.search(rf"[._]{a}[._]", n)) for n in unet)  # noqa: E731
-    if not alphas:  # diffusers / peft files: per component, lora_alpha and the per-module alpha_pattern values
+    if not alphas:  # diffusers / peft files: per component, each module's alpha (alpha_pattern, else lora_alpha)
+        from adapt import kohya
         for part in ("unet", "text_encoder", "text_encoder_2"):
-            if meta.get(f"{part}.lora_alpha") is not None:
-                alphas += [float(meta[f"{part}.lora_alpha"])] + [float(v) for v in (meta.get(f"{part}.alpha_pattern") or {}).values()]
+            mods = [n[len(part) + 1:] for n in down if n.startswith(part + ".")]
+            if meta.get(f"{part}.lora_alpha") is not None and mods:
+                alphas += kohya.alphas_of({"lora_adapter_metadata": meta}, mods, part).values()
     ranks, alphas = sorted(set(down.values())), sorted(set(alphas))
     return {"num_modules": len(unet), "text_encoder_modules": len(down) - len(unet), "num_params": params,
             "cross_attention_modules": kind(unet, "attn2"), "self_attention_modules": kind(unet, "attn1"),

@@ -119,6 +119,20 @@ def test_inspect_reads_an_imported_kohya_file_as_the_file_itself(tiny_base, tmp_
     assert got == cli._layers(t, {}) and got["alphas"] == [1.0, 2.0, 4.0, 8.0] and got["text_encoder_modules"] == 2
 
 
+def test_inspect_counts_diffusers_text_encoder_layers_and_only_the_alphas_layers_use(tiny_base, tmp_path):
+    """diffusers' save_lora_weights names text-encoder layers .lora_linear_layer.down/up (they were not counted), and a
+    base lora_alpha that alpha_pattern overrides for every layer is no layer's alpha (it was listed)."""
+    from adapt import cli
+    from conftest import diffusers_lora_with_text_encoder
+    te = diffusers_lora_with_text_encoder(tiny_base, tmp_path / "te")  # UNet alpha 4, text encoder alpha 8, rank 4
+    tensors, header = lora.read(te)
+    got = cli._layers(tensors, header["lora_adapter_metadata"])
+    assert got["text_encoder_modules"] == 8 and got["alphas"] == [4.0, 8.0] and got["ranks"] == [4]
+    meta = dict(header["lora_adapter_metadata"], **{"unet.lora_alpha": 16, "unet.r": 16,
+                                                  "unet.alpha_pattern": {".*attn2.*": 4}})
+    assert cli._layers(tensors, meta)["alphas"] == [4.0, 8.0]
+
+
 def test_output_into_a_closed_pipe_stops_quietly(adapter_dir):
     """`adapt inspect ... | head -1`: the reader leaves before adapt has written; no traceback, SIGPIPE's status."""
     import os
