@@ -16,6 +16,7 @@ this UNet.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from adapt import lora
+from adapt import atomic, lora
 
 _PEFT_KEY = re.compile(r"(.+)\.lora_([AB])\.weight$")
 
@@ -131,8 +132,6 @@ def fuse_text_encoders(pipe, init: InitAdapter) -> list[str]:
     fuse_lora and unload: the weights keep W + alpha/r · up @ down, no LoRA layer stays). Returns the components."""
     if not init.te_tensors:
         return []
-    import json
-    from adapt import atomic
     with tempfile.TemporaryDirectory() as tmp:
         header = {"format": "pt"}
         if init.te_meta:
