@@ -8,6 +8,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from adapt.checkpoint import list_checkpoints
+
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -61,10 +63,9 @@ def weights_path(adapter: str | Path) -> Path:
         pickles = [q.name for q in p.iterdir() if q.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise AdapterError(f"{p}: only pickle files {pickles}; {refuse_pickle_reason()}")
-        steps = sorted((int(q.parent.name[len("checkpoint-"):]), q) for q in p.glob("checkpoint-*/" + WEIGHTS_NAME)
-                       if q.parent.name[len("checkpoint-"):].isdigit())
+        ckpts = [c for c in list_checkpoints(p) if (c / WEIGHTS_NAME).is_file()]  # oldest written first
         hint = (f"; a training run without its final adapter yet (still running, or stopped)? Its checkpoints are "
-                f"adapters as of their step: {steps[-1][1].parent}" if steps else "")
+                f"adapters as of their step: {ckpts[-1]}" if ckpts else "")
         raise AdapterError(f"{p}: no {WEIGHTS_NAME} (found {[q.name for q in found] or 'no safetensors'}){hint}")
     if not p.exists():
         raise AdapterError(f"adapter not found: {p}")

@@ -163,13 +163,13 @@ def patterns(init: InitAdapter, rank: int, alpha: float) -> tuple[dict, dict]:
 def load(unet, init: InitAdapter, adapter_name: str = "default") -> int:
     """Copy the adapter's weights into the LoRA layers `lora.attach` made (with `patterns`); returns how many preset
     layers start at zero. Checks that every layer got its weights and its scale."""
+    ranks, mods = init.ranks, dict(unet.named_modules())
     with torch.no_grad():
-        mods = dict(unet.named_modules())
         for m in init.down:
             layer = mods[m]
             layer.lora_A[adapter_name].weight.copy_(init.down[m])
             layer.lora_B[adapter_name].weight.copy_(init.up[m])
-            want = init.alphas[m] / init.ranks[m]
+            want = init.alphas[m] / ranks[m]
             if abs(layer.scaling[adapter_name] - want) > 1e-6 * max(1.0, want):
                 raise lora.AdapterError(f"lora.init_from {init.source}: layer {m} got scale {layer.scaling[adapter_name]}, "
                                         f"the adapter applies alpha/rank = {want}")
